@@ -1,0 +1,95 @@
+//! The admin HTTP port: `/metrics` (Prometheus text), `/healthz` (the process is alive),
+//! `/readyz` (the gRPC listener is up, a serving certificate is installed and the backend
+//! can sign) and `/config` (the effective config, secrets redacted).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::{Health, Signer};
+use crate::metrics::Metrics;
+use crate::server::tls::CertResolver;
+
+/// Everything readiness depends on.
+pub struct Readiness {
+    pub grpc_serving: AtomicBool,
+    pub draining: AtomicBool,
+    pub signer: Arc<dyn Signer>,
+    pub resolver: Arc<CertResolver>,
+}
+
+impl Readiness {
+    pub fn check(&self) -> Result<(), String> {
+        if self.draining.load(Ordering::Relaxed) {
+            return Err("shutting down".into());
+        }
+        if !self.grpc_serving.load(Ordering::Relaxed) {
+            return Err("gRPC listener not serving".into());
+        }
+        if self.resolver.current().is_none() {
+            return Err("no serving certificate".into());
+        }
+        match self.signer.health() {
+            Health::Ready => Ok(()),
+            Health::NotReady(why) => Err(format!("backend {}: {why}", self.signer.kind())),
+        }
+    }
+}
+
+pub struct AdminState {
+    pub metrics: Arc<Metrics>,
+    pub readiness: Arc<Readiness>,
+    pub config_json: String,
+}
+
+pub fn router(state: Arc<AdminState>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/config", get(config))
+        .with_state(state)
+}
+
+async fn metrics(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        s.metrics.render(),
+    )
+}
+
+async fn readyz(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
+    match s.readiness.check() {
+        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        ),
+    }
+}
+
+async fn config(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        s.config_json.clone(),
+    )
+}
+
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: CancellationToken) {
+    if let Err(e) = axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+    {
+        tracing::error!(error = %e, "admin server failed");
+    }
+}

@@ -1,0 +1,262 @@
+//! The composition root: builds every component from the config, binds the listeners and
+//! runs until shutdown, then drains within the grace period.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, AdminState, Readiness};
+use crate::backend::{self, Signer, instrumented::Instrumented};
+use crate::config::{Config, DEV_ISSUER, JwtIssuerConfig};
+use crate::metrics::Metrics;
+use crate::server::authn::{self, Authenticator};
+use crate::server::{self, CaService, authz};
+use crate::trust::serving;
+
+/// Hooks for tests and embedders.
+#[derive(Default)]
+pub struct Options {
+    /// Use this signer instead of building the configured backend.
+    pub signer: Option<Arc<dyn Signer>>,
+}
+
+pub struct App {
+    cfg: Config,
+    metrics: Arc<Metrics>,
+    signer: Arc<dyn Signer>,
+    service: CaService,
+    readiness: Arc<Readiness>,
+    resolver: Arc<server::tls::CertResolver>,
+    serving_not_after: i64,
+    jwt: Option<Arc<authn::jwt::JwtAuthenticator>>,
+    grpc: TcpListener,
+    admin: TcpListener,
+}
+
+impl App {
+    /// Builds everything and binds both listeners; nothing is served until [`App::run`].
+    pub async fn build(mut cfg: Config, opts: Options) -> anyhow::Result<App> {
+        crate::install_crypto_provider();
+        let metrics = Arc::new(Metrics::new(cfg.metrics.istio_compat));
+
+        let inner = match opts.signer {
+            Some(s) => s,
+            None => backend::build(&cfg.backend, &cfg.trust_domain)
+                .await
+                .context("building the backend")?,
+        };
+        let signer: Arc<dyn Signer> = Arc::new(Instrumented::new(inner, metrics.clone()));
+        metrics.observe_bundle(&signer.trust_bundle().borrow());
+        if let Some(t) = signer.signing_ca().not_after {
+            let v = t as f64;
+            metrics
+                .signing_ca_expiry
+                .with_label_values(&[signer.kind()])
+                .set(v);
+            metrics.citadel_chain_expiry.set(v);
+        }
+
+        let resolver = Arc::new(server::tls::CertResolver::default());
+        let serving_not_after =
+            serving::initial(&cfg.server.tls, signer.as_ref(), &resolver, &metrics)
+                .await
+                .context("obtaining the serving certificate")?;
+
+        if let Some(dev) = &cfg.authn.dev_issuer {
+            crate::dev::ensure(&dev.dir).context("creating the development token issuer")?;
+            tracing::warn!(
+                "authn.devIssuer is enabled: anyone with access to its key directory can obtain any identity"
+            );
+            cfg.authn.jwt.push(JwtIssuerConfig {
+                issuer: DEV_ISSUER.into(),
+                jwks_file: Some(crate::dev::jwks_path(&dev.dir)),
+                jwks_uri: None,
+                jwks_ca_file: None,
+                audiences: vec!["istio-ca".into()],
+                trust_domain: None,
+                cluster_id: None,
+                refresh_interval: std::time::Duration::from_secs(60),
+            });
+        }
+
+        let mut chain: Vec<Arc<dyn Authenticator>> = Vec::new();
+        if cfg.authn.client_cert {
+            chain.push(Arc::new(authn::client_cert::ClientCertAuthenticator::new(
+                signer.trust_bundle(),
+                cfg.trust_domains(),
+            )));
+        }
+        let mut jwt = None;
+        if !cfg.authn.jwt.is_empty() {
+            let j = Arc::new(
+                authn::jwt::JwtAuthenticator::new(&cfg.authn.jwt, &cfg.trust_domain)
+                    .await
+                    .context("loading JWT issuers")?,
+            );
+            chain.push(j.clone());
+            jwt = Some(j);
+        }
+        let authn = authn::Chain::new(chain);
+        tracing::info!(authenticators = ?authn.names(), "authentication chain");
+        let authz = authz::Authorizer::new(authz::Authorizer::default_accounts(), None);
+
+        let service = CaService::new(
+            authn,
+            authz,
+            signer.clone(),
+            cfg.policy.clone(),
+            cfg.server.max_csr_bytes,
+            cfg.server.request_timeout,
+            metrics.clone(),
+        );
+        let grpc = TcpListener::bind(cfg.server.listen)
+            .await
+            .with_context(|| format!("binding server.listen {}", cfg.server.listen))?;
+        let admin = TcpListener::bind(cfg.admin.listen)
+            .await
+            .with_context(|| format!("binding admin.listen {}", cfg.admin.listen))?;
+        let readiness = Arc::new(Readiness {
+            grpc_serving: false.into(),
+            draining: false.into(),
+            signer: signer.clone(),
+            resolver: resolver.clone(),
+        });
+        Ok(App {
+            cfg,
+            metrics,
+            signer,
+            service,
+            readiness,
+            resolver,
+            serving_not_after,
+            jwt,
+            grpc,
+            admin,
+        })
+    }
+
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc.local_addr().expect("bound")
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.local_addr().expect("bound")
+    }
+
+    pub fn signer(&self) -> Arc<dyn Signer> {
+        self.signer.clone()
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, lets in-flight calls finish
+    /// and returns; after `server.shutdownGrace` it returns anyway.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let stop = CancellationToken::new();
+        let grace = self.cfg.server.shutdown_grace;
+        let config_json = serde_json::to_string_pretty(&self.cfg.redacted_json())?;
+        tracing::info!(config = %serde_json::to_string(&self.cfg.redacted_json())?, "effective config");
+
+        if let Some(j) = &self.jwt {
+            j.spawn_refresh(stop.clone());
+        }
+        serving::spawn_maintainer(
+            self.cfg.server.tls.clone(),
+            self.signer.clone(),
+            self.resolver.clone(),
+            self.metrics.clone(),
+            self.serving_not_after,
+            stop.clone(),
+        );
+        spawn_bundle_watch(self.signer.clone(), self.metrics.clone(), stop.clone());
+
+        let admin_stop = CancellationToken::new();
+        let admin_task = tokio::spawn(admin::serve(
+            self.admin,
+            Arc::new(AdminState {
+                metrics: self.metrics.clone(),
+                readiness: self.readiness.clone(),
+                config_json,
+            }),
+            admin_stop.clone(),
+        ));
+
+        let tls = server::tls::server_config(self.resolver.clone());
+        let grpc_addr = self.grpc.local_addr()?;
+        let server_opts = self.cfg.server.clone();
+        let grpc_stop = stop.clone();
+        let mut grpc_task = tokio::spawn(async move {
+            server::tls::serve(self.grpc, tls, self.service, &server_opts, grpc_stop).await
+        });
+        self.readiness.grpc_serving.store(true, Ordering::Relaxed);
+        tracing::info!(grpc = %grpc_addr, admin = %self.cfg.admin.listen, backend = self.signer.kind(), "istio-ca-bridge ready");
+
+        tokio::select! {
+            _ = shutdown => {}
+            r = &mut grpc_task => {
+                admin_stop.cancel();
+                stop.cancel();
+                return match r {
+                    Ok(Ok(())) => Err(anyhow::anyhow!("gRPC server stopped unexpectedly")),
+                    Ok(Err(e)) => Err(anyhow::Error::new(e).context("gRPC server failed")),
+                    Err(e) => Err(anyhow::anyhow!("gRPC server task panicked: {e}")),
+                };
+            }
+        }
+        tracing::info!(grace = ?grace, "shutting down: no new connections, draining in-flight calls");
+        self.readiness.draining.store(true, Ordering::Relaxed);
+        stop.cancel();
+        let drained = tokio::time::timeout(grace, &mut grpc_task).await;
+        admin_stop.cancel();
+        let _ = admin_task.await;
+        match drained {
+            Ok(Ok(Ok(()))) => {
+                tracing::info!("drained; bye");
+                Ok(())
+            }
+            Ok(Ok(Err(e))) => {
+                Err(anyhow::Error::new(e).context("gRPC server failed while draining"))
+            }
+            Ok(Err(e)) => Err(anyhow::anyhow!("gRPC server task panicked: {e}")),
+            Err(_) => {
+                grpc_task.abort();
+                tracing::warn!(grace = ?grace, "shutdown grace period over; abandoning remaining calls");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Keeps the trust-bundle gauges current when the bundle changes.
+fn spawn_bundle_watch(signer: Arc<dyn Signer>, metrics: Arc<Metrics>, stop: CancellationToken) {
+    let mut rx = signer.trust_bundle();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                r = rx.changed() => if r.is_err() { return },
+            }
+            let b = rx.borrow_and_update().clone();
+            metrics.observe_bundle(&b);
+            tracing::info!(roots = b.roots().len(), "trust bundle changed");
+        }
+    });
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}

@@ -1,0 +1,138 @@
+//! The backend seam: who signs certificates.
+//!
+//! Every backend (the embedded local CA now; Vault, AWS Private CA, DigiCert and the
+//! intermediate mode later) implements the small async [`Signer`] trait and is held as
+//! `Arc<dyn Signer>`. Remote backends are slow, rate limited and sometimes down, so
+//! [`SignError`] tells the caller what to do (retry later, give up, back off) rather than
+//! what went wrong inside. Cross-cutting concerns (metrics now; limits, deadlines and
+//! coalescing later) are decorators over any `Signer`, see [`instrumented`].
+
+pub mod instrumented;
+pub mod local;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rustls_pki_types::CertificateDer;
+use tokio::sync::watch;
+
+use crate::config::BackendConfig;
+use crate::identity::SpiffeId;
+use crate::trust::SharedBundle;
+
+/// What a certificate is for. The backend builds the certificate from this, never from
+/// the CSR's own contents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Subject {
+    /// A workload: one URI SAN, the SPIFFE ID; client and server auth.
+    Workload(SpiffeId),
+    /// The bridge's own serving certificate (or istiod's): DNS names / IP literals.
+    Server { dns_names: Vec<String> },
+}
+
+impl std::fmt::Display for Subject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Subject::Workload(id) => write!(f, "{id}"),
+            Subject::Server { dns_names } => write!(f, "dns:{}", dns_names.join(",")),
+        }
+    }
+}
+
+/// A checked request to sign. `public_key_der` is the SubjectPublicKeyInfo taken from a
+/// CSR whose signature was verified; `csr_der` is kept for remote backends whose API only
+/// accepts a CSR (they must still put only `subject` into the certificate).
+#[derive(Debug, Clone)]
+pub struct SignRequest {
+    pub subject: Subject,
+    pub public_key_der: Vec<u8>,
+    pub csr_der: Vec<u8>,
+    /// Requested lifetime after policy; the backend may shorten it (issuer expiry, role caps).
+    pub ttl: Duration,
+}
+
+/// What a backend issued: the leaf and the intermediates that link it to a root of the
+/// trust bundle (leaf-most first, roots excluded).
+#[derive(Debug, Clone)]
+pub struct IssuedChain {
+    pub leaf: CertificateDer<'static>,
+    pub intermediates: Vec<CertificateDer<'static>>,
+}
+
+/// Why signing failed, phrased as what the caller should do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum SignError {
+    /// Transient: backend down, sealed, timed out, not yet ready. Clients retry.
+    #[error("backend unavailable: {0}")]
+    Unavailable(String),
+    /// The backend (or our own limiter) is throttling. Clients back off and retry.
+    #[error("backend throttled: {reason}")]
+    Throttled {
+        reason: String,
+        retry_after: Option<Duration>,
+    },
+    /// Permanent: the backend refused this request (policy, bad CSR). Do not retry.
+    #[error("backend rejected the request: {0}")]
+    Rejected(String),
+    /// Anything else; a bug or an unexpected answer.
+    #[error("backend error: {0}")]
+    Internal(String),
+}
+
+impl SignError {
+    /// Low-cardinality label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SignError::Unavailable(_) => "unavailable",
+            SignError::Throttled { .. } => "throttled",
+            SignError::Rejected(_) => "rejected",
+            SignError::Internal(_) => "internal",
+        }
+    }
+}
+
+/// Whether the backend can sign right now (drives /readyz).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    Ready,
+    NotReady(String),
+}
+
+/// Facts about the CA that signs leaves, for expiry gauges and TTL clamping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SigningCaInfo {
+    /// NotAfter of the certificate that signs leaves (unix seconds), if known.
+    pub not_after: Option<i64>,
+}
+
+#[async_trait]
+pub trait Signer: Send + Sync + 'static {
+    /// Short backend name for logs and metric labels (`local`, `vault`, ...).
+    fn kind(&self) -> &'static str;
+
+    /// Issues a certificate for `req.subject` with `req.public_key_der`.
+    async fn sign(&self, req: &SignRequest) -> Result<IssuedChain, SignError>;
+
+    /// The current trust bundle; the receiver sees every later change.
+    fn trust_bundle(&self) -> watch::Receiver<SharedBundle>;
+
+    fn health(&self) -> Health;
+
+    fn signing_ca(&self) -> SigningCaInfo {
+        SigningCaInfo { not_after: None }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("local CA: {0}")]
+    Local(#[from] local::LocalError),
+}
+
+/// Builds the configured backend.
+pub async fn build(cfg: &BackendConfig, trust_domain: &str) -> Result<Arc<dyn Signer>, BuildError> {
+    match cfg {
+        BackendConfig::Local(l) => Ok(Arc::new(local::LocalCa::load_or_create(l, trust_domain)?)),
+    }
+}

@@ -1,0 +1,16 @@
+//! Subcommands besides `serve`: `request` (an istio-agent-like probe), `check-config`
+//! and `dev-token`.
+
+pub mod request;
+
+use std::path::Path;
+
+use crate::config::{Config, ConfigError};
+
+/// Validates a config file; prints the effective config (redacted) on success.
+pub fn check_config(path: &Path) -> Result<String, ConfigError> {
+    let cfg = Config::load(path)?;
+    let mut out = serde_json::to_string_pretty(&cfg.redacted_json()).unwrap_or_default();
+    out.push('\n');
+    Ok(out)
+}

@@ -1,0 +1,651 @@
+//! Typed configuration: one YAML file, one section per component.
+//!
+//! Every section denies unknown fields (a typo is an error, not a silently ignored
+//! setting), defaults live here in code, and [`Config::validate`] checks what serde cannot
+//! with errors that name the offending field. The effective config is logged at start and
+//! served on the admin port with secrets redacted ([`Secret`] never serializes its value).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::identity::{ServiceAccount, normalize_trust_domain};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: field `{field}`: {message}")]
+    Parse {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
+    #[error("invalid config:\n{}", .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<FieldError>),
+}
+
+/// One validation failure, naming the field by its YAML path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for FieldError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Config {
+    /// Trust domain of identities this bridge certifies (`spiffe://<trustDomain>/...`), for
+    /// callers whose authenticator does not name one of its own.
+    pub trust_domain: String,
+    pub server: ServerConfig,
+    pub admin: AdminConfig,
+    pub authn: AuthnConfig,
+    pub policy: PolicyConfig,
+    pub backend: BackendConfig,
+    pub metrics: MetricsConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            trust_domain: "cluster.local".into(),
+            server: ServerConfig::default(),
+            admin: AdminConfig::default(),
+            authn: AuthnConfig::default(),
+            policy: PolicyConfig::default(),
+            backend: BackendConfig::default(),
+            metrics: MetricsConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// gRPC listen address. 15012 is where Istio's clients find istiod's CA by default.
+    pub listen: SocketAddr,
+    pub tls: ServerTlsConfig,
+    /// Server-initiated HTTP/2 pings (detect dead peers); client pings are always allowed.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
+    /// How long SIGTERM waits for in-flight calls before the process exits anyway.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    pub max_concurrent_streams: u32,
+    /// A TLS handshake slower than this is dropped (slowloris protection).
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Upper bound on one CreateCertificate call. istio-agent sends no deadline, so the
+    /// server must bound its own work; keep it below the clients' patience.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// CSRs larger than this are refused before parsing (istio CSRs are ~1 KiB).
+    pub max_csr_bytes: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:15012".parse().expect("static addr"),
+            tls: ServerTlsConfig::default(),
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(20),
+            max_concurrent_streams: 1024,
+            handshake_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(10),
+            max_csr_bytes: 64 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum ServingCertMode {
+    /// The bridge's own backend issues the serving certificate and renews it.
+    Issued,
+    /// Certificate and key come from PEM files (e.g. a mounted Secret), reloaded on change.
+    Files,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct ServerTlsConfig {
+    pub mode: ServingCertMode,
+    /// Names for the issued serving certificate: DNS names, or IP literals. Must include
+    /// the host of the clients' CA_ADDR.
+    pub dns_names: Vec<String>,
+    /// Lifetime of an issued serving certificate.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// Renew an issued serving certificate when less than this is left.
+    #[serde(with = "humantime_serde")]
+    pub renew_before: Duration,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// How often files are checked for changes (mode files).
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+impl Default for ServerTlsConfig {
+    fn default() -> Self {
+        Self {
+            mode: ServingCertMode::Issued,
+            dns_names: vec![
+                "istio-ca-bridge.istio-system.svc".into(),
+                "istio-ca-bridge.istio-system.svc.cluster.local".into(),
+            ],
+            ttl: Duration::from_secs(24 * 3600),
+            renew_before: Duration::from_secs(8 * 3600),
+            cert_file: None,
+            key_file: None,
+            reload_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// /metrics, /healthz, /readyz and /config. Plain HTTP: keep it off public networks.
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:15014".parse().expect("static addr"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct AuthnConfig {
+    /// Accept a client certificate chaining to the trust bundle as proof of identity
+    /// (how VMs renew once their token has expired).
+    pub client_cert: bool,
+    /// OIDC/JWT issuers, typically one per cluster.
+    pub jwt: Vec<JwtIssuerConfig>,
+    /// Development only: a local token issuer whose key lives in `dir`; mint tokens with
+    /// `istio-ca-bridge dev-token`. Never enable in production.
+    pub dev_issuer: Option<DevIssuerConfig>,
+}
+
+impl Default for AuthnConfig {
+    fn default() -> Self {
+        Self {
+            client_cert: true,
+            jwt: Vec::new(),
+            dev_issuer: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JwtIssuerConfig {
+    /// Exact `iss` claim value.
+    pub issuer: String,
+    /// JWKS document on disk (e.g. a mounted ConfigMap); re-read periodically.
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// JWKS URL (https); fetched at start and refreshed periodically.
+    #[serde(default)]
+    pub jwks_uri: Option<String>,
+    /// CA bundle for the JWKS URL's TLS (defaults to the public web roots).
+    #[serde(default)]
+    pub jwks_ca_file: Option<PathBuf>,
+    /// The token's `aud` must contain one of these.
+    #[serde(default = "default_audiences")]
+    pub audiences: Vec<String>,
+    /// Trust domain for identities from this issuer (default: top-level trustDomain).
+    #[serde(default)]
+    pub trust_domain: Option<String>,
+    /// Cluster this issuer belongs to; a request whose `clusterid` header names another
+    /// cluster is refused.
+    #[serde(default)]
+    pub cluster_id: Option<String>,
+    #[serde(default = "default_jwks_refresh", with = "humantime_serde")]
+    pub refresh_interval: Duration,
+}
+
+fn default_audiences() -> Vec<String> {
+    vec!["istio-ca".into()]
+}
+fn default_jwks_refresh() -> Duration {
+    Duration::from_secs(300)
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DevIssuerConfig {
+    pub dir: PathBuf,
+}
+
+/// The `iss` of tokens minted by the development issuer.
+pub const DEV_ISSUER: &str = "istio-ca-bridge-dev";
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum OverMax {
+    /// Issue for the maximum instead (istio-csr's behaviour; clients renew at half-life).
+    Clamp,
+    /// Refuse with INVALID_ARGUMENT (istiod's behaviour).
+    Reject,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum KeyType {
+    Rsa,
+    EcdsaP256,
+    EcdsaP384,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// Used when the request's validity_duration is zero or negative.
+    #[serde(with = "humantime_serde")]
+    pub default_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_ttl: Duration,
+    pub over_max: OverMax,
+    /// Key types accepted in workload CSRs.
+    pub key_types: Vec<KeyType>,
+    pub min_rsa_bits: usize,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            default_ttl: Duration::from_secs(24 * 3600),
+            max_ttl: Duration::from_secs(24 * 3600),
+            over_max: OverMax::Clamp,
+            key_types: vec![KeyType::Rsa, KeyType::EcdsaP256, KeyType::EcdsaP384],
+            min_rsa_bits: 2048,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase", deny_unknown_fields)]
+pub enum BackendConfig {
+    /// The embedded CA: signs in-process with a key from files or the state directory.
+    Local(LocalBackendConfig),
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        BackendConfig::Local(LocalBackendConfig::default())
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct LocalBackendConfig {
+    /// Signing CA certificate (PEM). With `caKeyFile`; when both are absent a root is
+    /// generated in `stateDir` on first start and reused afterwards.
+    pub ca_cert_file: Option<PathBuf>,
+    pub ca_key_file: Option<PathBuf>,
+    /// Intermediates between the signing CA and the root, leaf-most first (PEM).
+    pub chain_file: Option<PathBuf>,
+    /// Trusted roots (PEM, several allowed during root rotation). Default: the self-signed
+    /// top of the chain.
+    pub root_bundle_file: Option<PathBuf>,
+    /// Where a generated root and its key (mode 0600) are kept across restarts.
+    pub state_dir: PathBuf,
+    /// Key type of a generated root.
+    pub generated_key_type: KeyType,
+    #[serde(with = "humantime_serde")]
+    pub generated_ttl: Duration,
+}
+
+impl Default for LocalBackendConfig {
+    fn default() -> Self {
+        Self {
+            ca_cert_file: None,
+            ca_key_file: None,
+            chain_file: None,
+            root_bundle_file: None,
+            state_dir: PathBuf::from("/var/lib/istio-ca-bridge"),
+            generated_key_type: KeyType::EcdsaP256,
+            generated_ttl: Duration::from_secs(10 * 365 * 24 * 3600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Also export istiod's `citadel_server_*` series (exact names, so existing Istio
+    /// dashboards and alerts keep working).
+    pub istio_compat: bool,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self { istio_compat: true }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let cfg = Self::parse(&text).map_err(|(field, message)| ConfigError::Parse {
+            path: path.to_path_buf(),
+            field,
+            message,
+        })?;
+        cfg.validate().map_err(ConfigError::Invalid)?;
+        Ok(cfg)
+    }
+
+    /// Parses YAML; on error returns (field path, message).
+    pub fn parse(text: &str) -> Result<Config, (String, String)> {
+        if text.trim().is_empty() {
+            return Ok(Config::default());
+        }
+        let de = serde_norway::Deserializer::from_str(text);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            let field = if field == "." {
+                "(top level)".into()
+            } else {
+                field
+            };
+            (field, e.into_inner().to_string())
+        })
+    }
+
+    /// Checks what types cannot. Collects every problem rather than stopping at the first.
+    pub fn validate(&self) -> Result<(), Vec<FieldError>> {
+        let mut errs = Vec::new();
+        let mut err = |field: &str, message: String| {
+            errs.push(FieldError {
+                field: field.to_string(),
+                message,
+            })
+        };
+        if let Err(e) = check_trust_domain(&self.trust_domain) {
+            err("trustDomain", e);
+        }
+        let s = &self.server;
+        if s.shutdown_grace.is_zero() {
+            err("server.shutdownGrace", "must be > 0".into());
+        }
+        if s.request_timeout.is_zero() {
+            err("server.requestTimeout", "must be > 0".into());
+        }
+        if s.handshake_timeout.is_zero() {
+            err("server.handshakeTimeout", "must be > 0".into());
+        }
+        if s.max_concurrent_streams == 0 {
+            err("server.maxConcurrentStreams", "must be > 0".into());
+        }
+        if s.max_csr_bytes < 512 {
+            err("server.maxCsrBytes", "must be at least 512".into());
+        }
+        if s.listen == self.admin.listen && s.listen.port() != 0 {
+            err("admin.listen", "must differ from server.listen".to_string());
+        }
+        match s.tls.mode {
+            ServingCertMode::Files => {
+                if s.tls.cert_file.is_none() {
+                    err("server.tls.certFile", "required when mode is files".into());
+                }
+                if s.tls.key_file.is_none() {
+                    err("server.tls.keyFile", "required when mode is files".into());
+                }
+                if s.tls.reload_interval.is_zero() {
+                    err("server.tls.reloadInterval", "must be > 0".into());
+                }
+            }
+            ServingCertMode::Issued => {
+                if s.tls.dns_names.is_empty() {
+                    err(
+                        "server.tls.dnsNames",
+                        "at least one name is required when mode is issued".into(),
+                    );
+                }
+                for (i, n) in s.tls.dns_names.iter().enumerate() {
+                    if !valid_dns_or_ip(n) {
+                        err(
+                            &format!("server.tls.dnsNames[{i}]"),
+                            format!("{n:?} is neither a DNS name nor an IP address"),
+                        );
+                    }
+                }
+                if s.tls.ttl < Duration::from_secs(2) {
+                    err("server.tls.ttl", "must be at least 2s".into());
+                }
+                if s.tls.renew_before.is_zero() || s.tls.renew_before >= s.tls.ttl {
+                    err(
+                        "server.tls.renewBefore",
+                        "must be > 0 and less than server.tls.ttl".into(),
+                    );
+                }
+                if s.tls.cert_file.is_some() || s.tls.key_file.is_some() {
+                    err(
+                        "server.tls.certFile",
+                        "only allowed when mode is files".into(),
+                    );
+                }
+            }
+        }
+        let a = &self.authn;
+        if !a.client_cert && a.jwt.is_empty() && a.dev_issuer.is_none() {
+            err(
+                "authn",
+                "no authenticator enabled: configure authn.jwt, authn.clientCert or authn.devIssuer"
+                    .into(),
+            );
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, j) in a.jwt.iter().enumerate() {
+            let f = |name: &str| format!("authn.jwt[{i}].{name}");
+            if j.issuer.is_empty() {
+                err(&f("issuer"), "must not be empty".into());
+            }
+            if !seen.insert(j.issuer.clone()) || j.issuer == DEV_ISSUER {
+                err(
+                    &f("issuer"),
+                    format!("issuer {:?} configured twice", j.issuer),
+                );
+            }
+            match (&j.jwks_file, &j.jwks_uri) {
+                (Some(_), Some(_)) | (None, None) => err(
+                    &f("jwksFile"),
+                    "exactly one of jwksFile or jwksUri must be set".into(),
+                ),
+                (None, Some(u)) if !(u.starts_with("https://") || u.starts_with("http://")) => {
+                    err(&f("jwksUri"), format!("{u:?} is not an http(s) URL"))
+                }
+                _ => {}
+            }
+            if j.audiences.is_empty() || j.audiences.iter().any(|a| a.is_empty()) {
+                err(
+                    &f("audiences"),
+                    "must list at least one non-empty audience".into(),
+                );
+            }
+            if let Some(td) = &j.trust_domain
+                && let Err(e) = check_trust_domain(td)
+            {
+                err(&f("trustDomain"), e);
+            }
+            if j.refresh_interval < Duration::from_secs(1) {
+                err(&f("refreshInterval"), "must be at least 1s".into());
+            }
+        }
+        let p = &self.policy;
+        if p.default_ttl.is_zero() {
+            err("policy.defaultTtl", "must be > 0".into());
+        }
+        if p.max_ttl < p.default_ttl {
+            err("policy.maxTtl", "must be >= policy.defaultTtl".into());
+        }
+        if p.key_types.is_empty() {
+            err("policy.keyTypes", "must allow at least one key type".into());
+        }
+        if p.min_rsa_bits < 2048 {
+            err("policy.minRsaBits", "must be at least 2048".into());
+        }
+        match &self.backend {
+            BackendConfig::Local(l) => {
+                if l.ca_cert_file.is_some() != l.ca_key_file.is_some() {
+                    err(
+                        "backend.caKeyFile",
+                        "caCertFile and caKeyFile must be set together".into(),
+                    );
+                }
+                if l.ca_cert_file.is_none() && l.chain_file.is_some() {
+                    err("backend.chainFile", "requires caCertFile".into());
+                }
+                if l.generated_ttl < Duration::from_secs(3600) {
+                    err("backend.generatedTtl", "must be at least 1h".into());
+                }
+            }
+        }
+        if errs.is_empty() { Ok(()) } else { Err(errs) }
+    }
+
+    /// Trust domains this bridge certifies: the top-level one plus each issuer's.
+    pub fn trust_domains(&self) -> Vec<String> {
+        let mut tds = vec![self.trust_domain.clone()];
+        for j in &self.authn.jwt {
+            if let Some(td) = &j.trust_domain
+                && !tds.contains(td)
+            {
+                tds.push(td.clone());
+            }
+        }
+        tds
+    }
+
+    /// The effective config as JSON, secrets redacted (served on /config, logged at start).
+    pub fn redacted_json(&self) -> serde_json::Value {
+        // No field of this config holds a secret value itself (secrets are read from files
+        // or the environment); `Secret` fields, when backends add them, serialize redacted.
+        serde_json::to_value(self).unwrap_or_else(|e| serde_json::json!({"error": e.to_string()}))
+    }
+}
+
+fn check_trust_domain(td: &str) -> Result<(), String> {
+    match normalize_trust_domain(td) {
+        Ok(n) if n == td => Ok(()),
+        Ok(n) => Err(format!("write the normalized form {n:?}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn valid_dns_or_ip(n: &str) -> bool {
+    if n.parse::<std::net::IpAddr>().is_ok() {
+        return true;
+    }
+    !n.is_empty()
+        && n.len() <= 253
+        && n.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        })
+}
+
+/// A secret value (token, API key). Its `Debug` and `Serialize` never show the value.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("<redacted>")
+    }
+}
+
+/// Parses `<ns>/<sa>` entries (used by later authorization config).
+pub fn parse_accounts(list: &[String]) -> Result<Vec<ServiceAccount>, String> {
+    list.iter()
+        .map(|s| ServiceAccount::from_slash(s).map_err(|e| e.to_string()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_defaults_and_needs_an_authenticator_only_if_cert_authn_off() {
+        let cfg = Config::parse("").unwrap();
+        assert_eq!(cfg.trust_domain, "cluster.local");
+        assert!(cfg.validate().is_ok());
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let (field, msg) = Config::parse("server:\n  tls:\n    mdoe: files\n").unwrap_err();
+        assert_eq!(field, "server.tls");
+        assert!(msg.contains("mdoe"), "{msg}");
+        let (field, _) = Config::parse("backend:\n  type: local\n  stateDri: /x\n").unwrap_err();
+        assert_eq!(field, "backend", "{field}");
+        let (field, _) = Config::parse("policy:\n  maxTtl: forever\n").unwrap_err();
+        assert_eq!(field, "policy.maxTtl");
+    }
+
+    #[test]
+    fn validation_names_fields() {
+        let cfg = Config::parse(
+            "authn:\n  jwt:\n    - issuer: a\n  clientCert: false\nserver:\n  tls:\n    mode: files\n",
+        )
+        .unwrap();
+        let errs = cfg.validate().unwrap_err();
+        let fields: Vec<_> = errs.iter().map(|e| e.field.as_str()).collect();
+        assert!(fields.contains(&"authn.jwt[0].jwksFile"), "{fields:?}");
+        assert!(fields.contains(&"server.tls.certFile"), "{fields:?}");
+        assert!(fields.contains(&"server.tls.keyFile"), "{fields:?}");
+    }
+
+    #[test]
+    fn secret_is_redacted() {
+        let s = Secret::new("hunter2");
+        assert!(!format!("{s:?}").contains("hunter2"));
+        assert_eq!(serde_json::to_string(&s).unwrap(), "\"<redacted>\"");
+    }
+}

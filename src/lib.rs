@@ -1,0 +1,39 @@
+//! istio-ca-bridge: an Istio external CA (`istio.v1.auth.IstioCertificateService`) that
+//! authenticates istio-agent and ztunnel, checks their CSRs against their SPIFFE identity
+//! and has the certificates signed by a pluggable backend.
+//!
+//! # Layout
+//! - [`app`]: the composition root: builds everything from [`config`] and runs it.
+//! - [`server`]: the gRPC edge and the request pipeline: [`server::authn`] (who calls),
+//!   [`server::authz`] (which identity it may get), [`server::csr`] (CSR policy),
+//!   [`server::policy`] (TTL), [`server::chain`] (verify and lay out the answer),
+//!   [`server::tls`] (listener TLS).
+//! - [`backend`]: the [`backend::Signer`] seam, the local CA and decorators.
+//! - [`trust`]: the trust bundle and the serving certificate.
+//! - [`admin`], [`metrics`]: the operator's port.
+//! - [`cli`]: the `request`, `check-config` and `dev-token` subcommands.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod app;
+pub mod backend;
+pub mod cli;
+pub mod config;
+pub mod dev;
+pub mod identity;
+pub mod metrics;
+pub mod pki;
+pub mod server;
+pub mod trust;
+
+/// Generated from `proto/ca.proto`.
+pub mod pb {
+    #![allow(clippy::all)]
+    tonic::include_proto!("istio.v1.auth");
+}
+
+/// Installs the one rustls crypto provider this program uses (aws-lc-rs). Call before
+/// building any TLS client or server; calling it again is harmless.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}

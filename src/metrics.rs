@@ -1,0 +1,248 @@
+//! Prometheus metrics.
+//!
+//! Two families: istiod's `citadel_server_*` series with istiod's exact names and meanings
+//! (so the dashboards and alerts Istio users already have keep working; these names
+//! predate Prometheus' `_total` convention and promtool's linter flags them, which we
+//! accept for compatibility), and our own `istio_ca_bridge_*` series following current
+//! conventions. Labels are low-cardinality only: never identities.
+
+use prometheus::{
+    Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry,
+};
+
+pub struct Metrics {
+    pub registry: Registry,
+    // istiod-compatible series.
+    pub csr_count: IntCounter,
+    pub authn_failures: IntCounter,
+    pub csr_sign_errors: IntCounterVec,
+    pub success_issuance: IntCounter,
+    pub citadel_root_expiry: Gauge,
+    pub citadel_chain_expiry: Gauge,
+    // Our own.
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub in_flight: IntGauge,
+    pub authn_failure_reasons: IntCounterVec,
+    pub backend_sign_duration: HistogramVec,
+    pub issued: IntCounterVec,
+    pub root_expiry: Gauge,
+    pub trust_bundle_roots: IntGauge,
+    pub signing_ca_expiry: GaugeVec,
+    pub serving_cert_expiry: Gauge,
+    pub serving_cert_rotations: IntCounter,
+    pub serving_cert_errors: IntCounter,
+    pub build_info: IntGaugeVec,
+}
+
+/// Latency buckets from 0.5 ms to 30 s: local signing is sub-millisecond, remote
+/// backends take seconds.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+impl Metrics {
+    pub fn new(istio_compat: bool) -> Self {
+        let registry = Registry::new();
+        let reg = |c: Box<dyn prometheus::core::Collector>, register: bool| {
+            if register {
+                registry.register(c).expect("metric names are unique");
+            }
+        };
+        macro_rules! new {
+            ($ty:ty, $opts:expr, $compat:expr) => {{
+                let m = <$ty>::with_opts($opts).expect("valid metric");
+                reg(Box::new(m.clone()), $compat);
+                m
+            }};
+            ($ty:ty, $opts:expr, $labels:expr, $compat:expr) => {{
+                let m = <$ty>::new($opts, $labels).expect("valid metric");
+                reg(Box::new(m.clone()), $compat);
+                m
+            }};
+        }
+        let c = istio_compat;
+        let me = Self {
+            csr_count: new!(
+                IntCounter,
+                Opts::new(
+                    "citadel_server_csr_count",
+                    "The number of CSRs received by the CA server."
+                ),
+                c
+            ),
+            authn_failures: new!(
+                IntCounter,
+                Opts::new(
+                    "citadel_server_authentication_failure_count",
+                    "The number of authentication failures."
+                ),
+                c
+            ),
+            csr_sign_errors: new!(
+                IntCounterVec,
+                Opts::new(
+                    "citadel_server_csr_sign_err_count",
+                    "The number of errors occurred when signing the CSR."
+                ),
+                &["error"],
+                c
+            ),
+            success_issuance: new!(
+                IntCounter,
+                Opts::new(
+                    "citadel_server_success_cert_issuance_count",
+                    "The number of certificates issuances that have succeeded."
+                ),
+                c
+            ),
+            citadel_root_expiry: new!(
+                Gauge,
+                Opts::new(
+                    "citadel_server_root_cert_expiry_timestamp",
+                    "The unix timestamp, in seconds, when the CA root cert will expire."
+                ),
+                c
+            ),
+            citadel_chain_expiry: new!(
+                Gauge,
+                Opts::new(
+                    "citadel_server_cert_chain_expiry_timestamp",
+                    "The unix timestamp, in seconds, when the CA cert chain will expire."
+                ),
+                c
+            ),
+            requests: new!(
+                IntCounterVec,
+                Opts::new(
+                    "istio_ca_bridge_requests_total",
+                    "CreateCertificate calls by result and gRPC code."
+                ),
+                &["result", "code"],
+                true
+            ),
+            request_duration: new!(
+                HistogramVec,
+                HistogramOpts::new(
+                    "istio_ca_bridge_request_duration_seconds",
+                    "CreateCertificate latency, from request to response."
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+                &["result"],
+                true
+            ),
+            in_flight: new!(
+                IntGauge,
+                Opts::new(
+                    "istio_ca_bridge_requests_in_flight",
+                    "CreateCertificate calls being handled."
+                ),
+                true
+            ),
+            authn_failure_reasons: new!(
+                IntCounterVec,
+                Opts::new(
+                    "istio_ca_bridge_authentication_failures_total",
+                    "Rejected callers by reason."
+                ),
+                &["reason"],
+                true
+            ),
+            backend_sign_duration: new!(
+                HistogramVec,
+                HistogramOpts::new(
+                    "istio_ca_bridge_backend_sign_duration_seconds",
+                    "Time the backend took to sign, by backend and result."
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+                &["backend", "result"],
+                true
+            ),
+            issued: new!(
+                IntCounterVec,
+                Opts::new(
+                    "istio_ca_bridge_certificates_issued_total",
+                    "Certificates issued, by backend and kind (workload or serving)."
+                ),
+                &["backend", "kind"],
+                true
+            ),
+            root_expiry: new!(
+                Gauge,
+                Opts::new(
+                    "istio_ca_bridge_root_cert_expiry_timestamp_seconds",
+                    "NotAfter of the earliest-expiring root in the trust bundle."
+                ),
+                true
+            ),
+            trust_bundle_roots: new!(
+                IntGauge,
+                Opts::new(
+                    "istio_ca_bridge_trust_bundle_roots",
+                    "Number of roots in the trust bundle."
+                ),
+                true
+            ),
+            signing_ca_expiry: new!(
+                GaugeVec,
+                Opts::new(
+                    "istio_ca_bridge_signing_ca_expiry_timestamp_seconds",
+                    "NotAfter of the CA certificate that signs workload certificates."
+                ),
+                &["backend"],
+                true
+            ),
+            serving_cert_expiry: new!(
+                Gauge,
+                Opts::new(
+                    "istio_ca_bridge_serving_cert_expiry_timestamp_seconds",
+                    "NotAfter of the gRPC serving certificate."
+                ),
+                true
+            ),
+            serving_cert_rotations: new!(
+                IntCounter,
+                Opts::new(
+                    "istio_ca_bridge_serving_cert_rotations_total",
+                    "Serving certificates installed (issued or reloaded)."
+                ),
+                true
+            ),
+            serving_cert_errors: new!(
+                IntCounter,
+                Opts::new(
+                    "istio_ca_bridge_serving_cert_errors_total",
+                    "Failed attempts to issue or reload the serving certificate."
+                ),
+                true
+            ),
+            build_info: new!(
+                IntGaugeVec,
+                Opts::new("istio_ca_bridge_build_info", "Build information; always 1."),
+                &["version"],
+                true
+            ),
+            registry,
+        };
+        me.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        me
+    }
+
+    /// Prometheus text exposition of every registered metric.
+    pub fn render(&self) -> String {
+        let enc = prometheus::TextEncoder::new();
+        enc.encode_to_string(&self.registry.gather())
+            .unwrap_or_else(|e| format!("# encoding error: {e}\n"))
+    }
+
+    /// Updates the trust-bundle gauges.
+    pub fn observe_bundle(&self, bundle: &crate::trust::TrustBundle) {
+        let t = bundle.earliest_expiry() as f64;
+        self.root_expiry.set(t);
+        self.citadel_root_expiry.set(t);
+        self.trust_bundle_roots.set(bundle.roots().len() as i64);
+    }
+}

@@ -1,0 +1,204 @@
+//! Small PKI helpers shared by the server, backends and CLI: PEM in and out, key loading
+//! and generation, and reading certificate facts (expiry, SANs) with x509-parser.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rcgen::KeyPair;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use x509_parser::prelude::*;
+
+use crate::config::KeyType;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("no PEM certificate found")]
+    NoCertificate,
+    #[error("no PEM private key found")]
+    NoKey,
+    #[error("malformed PEM: {0}")]
+    Pem(String),
+    #[error("unusable private key: {0}")]
+    Key(String),
+    #[error("malformed certificate: {0}")]
+    Certificate(String),
+    #[error("key generation failed: {0}")]
+    Generate(String),
+}
+
+/// PEM-encodes DER with `\n` line endings and a trailing newline (what Istio expects).
+pub fn pem_encode(tag: &str, der: &[u8]) -> String {
+    let p = ::pem::Pem::new(tag, der.to_vec());
+    ::pem::encode_config(
+        &p,
+        ::pem::EncodeConfig::new().set_line_ending(::pem::LineEnding::LF),
+    )
+}
+
+pub fn cert_pem(der: &[u8]) -> String {
+    pem_encode("CERTIFICATE", der)
+}
+
+/// All CERTIFICATE blocks of a PEM text, in order; other blocks are ignored.
+pub fn parse_certs_pem(text: &[u8]) -> Result<Vec<CertificateDer<'static>>, PkiError> {
+    let mut rd = text;
+    let certs = rustls_pemfile::certs(&mut rd)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| PkiError::Pem(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(PkiError::NoCertificate);
+    }
+    for c in &certs {
+        parse_x509_certificate(c).map_err(|e| PkiError::Certificate(e.to_string()))?;
+    }
+    Ok(certs)
+}
+
+pub fn parse_key_pem(text: &[u8]) -> Result<PrivateKeyDer<'static>, PkiError> {
+    let mut rd = text;
+    rustls_pemfile::private_key(&mut rd)
+        .map_err(|e| PkiError::Pem(e.to_string()))?
+        .ok_or(PkiError::NoKey)
+}
+
+/// Loads a signing key (PKCS#8, PKCS#1 RSA or SEC1 EC PEM).
+pub fn load_key_pair(text: &[u8]) -> Result<KeyPair, PkiError> {
+    let der = parse_key_pem(text)?;
+    KeyPair::try_from(&der).map_err(|e| PkiError::Key(e.to_string()))
+}
+
+pub fn generate_key(kind: KeyType) -> Result<KeyPair, PkiError> {
+    let r = match kind {
+        KeyType::EcdsaP256 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256),
+        KeyType::EcdsaP384 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384),
+        KeyType::Rsa => {
+            KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048)
+        }
+    };
+    r.map_err(|e| PkiError::Generate(e.to_string()))
+}
+
+pub fn unix_secs(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_secs() as i64,
+        Err(e) => -(e.duration().as_secs() as i64),
+    }
+}
+
+pub fn from_unix(secs: i64) -> SystemTime {
+    if secs >= 0 {
+        UNIX_EPOCH + Duration::from_secs(secs as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
+    }
+}
+
+/// Facts about one certificate that the rest of the bridge needs.
+#[derive(Debug, Clone)]
+pub struct CertInfo {
+    pub not_before: i64,
+    pub not_after: i64,
+    pub is_ca: bool,
+    pub self_signed: bool,
+    pub serial_hex: String,
+    pub subject: String,
+    pub uri_sans: Vec<String>,
+    pub dns_sans: Vec<String>,
+}
+
+pub fn cert_info(der: &[u8]) -> Result<CertInfo, PkiError> {
+    let (_, cert) =
+        parse_x509_certificate(der).map_err(|e| PkiError::Certificate(e.to_string()))?;
+    let mut uri_sans = Vec::new();
+    let mut dns_sans = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for n in &san.value.general_names {
+            match n {
+                GeneralName::URI(u) => uri_sans.push(u.to_string()),
+                GeneralName::DNSName(d) => dns_sans.push(d.to_string()),
+                _ => {}
+            }
+        }
+    }
+    let is_ca = matches!(cert.basic_constraints(), Ok(Some(bc)) if bc.value.ca);
+    Ok(CertInfo {
+        not_before: cert.validity().not_before.timestamp(),
+        not_after: cert.validity().not_after.timestamp(),
+        is_ca,
+        self_signed: cert.subject() == cert.issuer() && cert.verify_signature(None).is_ok(),
+        serial_hex: cert.raw_serial_as_string(),
+        subject: cert.subject().to_string(),
+        uri_sans,
+        dns_sans,
+    })
+}
+
+/// A rustls client config for outbound HTTPS (JWKS, backends): the given CA bundle, or
+/// the public web roots when none is given.
+pub fn client_tls_config(
+    ca_file: Option<&std::path::Path>,
+) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(p) => {
+            let pem = std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?;
+            let certs = parse_certs_pem(&pem).map_err(|e| format!("{}: {e}", p.display()))?;
+            for c in certs {
+                roots.add(c).map_err(|e| format!("{}: {e}", p.display()))?;
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(cfg)
+}
+
+/// How a workload CSR is shaped, after the two Istio clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CsrShape {
+    /// istio-agent: subject `O=` (one empty O), critical SAN with the URI.
+    IstioAgent,
+    /// ztunnel: empty subject, SAN with the URI.
+    Ztunnel,
+}
+
+/// DER of a critical-or-not subjectAltName extension value holding one URI.
+fn san_uri_value(uri: &str) -> Vec<u8> {
+    fn len(n: usize) -> Vec<u8> {
+        if n < 0x80 {
+            vec![n as u8]
+        } else if n < 0x100 {
+            vec![0x81, n as u8]
+        } else {
+            vec![0x82, (n >> 8) as u8, n as u8]
+        }
+    }
+    let mut name = vec![0x86];
+    name.extend(len(uri.len()));
+    name.extend(uri.as_bytes());
+    let mut seq = vec![0x30];
+    seq.extend(len(name.len()));
+    seq.extend(name);
+    seq
+}
+
+/// Builds a PEM CSR for `uri` the way Istio's clients do.
+pub fn workload_csr(key: &KeyPair, uri: &str, shape: CsrShape) -> Result<String, PkiError> {
+    let mut params = rcgen::CertificateParams::default();
+    let mut dn = rcgen::DistinguishedName::new();
+    if shape == CsrShape::IstioAgent {
+        dn.push(rcgen::DnType::OrganizationName, "");
+    }
+    params.distinguished_name = dn;
+    let mut ext = rcgen::CustomExtension::from_oid_content(&[2, 5, 29, 17], san_uri_value(uri));
+    ext.set_criticality(true);
+    params.custom_extensions = vec![ext];
+    let csr = params
+        .serialize_request(key)
+        .map_err(|e| PkiError::Generate(e.to_string()))?;
+    csr.pem().map_err(|e| PkiError::Generate(e.to_string()))
+}

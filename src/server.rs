@@ -1,0 +1,317 @@
+//! The gRPC edge: `istio.v1.auth.IstioCertificateService/CreateCertificate`.
+//!
+//! One request, end to end: authenticate the caller ([`authn`]), decide which identity it
+//! may be certified as ([`authz`]), check the CSR ([`csr`]) and the TTL ([`policy`]), have
+//! the backend sign, verify what came back and lay out the chain ([`chain`]). Every step
+//! has its own error type; [`to_status`] is the only place that turns them into gRPC
+//! codes (protocol doc section 7), with a short message for the caller and the full
+//! reason in the log.
+
+pub mod authn;
+pub mod authz;
+pub mod chain;
+pub mod csr;
+pub mod policy;
+pub mod tls;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tonic::{Code, Request, Response, Status};
+use tracing::Instrument;
+
+use crate::backend::{SignError, SignRequest, Signer, Subject};
+use crate::config::PolicyConfig;
+use crate::metrics::Metrics;
+use crate::pb::istio_certificate_service_server::IstioCertificateService;
+use crate::pb::{IstioCertificateRequest, IstioCertificateResponse};
+
+/// Metadata key ztunnel uses to ask for another pod's identity.
+pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
+
+/// Everything that can go wrong with one request.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("authentication failed: {0}")]
+    Authn(#[from] authn::AuthnError),
+    #[error("not authorized: {0}")]
+    Authz(#[from] authz::AuthzError),
+    #[error("CSR rejected: {0}")]
+    Csr(#[from] csr::CsrError),
+    #[error("TTL rejected: {0}")]
+    Ttl(#[from] policy::TtlError),
+    #[error("signing failed: {0}")]
+    Sign(#[from] SignError),
+    #[error("backend returned an unusable certificate: {0}")]
+    Chain(#[from] chain::ChainError),
+    #[error("request timed out after {0:?}")]
+    Timeout(Duration),
+}
+
+impl RequestError {
+    /// istiod's `citadel_server_csr_sign_err_count{error=...}` label, if this error counts.
+    fn citadel_error(&self) -> Option<&'static str> {
+        match self {
+            RequestError::Authn(_) | RequestError::Authz(_) => None,
+            RequestError::Csr(e) if e.is_identity_mismatch() => None,
+            RequestError::Csr(_) => Some("CSR_ERROR"),
+            RequestError::Ttl(_) => Some("TTL_ERROR"),
+            RequestError::Sign(SignError::Unavailable(_)) | RequestError::Timeout(_) => {
+                Some("CA_NOT_READY")
+            }
+            RequestError::Sign(SignError::Rejected(_)) => Some("CSR_ERROR"),
+            RequestError::Sign(_) | RequestError::Chain(_) => Some("CERT_GEN_ERROR"),
+        }
+    }
+}
+
+/// The one mapping from errors to gRPC status (protocol doc section 7). istio-agent only
+/// retries INTERNAL, UNAVAILABLE, RESOURCE_EXHAUSTED and ABORTED, so permanent rejections
+/// must never use those codes. Messages are short and never contain credentials.
+pub fn to_status(e: &RequestError) -> Status {
+    match e {
+        RequestError::Authn(a) if a.is_unavailable() => {
+            Status::unavailable("authentication temporarily unavailable, retry later")
+        }
+        RequestError::Authn(_) => Status::unauthenticated("authentication failed"),
+        RequestError::Authz(_) => {
+            Status::unauthenticated("not authorized for the requested identity")
+        }
+        RequestError::Csr(c) if c.is_identity_mismatch() => {
+            Status::unauthenticated("CSR identity does not match the caller")
+        }
+        RequestError::Csr(c) => Status::invalid_argument(format!("invalid CSR: {c}")),
+        RequestError::Ttl(t) => Status::invalid_argument(t.to_string()),
+        RequestError::Sign(SignError::Unavailable(_)) => {
+            Status::unavailable("certificate backend unavailable, retry later")
+        }
+        RequestError::Sign(SignError::Throttled { .. }) => {
+            Status::resource_exhausted("certificate backend busy, retry later")
+        }
+        RequestError::Sign(SignError::Rejected(_)) => {
+            Status::invalid_argument("certificate backend rejected the request")
+        }
+        RequestError::Sign(SignError::Internal(_)) | RequestError::Chain(_) => {
+            Status::internal("certificate issuance failed")
+        }
+        RequestError::Timeout(_) => {
+            Status::unavailable("certificate issuance timed out, retry later")
+        }
+    }
+}
+
+/// gRPC code name for metric labels.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// The CreateCertificate handler and what it needs.
+#[derive(Clone)]
+pub struct CaService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    authn: authn::Chain,
+    authz: authz::Authorizer,
+    signer: Arc<dyn Signer>,
+    csr_policy: csr::CsrPolicy,
+    policy: PolicyConfig,
+    request_timeout: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl CaService {
+    pub fn new(
+        authn: authn::Chain,
+        authz: authz::Authorizer,
+        signer: Arc<dyn Signer>,
+        policy: PolicyConfig,
+        max_csr_bytes: usize,
+        request_timeout: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let csr_policy = csr::CsrPolicy {
+            key_types: policy.key_types.clone(),
+            min_rsa_bits: policy.min_rsa_bits,
+            max_bytes: max_csr_bytes,
+        };
+        Self {
+            inner: Arc::new(Inner {
+                authn,
+                authz,
+                signer,
+                csr_policy,
+                policy,
+                request_timeout,
+                metrics,
+            }),
+        }
+    }
+}
+
+/// Decrements the in-flight gauge even if the call future is dropped (client gone).
+struct InFlight<'a>(&'a Metrics);
+impl<'a> InFlight<'a> {
+    fn new(m: &'a Metrics) -> Self {
+        m.in_flight.inc();
+        Self(m)
+    }
+}
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.dec();
+    }
+}
+
+/// What the log line of a successful call reports.
+struct Issued {
+    chain: Vec<String>,
+    identity: String,
+    via: &'static str,
+    ttl: Duration,
+    clamped: bool,
+}
+
+impl Inner {
+    async fn handle(&self, req: &Request<IstioCertificateRequest>) -> Result<Issued, RequestError> {
+        let md = req.metadata();
+        let header = |k: &str| md.get(k).and_then(|v| v.to_str().ok());
+        let peer_certs = req.peer_certs();
+        let ctx = authn::RequestContext {
+            authorization: header("authorization"),
+            cluster_id: header("clusterid"),
+            peer_certs: peer_certs.as_deref().map(|v| v.as_slice()),
+            remote_addr: req.remote_addr(),
+        };
+        let caller = self.authn.authenticate(&ctx).await?;
+        let body = req.get_ref();
+        let impersonated = body
+            .metadata
+            .as_ref()
+            .and_then(|s| s.fields.get(IMPERSONATED_IDENTITY))
+            .and_then(|v| match &v.kind {
+                Some(prost_types::value::Kind::StringValue(s)) => Some(s.as_str()),
+                _ => None,
+            })
+            .filter(|s| !s.is_empty());
+        let target = self.authz.target(&caller, impersonated).await?;
+        let checked = csr::check(body.csr.as_bytes(), &target, &self.csr_policy)?;
+        let (ttl, clamped) = policy::ttl(body.validity_duration, &self.policy)?;
+        let subject = Subject::Workload(target.clone());
+        let sign_req = SignRequest {
+            subject: subject.clone(),
+            public_key_der: checked.public_key_der,
+            csr_der: checked.csr_der,
+            ttl,
+        };
+        let issued = self.signer.sign(&sign_req).await?;
+        let bundle = self.signer.trust_bundle().borrow().clone();
+        let chain = chain::finish(&issued, &bundle, &subject, SystemTime::now())?;
+        Ok(Issued {
+            chain,
+            identity: target.to_string(),
+            via: caller.via.as_str(),
+            ttl,
+            clamped,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl IstioCertificateService for CaService {
+    async fn create_certificate(
+        &self,
+        request: Request<IstioCertificateRequest>,
+    ) -> Result<Response<IstioCertificateResponse>, Status> {
+        let inner = &self.inner;
+        let m = &inner.metrics;
+        let _in_flight = InFlight::new(m);
+        let start = Instant::now();
+        m.csr_count.inc();
+        let span = tracing::info_span!("create_certificate", remote = ?request.remote_addr());
+        let res = async {
+            match tokio::time::timeout(inner.request_timeout, inner.handle(&request)).await {
+                Ok(r) => r,
+                Err(_) => Err(RequestError::Timeout(inner.request_timeout)),
+            }
+        }
+        .instrument(span.clone())
+        .await;
+        let elapsed = start.elapsed().as_secs_f64();
+        let _e = span.enter();
+        match res {
+            Ok(issued) => {
+                m.success_issuance.inc();
+                m.requests.with_label_values(&["success", "OK"]).inc();
+                m.request_duration
+                    .with_label_values(&["success"])
+                    .observe(elapsed);
+                tracing::info!(
+                    identity = %issued.identity,
+                    via = issued.via,
+                    ttl_secs = issued.ttl.as_secs(),
+                    clamped = issued.clamped,
+                    "certificate issued"
+                );
+                Ok(Response::new(IstioCertificateResponse {
+                    cert_chain: issued.chain,
+                }))
+            }
+            Err(e) => {
+                let status = to_status(&e);
+                match &e {
+                    RequestError::Authn(a) => {
+                        m.authn_failures.inc();
+                        m.authn_failure_reasons
+                            .with_label_values(&[a.reason()])
+                            .inc();
+                    }
+                    RequestError::Authz(_) => {
+                        m.authn_failures.inc();
+                        m.authn_failure_reasons
+                            .with_label_values(&["impersonation_denied"])
+                            .inc();
+                    }
+                    _ => {}
+                }
+                if let Some(label) = e.citadel_error() {
+                    m.csr_sign_errors.with_label_values(&[label]).inc();
+                }
+                m.requests
+                    .with_label_values(&["error", code_name(status.code())])
+                    .inc();
+                m.request_duration
+                    .with_label_values(&["error"])
+                    .observe(elapsed);
+                match status.code() {
+                    Code::Internal | Code::Unavailable | Code::ResourceExhausted => {
+                        tracing::warn!(code = code_name(status.code()), error = %e, "request failed")
+                    }
+                    _ => {
+                        tracing::info!(code = code_name(status.code()), error = %e, "request rejected")
+                    }
+                }
+                Err(status)
+            }
+        }
+    }
+}

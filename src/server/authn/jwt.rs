@@ -1,0 +1,442 @@
+//! OIDC/JWT bearer tokens (istiod's `JWT_RULE`), checked locally against each issuer's
+//! JWKS: works without any Kubernetes API access, and for remote clusters.
+//!
+//! The issuer is chosen by the token's `iss`; the signing key by `kid` (or, without a kid,
+//! every key of the right family). Only asymmetric algorithms are accepted, and the
+//! algorithm must fit the key's family, which rules out `alg: none` and HMAC confusion.
+//! JWKS documents are cached, refreshed periodically, and refreshed early (rate limited)
+//! when a token names an unknown key, so issuer key rotation works without restarts.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use async_trait::async_trait;
+use base64::Engine;
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+
+use super::{AuthMethod, Authenticator, AuthnError, Caller, RequestContext};
+use crate::config::JwtIssuerConfig;
+use crate::identity::{ServiceAccount, SpiffeId};
+
+/// Tokens are accepted this long past `exp` / before `nbf` (clock skew).
+const LEEWAY_SECS: u64 = 30;
+/// An unknown `kid` triggers at most one JWKS refresh per issuer in this interval.
+const MIN_ON_DEMAND_REFRESH: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum JwksError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("fetching {url}: {message}")]
+    Fetch { url: String, message: String },
+    #[error("JWKS is not valid JSON: {0}")]
+    Parse(String),
+    #[error("JWKS holds no usable key")]
+    NoKeys,
+    #[error("building HTTP client: {0}")]
+    Client(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    Rsa,
+    P256,
+    P384,
+    Ed25519,
+}
+
+impl Family {
+    fn allows(self, alg: Algorithm) -> bool {
+        use Algorithm::*;
+        match self {
+            Family::Rsa => matches!(alg, RS256 | RS384 | RS512 | PS256 | PS384 | PS512),
+            Family::P256 => alg == ES256,
+            Family::P384 => alg == ES384,
+            Family::Ed25519 => alg == EdDSA,
+        }
+    }
+}
+
+struct KeyEntry {
+    kid: Option<String>,
+    family: Family,
+    /// The JWK's own `alg`, if it pins one.
+    alg: Option<String>,
+    key: DecodingKey,
+}
+
+fn key_entries(set: &JwkSet) -> Vec<KeyEntry> {
+    set.keys.iter().filter_map(key_entry).collect()
+}
+
+fn key_entry(jwk: &Jwk) -> Option<KeyEntry> {
+    let family = match &jwk.algorithm {
+        AlgorithmParameters::RSA(_) => Family::Rsa,
+        AlgorithmParameters::EllipticCurve(ec) => match ec.curve {
+            EllipticCurve::P256 => Family::P256,
+            EllipticCurve::P384 => Family::P384,
+            _ => return None,
+        },
+        AlgorithmParameters::OctetKeyPair(okp) if okp.curve == EllipticCurve::Ed25519 => {
+            Family::Ed25519
+        }
+        // Symmetric keys can never verify a token here.
+        _ => return None,
+    };
+    let key = DecodingKey::from_jwk(jwk).ok()?;
+    Some(KeyEntry {
+        kid: jwk.common.key_id.clone(),
+        family,
+        alg: jwk.common.key_algorithm.map(|a| format!("{a:?}")),
+        key,
+    })
+}
+
+enum Source {
+    File(PathBuf),
+    Url {
+        url: String,
+        client: reqwest::Client,
+    },
+}
+
+impl Source {
+    async fn fetch(&self) -> Result<Vec<KeyEntry>, JwksError> {
+        let body = match self {
+            Source::File(path) => {
+                tokio::fs::read(path)
+                    .await
+                    .map_err(|source| JwksError::Read {
+                        path: path.clone(),
+                        source,
+                    })?
+            }
+            Source::Url { url, client } => {
+                let fetch = |message: String| JwksError::Fetch {
+                    url: url.clone(),
+                    message,
+                };
+                let resp = client
+                    .get(url)
+                    .send()
+                    .await
+                    .map_err(|e| fetch(e.to_string()))?;
+                if !resp.status().is_success() {
+                    return Err(fetch(format!("HTTP {}", resp.status())));
+                }
+                resp.bytes()
+                    .await
+                    .map_err(|e| fetch(e.to_string()))?
+                    .to_vec()
+            }
+        };
+        let set: JwkSet =
+            serde_json::from_slice(&body).map_err(|e| JwksError::Parse(e.to_string()))?;
+        let keys = key_entries(&set);
+        if keys.is_empty() {
+            return Err(JwksError::NoKeys);
+        }
+        Ok(keys)
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Source::File(p) => p.display().to_string(),
+            Source::Url { url, .. } => url.clone(),
+        }
+    }
+}
+
+struct Issuer {
+    issuer: String,
+    audiences: Vec<String>,
+    trust_domain: String,
+    cluster_id: Option<String>,
+    refresh_interval: Duration,
+    source: Source,
+    keys: ArcSwapOption<Vec<KeyEntry>>,
+    last_on_demand: tokio::sync::Mutex<Option<Instant>>,
+}
+
+impl Issuer {
+    async fn refresh(&self) -> Result<(), JwksError> {
+        let keys = self.source.fetch().await?;
+        tracing::debug!(issuer = %self.issuer, keys = keys.len(), "JWKS loaded");
+        self.keys.store(Some(Arc::new(keys)));
+        Ok(())
+    }
+
+    /// Refreshes because a token named an unknown key; rate limited, and concurrent callers
+    /// share one fetch.
+    async fn refresh_on_demand(&self) {
+        let mut last = self.last_on_demand.lock().await;
+        if last.is_some_and(|t| t.elapsed() < MIN_ON_DEMAND_REFRESH) {
+            return;
+        }
+        *last = Some(Instant::now());
+        if let Err(e) = self.refresh().await {
+            tracing::warn!(issuer = %self.issuer, error = %e, "JWKS refresh failed");
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct UnverifiedClaims {
+    iss: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    sub: String,
+}
+
+/// All configured JWT issuers.
+pub struct JwtAuthenticator {
+    issuers: HashMap<String, Arc<Issuer>>,
+}
+
+impl JwtAuthenticator {
+    /// Loads every issuer's keys once. A JWKS file that cannot be read is a startup error;
+    /// a JWKS URL that cannot be fetched is retried in the background (its tokens are
+    /// answered UNAVAILABLE until then).
+    pub async fn new(
+        configs: &[JwtIssuerConfig],
+        default_trust_domain: &str,
+    ) -> Result<Self, JwksError> {
+        let mut issuers = HashMap::new();
+        for c in configs {
+            let source = match (&c.jwks_file, &c.jwks_uri) {
+                (Some(p), _) => Source::File(p.clone()),
+                (None, Some(u)) => Source::Url {
+                    url: u.clone(),
+                    client: http_client(c)?,
+                },
+                (None, None) => unreachable!("validated: one of jwksFile/jwksUri"),
+            };
+            let iss = Arc::new(Issuer {
+                issuer: c.issuer.clone(),
+                audiences: c.audiences.clone(),
+                trust_domain: c
+                    .trust_domain
+                    .clone()
+                    .unwrap_or_else(|| default_trust_domain.to_string()),
+                cluster_id: c.cluster_id.clone(),
+                refresh_interval: c.refresh_interval,
+                source,
+                keys: ArcSwapOption::empty(),
+                last_on_demand: tokio::sync::Mutex::new(None),
+            });
+            match iss.refresh().await {
+                Ok(()) => {}
+                Err(e) if matches!(iss.source, Source::Url { .. }) => {
+                    tracing::error!(issuer = %c.issuer, error = %e, "cannot load JWKS; will retry");
+                }
+                Err(e) => return Err(e),
+            }
+            issuers.insert(c.issuer.clone(), iss);
+        }
+        Ok(Self { issuers })
+    }
+
+    /// Periodic JWKS refresh for every issuer until `shutdown` resolves.
+    pub fn spawn_refresh(&self, shutdown: tokio_util::sync::CancellationToken) {
+        for iss in self.issuers.values() {
+            let iss = iss.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                let mut failures = 0u32;
+                loop {
+                    let wait = if iss.keys.load().is_none() || failures > 0 {
+                        // Not loaded or failing: retry sooner, with capped backoff.
+                        Duration::from_secs(1 << failures.min(5)).min(iss.refresh_interval)
+                    } else {
+                        iss.refresh_interval
+                    };
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                    match iss.refresh().await {
+                        Ok(()) => failures = 0,
+                        Err(e) => {
+                            failures += 1;
+                            tracing::warn!(issuer = %iss.issuer, source = %iss.source.describe(), error = %e, "JWKS refresh failed; keeping cached keys");
+                        }
+                    }
+                }
+            });
+        }
+    }
+
+    async fn verify(&self, token: &str, ctx: &RequestContext<'_>) -> Result<Caller, AuthnError> {
+        let header_json = token
+            .split('.')
+            .next()
+            .and_then(|h| {
+                base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(h)
+                    .ok()
+            })
+            .and_then(|h| serde_json::from_slice::<serde_json::Value>(&h).ok())
+            .ok_or_else(|| AuthnError::Malformed("token is not a JWT".into()))?;
+        let alg_name = header_json
+            .get("alg")
+            .and_then(|a| a.as_str())
+            .unwrap_or("");
+        if alg_name.eq_ignore_ascii_case("none") || alg_name.is_empty() {
+            return Err(AuthnError::Invalid("unsigned token (alg none)".into()));
+        }
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|e| AuthnError::Malformed(format!("bad JWT header: {e}")))?;
+        if matches!(
+            header.alg,
+            Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512
+        ) {
+            return Err(AuthnError::Invalid(
+                "symmetric (HS*) tokens are not accepted".into(),
+            ));
+        }
+        let iss = unverified_issuer(token)?;
+        let issuer = self
+            .issuers
+            .get(&iss)
+            .ok_or_else(|| AuthnError::Invalid("unknown token issuer".into()))?;
+        if let (Some(want), Some(got)) = (&issuer.cluster_id, ctx.cluster())
+            && want != got
+        {
+            return Err(AuthnError::Invalid(format!(
+                "issuer belongs to cluster {want}, request names cluster {got}"
+            )));
+        }
+        let mut validation = Validation::new(header.alg);
+        validation.leeway = LEEWAY_SECS;
+        validation.validate_nbf = true;
+        validation.set_issuer(&[&issuer.issuer]);
+        validation.set_audience(&issuer.audiences);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+
+        let mut refreshed = false;
+        loop {
+            let Some(keys) = issuer.keys.load_full() else {
+                if !refreshed {
+                    issuer.refresh_on_demand().await;
+                    refreshed = true;
+                    continue;
+                }
+                return Err(AuthnError::Unavailable(format!(
+                    "keys of issuer {} are not loaded",
+                    issuer.issuer
+                )));
+            };
+            let candidates: Vec<&KeyEntry> = keys
+                .iter()
+                .filter(|k| match &header.kid {
+                    Some(kid) => k.kid.as_deref() == Some(kid.as_str()),
+                    None => true,
+                })
+                .filter(|k| k.family.allows(header.alg))
+                .filter(|k| {
+                    k.alg
+                        .as_deref()
+                        .is_none_or(|a| a == format!("{:?}", header.alg))
+                })
+                .collect();
+            if candidates.is_empty() {
+                if !refreshed {
+                    issuer.refresh_on_demand().await;
+                    refreshed = true;
+                    continue;
+                }
+                return Err(AuthnError::Invalid("token signed by an unknown key".into()));
+            }
+            let mut last_err = None;
+            for k in candidates {
+                match jsonwebtoken::decode::<Claims>(token, &k.key, &validation) {
+                    Ok(data) => return issuer.caller(&data.claims, ctx),
+                    Err(e) => last_err = Some(e),
+                }
+            }
+            let e = last_err.expect("at least one candidate");
+            use jsonwebtoken::errors::ErrorKind;
+            let msg = match e.kind() {
+                ErrorKind::ExpiredSignature => "token expired".to_string(),
+                ErrorKind::ImmatureSignature => "token not yet valid".to_string(),
+                ErrorKind::InvalidAudience => "token audience not accepted".to_string(),
+                ErrorKind::InvalidIssuer => "wrong issuer".to_string(),
+                ErrorKind::InvalidSignature => "bad token signature".to_string(),
+                ErrorKind::MissingRequiredClaim(c) => format!("token lacks claim {c}"),
+                other => format!("token rejected: {other:?}"),
+            };
+            return Err(AuthnError::Invalid(msg));
+        }
+    }
+}
+
+impl Issuer {
+    fn caller(&self, claims: &Claims, ctx: &RequestContext<'_>) -> Result<Caller, AuthnError> {
+        let sa = ServiceAccount::from_k8s_username(&claims.sub).map_err(|_| {
+            AuthnError::Invalid("token subject is not a Kubernetes service account".into())
+        })?;
+        let identity = SpiffeId::new(&self.trust_domain, sa)
+            .map_err(|e| AuthnError::Invalid(e.to_string()))?;
+        Ok(Caller {
+            identity,
+            cluster: self
+                .cluster_id
+                .clone()
+                .or_else(|| ctx.cluster().map(str::to_string)),
+            via: AuthMethod::Jwt,
+            pod: None,
+        })
+    }
+}
+
+fn unverified_issuer(token: &str) -> Result<String, AuthnError> {
+    let payload = token
+        .split('.')
+        .nth(1)
+        .ok_or_else(|| AuthnError::Malformed("token is not a JWT".into()))?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .map_err(|_| AuthnError::Malformed("token payload is not base64url".into()))?;
+    let claims: UnverifiedClaims = serde_json::from_slice(&bytes)
+        .map_err(|_| AuthnError::Malformed("token payload is not JSON".into()))?;
+    claims
+        .iss
+        .ok_or_else(|| AuthnError::Invalid("token has no issuer".into()))
+}
+
+fn http_client(c: &JwtIssuerConfig) -> Result<reqwest::Client, JwksError> {
+    let mut b = reqwest::Client::builder()
+        .use_preconfigured_tls(
+            crate::pki::client_tls_config(c.jwks_ca_file.as_deref()).map_err(JwksError::Client)?,
+        )
+        .timeout(Duration::from_secs(10));
+    b = b.user_agent(concat!("istio-ca-bridge/", env!("CARGO_PKG_VERSION")));
+    b.build().map_err(|e| JwksError::Client(e.to_string()))
+}
+
+#[async_trait]
+impl Authenticator for JwtAuthenticator {
+    fn name(&self) -> &'static str {
+        "jwt"
+    }
+
+    async fn authenticate(&self, ctx: &RequestContext<'_>) -> Result<Option<Caller>, AuthnError> {
+        let Some(token) = ctx.bearer()? else {
+            return Ok(None);
+        };
+        if token.len() > 16 * 1024 {
+            return Err(AuthnError::Malformed("token too large".into()));
+        }
+        self.verify(token, ctx).await.map(Some)
+    }
+}

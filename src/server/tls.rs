@@ -1,0 +1,185 @@
+//! TLS for the gRPC listener: TLS 1.3 and 1.2, ALPN h2, client certificates requested but
+//! optional, and the serving certificate resolved on every handshake so that rotation
+//! never restarts the listener or drops a connection.
+//!
+//! Handshakes run concurrently in their own tasks with a timeout, so one slow or hostile
+//! peer cannot hold up accepting others.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ServerConfig;
+use crate::pb::istio_certificate_service_server::IstioCertificateServiceServer;
+use crate::server::CaService;
+
+/// The current serving certificate, swapped atomically by the renewal task and read by
+/// every handshake.
+#[derive(Default)]
+pub struct CertResolver {
+    current: ArcSwapOption<CertifiedKey>,
+}
+
+impl std::fmt::Debug for CertResolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertResolver")
+            .field("loaded", &self.current.load().is_some())
+            .finish()
+    }
+}
+
+impl CertResolver {
+    pub fn set(&self, key: Arc<CertifiedKey>) {
+        self.current.store(Some(key));
+    }
+    pub fn current(&self) -> Option<Arc<CertifiedKey>> {
+        self.current.load_full()
+    }
+}
+
+impl ResolvesServerCert for CertResolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.current.load_full()
+    }
+}
+
+/// Requests a client certificate but does not require one, and accepts any certificate
+/// whose handshake signature verifies. Whether the chain is trusted is decided by the
+/// client-certificate authenticator against the current trust bundle (see
+/// `server::authn::client_cert`), never here, and a connection without a trusted client
+/// certificate must still present another credential.
+#[derive(Debug)]
+struct OptionalClientCert {
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl ClientCertVerifier for OptionalClientCert {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        Ok(ClientCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// The rustls server config for the gRPC listener.
+pub fn server_config(resolver: Arc<CertResolver>) -> Arc<rustls::ServerConfig> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let algs = provider.signature_verification_algorithms;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .expect("aws-lc-rs supports TLS 1.2 and 1.3")
+        .with_client_cert_verifier(Arc::new(OptionalClientCert { algs }))
+        .with_cert_resolver(resolver);
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Arc::new(cfg)
+}
+
+/// Accepts TCP connections until `shutdown`, handshaking each in its own task.
+pub fn incoming(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    handshake_timeout: Duration,
+    shutdown: CancellationToken,
+) -> ReceiverStream<Result<TlsStream<TcpStream>, io::Error>> {
+    let (tx, rx) = mpsc::channel(256);
+    let acceptor = TlsAcceptor::from(tls);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = listener.accept() => r,
+            };
+            match accepted {
+                Ok((tcp, peer)) => {
+                    let _ = tcp.set_nodelay(true);
+                    let acceptor = acceptor.clone();
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                            Ok(Ok(stream)) => {
+                                let _ = tx.send(Ok(stream)).await;
+                            }
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "TLS handshake failed")
+                            }
+                            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                        }
+                    });
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        tracing::debug!("stopped accepting gRPC connections");
+    });
+    ReceiverStream::new(rx)
+}
+
+/// Serves CreateCertificate on `listener` until `shutdown`, then drains: stops accepting,
+/// sends GOAWAY and returns once in-flight calls are done. The caller bounds the drain
+/// with its grace period.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    service: CaService,
+    opts: &ServerConfig,
+    shutdown: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    let stream = incoming(listener, tls, opts.handshake_timeout, shutdown.clone());
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(opts.keepalive_interval))
+        .http2_keepalive_timeout(Some(opts.keepalive_timeout))
+        .max_concurrent_streams(Some(opts.max_concurrent_streams))
+        .add_service(IstioCertificateServiceServer::new(service))
+        .serve_with_incoming_shutdown(stream, shutdown.cancelled_owned())
+        .await
+}

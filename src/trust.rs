@@ -1,0 +1,73 @@
+//! Trust material: the bundle of roots clients must trust, published to every reader
+//! (response builder, client-certificate authenticator, expiry gauges) through a
+//! `tokio::sync::watch` so that a rotation is seen everywhere at once without locks on
+//! the hot path. The serving certificate lives in [`serving`].
+
+pub mod serving;
+
+use std::sync::Arc;
+
+use rustls_pki_types::{CertificateDer, TrustAnchor};
+
+use crate::pki::{self, PkiError};
+
+/// Every root a workload certificate may chain to (several during a root rotation).
+#[derive(Debug, Clone)]
+pub struct TrustBundle {
+    roots: Vec<CertificateDer<'static>>,
+    anchors: Vec<TrustAnchor<'static>>,
+    /// All roots concatenated: the last element of every CreateCertificate response.
+    pem: String,
+    /// Earliest NotAfter among the roots (unix seconds).
+    earliest_expiry: i64,
+}
+
+impl TrustBundle {
+    pub fn new(roots: Vec<CertificateDer<'static>>) -> Result<Self, PkiError> {
+        if roots.is_empty() {
+            return Err(PkiError::NoCertificate);
+        }
+        let mut anchors = Vec::with_capacity(roots.len());
+        let mut pem = String::new();
+        let mut earliest = i64::MAX;
+        let mut unique: Vec<CertificateDer<'static>> = Vec::new();
+        for r in roots {
+            if unique.contains(&r) {
+                continue;
+            }
+            let info = pki::cert_info(&r)?;
+            earliest = earliest.min(info.not_after);
+            let anchor = webpki::anchor_from_trusted_cert(&r)
+                .map_err(|e| PkiError::Certificate(format!("{e:?}")))?
+                .to_owned();
+            anchors.push(anchor);
+            pem.push_str(&pki::cert_pem(&r));
+            unique.push(r);
+        }
+        Ok(Self {
+            roots: unique,
+            anchors,
+            pem,
+            earliest_expiry: earliest,
+        })
+    }
+
+    pub fn from_pem(text: &[u8]) -> Result<Self, PkiError> {
+        Self::new(pki::parse_certs_pem(text)?)
+    }
+
+    pub fn roots(&self) -> &[CertificateDer<'static>] {
+        &self.roots
+    }
+    pub fn anchors(&self) -> &[TrustAnchor<'static>] {
+        &self.anchors
+    }
+    pub fn pem(&self) -> &str {
+        &self.pem
+    }
+    pub fn earliest_expiry(&self) -> i64 {
+        self.earliest_expiry
+    }
+}
+
+pub type SharedBundle = Arc<TrustBundle>;
