@@ -1,0 +1,902 @@
+//! Black-box tests of CreateCertificate over the real TLS listener: Istio-shaped requests
+//! succeed and verify with OpenSSL, every kind of bad input gets its exact gRPC code
+//! without issuing anything, and the server keeps serving.
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use istio_ca_bridge::config::{KeyType, OverMax};
+use istio_ca_bridge::pb::istio_certificate_service_client::IstioCertificateServiceClient;
+use istio_ca_bridge::pki::{self, CsrShape};
+use support::*;
+use tonic::Code;
+
+fn write(dir: &std::path::Path, name: &str, data: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, data).unwrap();
+    p.display().to_string()
+}
+
+/// Leaf + intermediates as one PEM, and the root bundle, from a response.
+fn split_chain(chain: &[String]) -> (String, String) {
+    (
+        chain[..chain.len() - 1].concat(),
+        chain[chain.len() - 1].clone(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_shaped_requests_get_verifiable_chains() {
+    let b = Bridge::start().await;
+    let mut client = b.client().await;
+    let token = b.issuer.token("default", "bookinfo");
+    let id = spiffe("default", "bookinfo");
+    for key_type in [KeyType::EcdsaP256, KeyType::Rsa, KeyType::EcdsaP384] {
+        for shape in [CsrShape::IstioAgent, CsrShape::Ztunnel] {
+            let (key, csr) = csr_for(&id, key_type, shape);
+            let resp = call(&mut client, request(csr, Some(&token), 86400))
+                .await
+                .unwrap_or_else(|s| panic!("{key_type:?} {shape:?}: {s:?}"));
+            let chain = resp.cert_chain;
+            // Layout: leaf, root bundle; every element one PEM ending in a newline.
+            assert_eq!(chain.len(), 2, "{chain:?}");
+            assert!(chain.iter().all(|e| e.ends_with('\n')));
+            let target = istio_ca_bridge::identity::SpiffeId::parse(&id).unwrap();
+            istio_ca_bridge::cli::request::verify_response(&chain, &target, &key).unwrap();
+
+            let info =
+                pki::cert_info(&pki::parse_certs_pem(chain[0].as_bytes()).unwrap()[0]).unwrap();
+            assert_eq!(info.uri_sans, vec![id.clone()]);
+            assert!(info.dns_sans.is_empty());
+            assert!(!info.is_ca);
+            assert_eq!(info.subject, "");
+            let life = info.not_after - info.not_before;
+            assert_eq!(life, 86400 + 120, "NotBefore is now-2min, NotAfter now+TTL");
+
+            // OpenSSL, an independent verifier, accepts it for both TLS roles.
+            let dir = b.dir.path();
+            let (leaf, root) = split_chain(&chain);
+            let leaf_f = write(dir, "leaf.pem", &leaf);
+            let root_f = write(dir, "root.pem", &root);
+            for purpose in ["sslclient", "sslserver"] {
+                let (ok, out) =
+                    openssl(&["verify", "-purpose", purpose, "-CAfile", &root_f, &leaf_f]);
+                assert!(ok, "openssl verify {purpose}: {out}");
+            }
+            let (_, text) = openssl(&["x509", "-in", &leaf_f, "-noout", "-text"]);
+            assert!(
+                text.contains("X509v3 Subject Alternative Name: critical"),
+                "{text}"
+            );
+            assert!(
+                text.contains("Digital Signature, Key Encipherment"),
+                "{text}"
+            );
+            assert!(
+                text.contains("TLS Web Server Authentication, TLS Web Client Authentication"),
+                "{text}"
+            );
+            assert!(text.contains("CA:FALSE"), "{text}");
+        }
+    }
+    assert_eq!(b.issued(), 6);
+    b.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workloads_complete_a_mutual_tls_handshake_with_openssl() {
+    require_tool("openssl", "apt-get install -y openssl");
+    let b = Bridge::start().await;
+    let mut client = b.client().await;
+    let dir = b.dir.path();
+    let mut files = Vec::new();
+    for (sa, kt) in [("server", KeyType::EcdsaP256), ("client", KeyType::Rsa)] {
+        let id = spiffe("default", sa);
+        let (key, csr) = csr_for(&id, kt, CsrShape::IstioAgent);
+        let chain = call(
+            &mut client,
+            request(csr, Some(&b.issuer.token("default", sa)), 3600),
+        )
+        .await
+        .unwrap()
+        .cert_chain;
+        let (leaf, root) = split_chain(&chain);
+        files.push((
+            write(dir, &format!("{sa}.pem"), &leaf),
+            write(dir, &format!("{sa}.key"), &key.serialize_pem()),
+            write(dir, "root.pem", &root),
+        ));
+    }
+    let (srv_cert, srv_key, root) = files[0].clone();
+    let (cli_cert, cli_key, _) = files[1].clone();
+
+    // A foreign CA's client certificate must be refused by the same server.
+    let foreign_key = pki::generate_key(KeyType::EcdsaP256).unwrap();
+    let mut p = rcgen::CertificateParams::new(vec![]).unwrap();
+    p.subject_alt_names = vec![rcgen::SanType::URI(
+        spiffe("default", "client").try_into().unwrap(),
+    )];
+    p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let foreign = p.self_signed(&foreign_key).unwrap();
+    let foreign_cert = write(dir, "foreign.pem", &foreign.pem());
+    let foreign_key_f = write(dir, "foreign.key", &foreign_key.serialize_pem());
+
+    for (cert, key, expect_ok) in [
+        (&cli_cert, &cli_key, true),
+        (&foreign_cert, &foreign_key_f, false),
+    ] {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut server = Command::new("openssl")
+            .args([
+                "s_server",
+                "-accept",
+                &format!("127.0.0.1:{port}"),
+                "-cert",
+                &srv_cert,
+                "-key",
+                &srv_key,
+                "-CAfile",
+                &root,
+                "-Verify",
+                "2",
+                "-verify_return_error",
+                "-purpose",
+                "sslclient",
+                "-naccept",
+                "1",
+                "-rev",
+                "-quiet",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = String::new();
+        let mut ok = false;
+        for _ in 0..50 {
+            let o = Command::new("sh")
+                .arg("-c")
+                .arg(format!(
+                    "(echo ping; sleep 1) | timeout 10 openssl s_client -connect 127.0.0.1:{port} -cert {cert} -key {key} \
+                     -CAfile {root} -verify_return_error -purpose sslserver -verify 2 2>&1"
+                ))
+                .output()
+                .unwrap();
+            out = String::from_utf8_lossy(&o.stdout).to_string();
+            if out.contains("Connection refused") || out.contains("connect:errno") {
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+            ok = o.status.success()
+                && out.contains("Verify return code: 0 (ok)")
+                && out.contains("gnip");
+            break;
+        }
+        let _ = server.kill();
+        let srv = server.wait_with_output().unwrap();
+        let srv_out = String::from_utf8_lossy(&srv.stderr).to_string();
+        assert_eq!(
+            ok, expect_ok,
+            "client {cert}: s_client output:\n{out}\ns_server:\n{srv_out}"
+        );
+    }
+    b.shutdown().await.unwrap();
+}
+
+/// One bad request and the code it must get.
+struct Bad {
+    name: &'static str,
+    csr: String,
+    token: Option<String>,
+    ttl: i64,
+    code: Code,
+}
+
+fn openssl_csr(dir: &std::path::Path, name: &str, args: &[&str]) -> String {
+    let out = dir.join(format!("{name}.csr"));
+    let key = dir.join(format!("{name}.key"));
+    let mut all = vec![
+        "req",
+        "-new",
+        "-nodes",
+        "-keyout",
+        key.to_str().unwrap(),
+        "-out",
+        out.to_str().unwrap(),
+    ];
+    all.extend_from_slice(args);
+    let (ok, msg) = openssl(&all);
+    assert!(ok, "openssl req {name}: {msg}");
+    std::fs::read_to_string(out).unwrap()
+}
+
+fn rcgen_csr(params: rcgen::CertificateParams, alg: &'static rcgen::SignatureAlgorithm) -> String {
+    let key = rcgen::KeyPair::generate_for(alg).unwrap();
+    params.serialize_request(&key).unwrap().pem().unwrap()
+}
+
+fn unsigned_token(claims: &serde_json::Value) -> String {
+    use base64::Engine;
+    let e = |v: &serde_json::Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(serde_json::to_vec(v).unwrap())
+    };
+    format!(
+        "{}.{}.",
+        e(&serde_json::json!({"alg": "none", "typ": "JWT"})),
+        e(claims)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_the_right_code_and_issues_nothing() {
+    let b = Bridge::start().await;
+    let mut client = b.client().await;
+    let dir = b.dir.path();
+    let id = spiffe("default", "demo");
+    let token = b.issuer.token("default", "demo");
+    let (_, good_csr) = csr_for(&id, KeyType::EcdsaP256, CsrShape::IstioAgent);
+    let uri_san = format!("subjectAltName=critical,URI:{id}");
+
+    let broken_sig = {
+        let mut der = ::pem::parse(&good_csr).unwrap().contents().to_vec();
+        let n = der.len();
+        der[n - 5] ^= 0x55; // inside the signature value
+        pki::pem_encode("CERTIFICATE REQUEST", &der)
+    };
+
+    let mut dns = rcgen::CertificateParams::new(vec!["evil.example.com".to_string()]).unwrap();
+    dns.distinguished_name = rcgen::DistinguishedName::new();
+    dns.subject_alt_names
+        .push(rcgen::SanType::URI(id.clone().try_into().unwrap()));
+    let mut two_uris = rcgen::CertificateParams::new(vec![]).unwrap();
+    two_uris.distinguished_name = rcgen::DistinguishedName::new();
+    two_uris.subject_alt_names = vec![
+        rcgen::SanType::URI(id.clone().try_into().unwrap()),
+        rcgen::SanType::URI(spiffe("default", "other").try_into().unwrap()),
+    ];
+    let mut ip = rcgen::CertificateParams::new(vec![]).unwrap();
+    ip.distinguished_name = rcgen::DistinguishedName::new();
+    ip.subject_alt_names = vec![
+        rcgen::SanType::URI(id.clone().try_into().unwrap()),
+        rcgen::SanType::IpAddress("10.0.0.1".parse().unwrap()),
+    ];
+    let no_san = {
+        let mut p = rcgen::CertificateParams::new(vec![]).unwrap();
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        rcgen_csr(p, &rcgen::PKCS_ECDSA_P256_SHA256)
+    };
+    let workload_params = |uri: &str| {
+        let mut p = rcgen::CertificateParams::new(vec![]).unwrap();
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.subject_alt_names = vec![rcgen::SanType::URI(uri.to_string().try_into().unwrap())];
+        p
+    };
+    let now = now();
+    let claims = |f: &dyn Fn(&mut serde_json::Value)| {
+        let mut c = b.issuer.claims("default", "demo");
+        f(&mut c);
+        c
+    };
+    let stranger = TestIssuer::new(ISSUER);
+
+    let mut cases = vec![
+        Bad {
+            name: "empty CSR",
+            csr: String::new(),
+            token: Some(token.clone()),
+            ttl: 0,
+            code: Code::InvalidArgument,
+        },
+        Bad {
+            name: "garbage",
+            csr: "hello, CA".into(),
+            token: Some(token.clone()),
+            ttl: 0,
+            code: Code::InvalidArgument,
+        },
+        Bad {
+            name: "truncated PEM",
+            csr: good_csr[..good_csr.len() / 2].into(),
+            token: Some(token.clone()),
+            ttl: 0,
+            code: Code::InvalidArgument,
+        },
+        Bad {
+            name: "certificate instead of CSR",
+            csr: b.root_pem(),
+            token: Some(token.clone()),
+            ttl: 0,
+            code: Code::InvalidArgument,
+        },
+        Bad {
+            name: "broken signature",
+            csr: broken_sig,
+            token: Some(token.clone()),
+            ttl: 0,
+            code: Code::InvalidArgument,
+        },
+        Bad {
+            name: "RSA 1024",
+            csr: openssl_csr(
+                dir,
+                "rsa1024",
+                &["-newkey", "rsa:1024", "-subj", "/O=x", "-addext", &uri_san],
+            ),
+            token: Some(token.clone()),
+            ttl: 0,
+            code: Code::InvalidArgument,
+        },
+        Bad {
+            name: "P-521",
+            csr: rcgen_csr(workload_params(&id), &rcgen::PKCS_ECDSA_P521_SHA512),
+            token: Some(token.clone()),
+            ttl: 0,
+            code: Code::InvalidArgument,
+        },
+        Bad {
+            name: "Ed25519",
+            csr: rcgen_csr(workload_params(&id), &rcgen::PKCS_ED25519),
+            token: Some(token.clone()),
+            ttl: 0,
+            code: Code::InvalidArgument,
+        },
+        Bad {
+            name: "DNS SAN",
+            csr: rcgen_csr(dns, &rcgen::PKCS_ECDSA_P256_SHA256),
+            token: Some(token.clone()),
+            ttl: 0,
+            code: Code::InvalidArgument,
+        },
+        Bad {
+            name: "IP SAN",
+            csr: rcgen_csr(ip, &rcgen::PKCS_ECDSA_P256_SHA256),
+            token: Some(token.clone()),
+            ttl: 0,
+            code: Code::InvalidArgument,
+        },
+        Bad {
+            name: "two URIs",
+            csr: rcgen_csr(two_uris, &rcgen::PKCS_ECDSA_P256_SHA256),
+            token: Some(token.clone()),
+            ttl: 0,
+            code: Code::InvalidArgument,
+        },
+        Bad {
+            name: "no SAN",
+            csr: no_san,
+            token: Some(token.clone()),
+            ttl: 0,
+            code: Code::InvalidArgument,
+        },
+        Bad {
+            name: "CN in subject",
+            csr: openssl_csr(
+                dir,
+                "cn",
+                &[
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:P-256",
+                    "-subj",
+                    "/CN=demo",
+                    "-addext",
+                    &uri_san,
+                ],
+            ),
+            token: Some(token.clone()),
+            ttl: 0,
+            code: Code::InvalidArgument,
+        },
+        Bad {
+            name: "email SAN",
+            csr: openssl_csr(
+                dir,
+                "email",
+                &[
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:P-256",
+                    "-subj",
+                    "/O=x",
+                    "-addext",
+                    &format!("subjectAltName=URI:{id},email:a@b.c"),
+                ],
+            ),
+            token: Some(token.clone()),
+            ttl: 0,
+            code: Code::InvalidArgument,
+        },
+        Bad {
+            name: "CA requested",
+            csr: openssl_csr(
+                dir,
+                "ca",
+                &[
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:P-256",
+                    "-subj",
+                    "/O=x",
+                    "-addext",
+                    &uri_san,
+                    "-addext",
+                    "basicConstraints=critical,CA:TRUE",
+                ],
+            ),
+            token: Some(token.clone()),
+            ttl: 0,
+            code: Code::InvalidArgument,
+        },
+        Bad {
+            name: "other extension",
+            csr: openssl_csr(
+                dir,
+                "ext",
+                &[
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:P-256",
+                    "-subj",
+                    "/O=x",
+                    "-addext",
+                    &uri_san,
+                    "-addext",
+                    "nsComment=hi",
+                ],
+            ),
+            token: Some(token.clone()),
+            ttl: 0,
+            code: Code::InvalidArgument,
+        },
+        Bad {
+            name: "1 MiB CSR",
+            csr: format!(
+                "-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n",
+                "A".repeat(1 << 20)
+            ),
+            token: Some(token.clone()),
+            ttl: 0,
+            code: Code::InvalidArgument,
+        },
+        Bad {
+            name: "another namespace",
+            csr: csr_for(
+                &spiffe("kube-system", "demo"),
+                KeyType::EcdsaP256,
+                CsrShape::IstioAgent,
+            )
+            .1,
+            token: Some(token.clone()),
+            ttl: 0,
+            code: Code::Unauthenticated,
+        },
+        Bad {
+            name: "another service account",
+            csr: csr_for(
+                &spiffe("default", "admin"),
+                KeyType::EcdsaP256,
+                CsrShape::Ztunnel,
+            )
+            .1,
+            token: Some(token.clone()),
+            ttl: 0,
+            code: Code::Unauthenticated,
+        },
+        Bad {
+            name: "another trust domain",
+            csr: csr_for(
+                "spiffe://evil.corp/ns/default/sa/demo",
+                KeyType::EcdsaP256,
+                CsrShape::IstioAgent,
+            )
+            .1,
+            token: Some(token.clone()),
+            ttl: 0,
+            code: Code::Unauthenticated,
+        },
+        Bad {
+            name: "not a SPIFFE URI",
+            csr: csr_for(
+                "https://example.com/ns/default/sa/demo",
+                KeyType::EcdsaP256,
+                CsrShape::IstioAgent,
+            )
+            .1,
+            token: Some(token.clone()),
+            ttl: 0,
+            code: Code::InvalidArgument,
+        },
+        Bad {
+            name: "missing authorization",
+            csr: good_csr.clone(),
+            token: None,
+            ttl: 0,
+            code: Code::Unauthenticated,
+        },
+        Bad {
+            name: "empty bearer",
+            csr: good_csr.clone(),
+            token: Some(String::new()),
+            ttl: 0,
+            code: Code::Unauthenticated,
+        },
+        Bad {
+            name: "not a JWT",
+            csr: good_csr.clone(),
+            token: Some("not-a-jwt".into()),
+            ttl: 0,
+            code: Code::Unauthenticated,
+        },
+        Bad {
+            name: "expired token",
+            csr: good_csr.clone(),
+            token: Some(b.issuer.sign_es(
+                &claims(&|c| {
+                    c["exp"] = (now - 3600).into();
+                    c["iat"] = (now - 7200).into();
+                    c["nbf"] = (now - 7200).into();
+                }),
+                Some("es"),
+            )),
+            ttl: 0,
+            code: Code::Unauthenticated,
+        },
+        Bad {
+            name: "token not yet valid",
+            csr: good_csr.clone(),
+            token: Some(b.issuer.sign_es(
+                &claims(&|c| {
+                    c["nbf"] = (now + 3600).into();
+                }),
+                Some("es"),
+            )),
+            ttl: 0,
+            code: Code::Unauthenticated,
+        },
+        Bad {
+            name: "wrong audience",
+            csr: good_csr.clone(),
+            token: Some(b.issuer.sign_es(
+                &claims(&|c| {
+                    c["aud"] = serde_json::json!(["kubernetes"]);
+                }),
+                Some("es"),
+            )),
+            ttl: 0,
+            code: Code::Unauthenticated,
+        },
+        Bad {
+            name: "wrong issuer",
+            csr: good_csr.clone(),
+            token: Some(b.issuer.sign_es(
+                &claims(&|c| {
+                    c["iss"] = "https://evil.test".into();
+                }),
+                Some("es"),
+            )),
+            ttl: 0,
+            code: Code::Unauthenticated,
+        },
+        Bad {
+            name: "alg none",
+            csr: good_csr.clone(),
+            token: Some(unsigned_token(&b.issuer.claims("default", "demo"))),
+            ttl: 0,
+            code: Code::Unauthenticated,
+        },
+        Bad {
+            name: "unknown key (same kid)",
+            csr: good_csr.clone(),
+            token: Some(stranger.sign_es(&b.issuer.claims("default", "demo"), Some("es"))),
+            ttl: 0,
+            code: Code::Unauthenticated,
+        },
+        Bad {
+            name: "unknown kid",
+            csr: good_csr.clone(),
+            token: Some(
+                stranger.sign_es(&b.issuer.claims("default", "demo"), Some("rotated-away")),
+            ),
+            ttl: 0,
+            code: Code::Unauthenticated,
+        },
+        Bad {
+            name: "HS256 with the public key as secret",
+            csr: good_csr.clone(),
+            token: Some({
+                let k = jsonwebtoken::EncodingKey::from_secret(
+                    serde_json::to_string(&b.issuer.jwks).unwrap().as_bytes(),
+                );
+                let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+                h.kid = Some("es".into());
+                jsonwebtoken::encode(&h, &b.issuer.claims("default", "demo"), &k).unwrap()
+            }),
+            ttl: 0,
+            code: Code::Unauthenticated,
+        },
+        Bad {
+            name: "sub not a service account",
+            csr: good_csr.clone(),
+            token: Some(b.issuer.sign_es(
+                &claims(&|c| {
+                    c["sub"] = "system:node:worker-1".into();
+                }),
+                Some("es"),
+            )),
+            ttl: 0,
+            code: Code::Unauthenticated,
+        },
+        Bad {
+            name: "no sub",
+            csr: good_csr.clone(),
+            token: Some(b.issuer.sign_es(
+                &claims(&|c| {
+                    c.as_object_mut().unwrap().remove("sub");
+                }),
+                Some("es"),
+            )),
+            ttl: 0,
+            code: Code::Unauthenticated,
+        },
+    ];
+    let before = b.issued();
+    for case in cases.drain(..) {
+        let mut req = request(case.csr, None, case.ttl);
+        if let Some(t) = &case.token {
+            req.metadata_mut()
+                .insert("authorization", format!("Bearer {t}").parse().unwrap());
+        }
+        let err = call(&mut client, req).await.expect_err(case.name);
+        assert_eq!(err.code(), case.code, "{}: {:?}", case.name, err);
+        assert!(
+            !err.message().contains(&token),
+            "{}: message leaks the token",
+            case.name
+        );
+        assert_eq!(
+            b.issued(),
+            before,
+            "{}: a certificate was issued",
+            case.name
+        );
+    }
+    let mut req = request(good_csr.clone(), None, 0);
+    req.metadata_mut()
+        .insert("authorization", "Basic dXNlcjpwYXNz".parse().unwrap());
+    assert_eq!(
+        call(&mut client, req).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+
+    // Impersonation without the Kubernetes node authorizer is refused, even for ztunnel.
+    let zt_token = b.issuer.token("istio-system", "ztunnel");
+    let mut req = request(good_csr.clone(), Some(&zt_token), 0);
+    req.get_mut().metadata.as_mut().unwrap().fields.insert(
+        "ImpersonatedIdentity".into(),
+        prost_types::Value {
+            kind: Some(prost_types::value::Kind::StringValue(id.clone())),
+        },
+    );
+    assert_eq!(
+        call(&mut client, req).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+    assert_eq!(b.issued(), before);
+
+    // The server still serves, with RS256 tokens too, and a negative validity_duration
+    // means the default (24h); an absurd one is clamped to the maximum.
+    let rs_token = b
+        .issuer
+        .sign_rs(&b.issuer.claims("default", "demo"), Some("rs"));
+    for (ttl, want) in [(-5i64, 86400i64), (i64::MAX, 86400), (600, 600)] {
+        let resp = call(&mut client, request(good_csr.clone(), Some(&rs_token), ttl))
+            .await
+            .unwrap();
+        let info = pki::cert_info(&pki::parse_certs_pem(resp.cert_chain[0].as_bytes()).unwrap()[0])
+            .unwrap();
+        assert_eq!(info.not_after - info.not_before - 120, want, "ttl {ttl}");
+    }
+    assert_eq!(b.issued(), before + 3);
+    let metrics = b.admin_get("/metrics").await.1;
+    // 13 token cases + the Basic scheme + the impersonation attempt.
+    assert!(
+        metrics.contains("citadel_server_authentication_failure_count 15"),
+        "{metrics}"
+    );
+    b.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_max_ttl_is_rejected_when_configured() {
+    let b = Bridge::start_with(|c| {
+        c.policy.over_max = OverMax::Reject;
+        c.policy.max_ttl = Duration::from_secs(3600);
+        c.policy.default_ttl = Duration::from_secs(3600);
+    })
+    .await;
+    let mut client = b.client().await;
+    let id = spiffe("default", "demo");
+    let token = b.issuer.token("default", "demo");
+    let (_, csr) = csr_for(&id, KeyType::EcdsaP256, CsrShape::IstioAgent);
+    for ttl in [3601, i64::MAX] {
+        let e = call(&mut client, request(csr.clone(), Some(&token), ttl))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{ttl}");
+    }
+    assert_eq!(b.issued(), 0);
+    call(&mut client, request(csr, Some(&token), 3600))
+        .await
+        .unwrap();
+    let m = b.admin_get("/metrics").await.1;
+    assert!(
+        m.contains("citadel_server_csr_sign_err_count{error=\"TTL_ERROR\"} 2"),
+        "{m}"
+    );
+    b.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_from_the_bridge_authenticates_its_renewal() {
+    let b = Bridge::start().await;
+    let mut client = b.client().await;
+    let id = spiffe("vms", "db");
+    let (key, csr) = csr_for(&id, KeyType::EcdsaP256, CsrShape::IstioAgent);
+    let chain = call(
+        &mut client,
+        request(csr, Some(&b.issuer.token("vms", "db")), 3600),
+    )
+    .await
+    .unwrap()
+    .cert_chain;
+    let (leaf, _) = split_chain(&chain);
+
+    // Renew with only the client certificate (the token has "expired").
+    let ch = istio_ca_bridge::cli::request::connect(
+        &format!("localhost:{}", b.grpc.port()),
+        b.root_pem().as_bytes(),
+        Some("localhost"),
+        Some((leaf.clone().into_bytes(), key.serialize_pem().into_bytes())),
+    )
+    .await
+    .unwrap();
+    let mut mtls = IstioCertificateServiceClient::new(ch);
+    let (_, csr2) = csr_for(&id, KeyType::EcdsaP256, CsrShape::IstioAgent);
+    mtls_ok(&mut mtls, csr2, None).await;
+    // The certificate only proves its own identity.
+    let (_, other) = csr_for(
+        &spiffe("vms", "other"),
+        KeyType::EcdsaP256,
+        CsrShape::IstioAgent,
+    );
+    let e = call(&mut mtls, request(other, None, 3600))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+
+    // A certificate from another CA proves nothing.
+    let foreign_key = pki::generate_key(KeyType::EcdsaP256).unwrap();
+    let mut p = rcgen::CertificateParams::new(vec![]).unwrap();
+    p.subject_alt_names = vec![rcgen::SanType::URI(id.clone().try_into().unwrap())];
+    p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let foreign = p.self_signed(&foreign_key).unwrap();
+    let ch = istio_ca_bridge::cli::request::connect(
+        &format!("localhost:{}", b.grpc.port()),
+        b.root_pem().as_bytes(),
+        Some("localhost"),
+        Some((
+            foreign.pem().into_bytes(),
+            foreign_key.serialize_pem().into_bytes(),
+        )),
+    )
+    .await
+    .unwrap();
+    let mut foreign_client = IstioCertificateServiceClient::new(ch);
+    let (_, csr3) = csr_for(&id, KeyType::EcdsaP256, CsrShape::IstioAgent);
+    let e = call(&mut foreign_client, request(csr3.clone(), None, 3600))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    // ...but a valid token on the same connection still works (first success wins).
+    mtls_ok(
+        &mut foreign_client,
+        csr3,
+        Some(&b.issuer.token("vms", "db")),
+    )
+    .await;
+    b.shutdown().await.unwrap();
+}
+
+async fn mtls_ok(
+    c: &mut IstioCertificateServiceClient<tonic::transport::Channel>,
+    csr: String,
+    token: Option<&str>,
+) {
+    let r = call(c, request(csr, token, 3600)).await;
+    assert!(r.is_ok(), "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwks_from_a_url_is_fetched_and_refreshed_on_unknown_kid() {
+    use std::sync::{Arc, Mutex};
+    let issuer = Arc::new(TestIssuer::new("https://remote.test"));
+    let mut only_es = issuer.jwks.clone();
+    only_es["keys"].as_array_mut().unwrap().truncate(1);
+    let served = Arc::new(Mutex::new(only_es));
+    let fetches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let app = {
+        let served = served.clone();
+        let fetches = fetches.clone();
+        axum::Router::new().route(
+            "/jwks",
+            axum::routing::get(move || {
+                let v = served.lock().unwrap().clone();
+                fetches.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async move { axum::Json(v) }
+            }),
+        )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let jwks_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let iss = issuer.clone();
+    let b = Bridge::start_with(move |c| {
+        c.authn.jwt.push(istio_ca_bridge::config::JwtIssuerConfig {
+            issuer: iss.issuer.clone(),
+            jwks_file: None,
+            jwks_uri: Some(format!("http://{jwks_addr}/jwks")),
+            jwks_ca_file: None,
+            audiences: vec!["istio-ca".into()],
+            trust_domain: Some("remote.example".into()),
+            cluster_id: Some("remote".into()),
+            refresh_interval: Duration::from_secs(300),
+        });
+    })
+    .await;
+    let mut client = b.client().await;
+    let remote_id = "spiffe://remote.example/ns/default/sa/demo";
+    let (_, csr) = csr_for(remote_id, KeyType::EcdsaP256, CsrShape::IstioAgent);
+    let remote = |token: &str| {
+        let mut r = request(csr.clone(), Some(token), 3600);
+        r.metadata_mut()
+            .insert("clusterid", "remote".parse().unwrap());
+        r
+    };
+    call(&mut client, remote(&issuer.token("default", "demo")))
+        .await
+        .expect("ES256 key from the URL works; identity in the issuer's trust domain");
+    let before = fetches.load(std::sync::atomic::Ordering::SeqCst);
+
+    // The issuer rotates in its RSA key: the first token naming it triggers a refresh.
+    *served.lock().unwrap() = issuer.jwks.clone();
+    let rs = issuer.sign_rs(&issuer.claims("default", "demo"), Some("rs"));
+    call(&mut client, remote(&rs))
+        .await
+        .expect("refreshed on unknown kid");
+    assert_eq!(
+        fetches.load(std::sync::atomic::Ordering::SeqCst),
+        before + 1
+    );
+
+    // A token from that issuer naming another cluster is refused.
+    let mut req = request(csr, Some(&rs), 3600);
+    req.metadata_mut()
+        .insert("clusterid", "other".parse().unwrap());
+    assert_eq!(
+        call(&mut client, req).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+    b.shutdown().await.unwrap();
+}
