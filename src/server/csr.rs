@@ -211,7 +211,7 @@ fn check_subject(subject: &X509Name<'_>) -> Result<(), CsrError> {
     Ok(())
 }
 
-fn check_extension<'a>(ext: &'a X509Extension<'_>, uris: &mut Vec<String>) -> Result<(), CsrError> {
+fn check_extension(ext: &X509Extension<'_>, uris: &mut Vec<String>) -> Result<(), CsrError> {
     let oid = &ext.oid;
     if *oid == OID_X509_EXT_SUBJECT_ALT_NAME {
         let ParsedExtension::SubjectAlternativeName(san) = ext.parsed_extension() else {
