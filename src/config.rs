@@ -621,10 +621,11 @@ mod tests {
     #[test]
     fn unknown_field_is_named() {
         let (field, msg) = Config::parse("server:\n  tls:\n    mdoe: files\n").unwrap_err();
-        assert_eq!(field, "server.tls");
+        assert_eq!(field, "server.tls.mdoe");
         assert!(msg.contains("mdoe"), "{msg}");
-        let (field, _) = Config::parse("backend:\n  type: local\n  stateDri: /x\n").unwrap_err();
-        assert_eq!(field, "backend", "{field}");
+        let (field, msg) = Config::parse("backend:\n  type: local\n  stateDri: /x\n").unwrap_err();
+        assert!(field.starts_with("backend"), "{field}");
+        assert!(msg.contains("stateDri"), "{msg}");
         let (field, _) = Config::parse("policy:\n  maxTtl: forever\n").unwrap_err();
         assert_eq!(field, "policy.maxTtl");
     }

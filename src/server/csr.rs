@@ -253,3 +253,81 @@ fn truncate(s: &str) -> String {
         s.to_string()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{self, CsrShape};
+
+    fn policy() -> CsrPolicy {
+        CsrPolicy {
+            key_types: vec![KeyType::Rsa, KeyType::EcdsaP256, KeyType::EcdsaP384],
+            min_rsa_bits: 2048,
+            max_bytes: 64 * 1024,
+        }
+    }
+
+    fn id() -> SpiffeId {
+        SpiffeId::parse("spiffe://cluster.local/ns/default/sa/demo").unwrap()
+    }
+
+    fn good_pem() -> String {
+        let key = pki::generate_key(KeyType::EcdsaP256).unwrap();
+        pki::workload_csr(&key, &id().uri(), CsrShape::IstioAgent).unwrap()
+    }
+
+    #[test]
+    fn accepts_pem_der_and_the_legacy_pem_label() {
+        let pem = good_pem();
+        let checked = check(pem.as_bytes(), &id(), &policy()).unwrap();
+        assert_eq!(checked.key_type, KeyType::EcdsaP256);
+        let der = ::pem::parse(&pem).unwrap().contents().to_vec();
+        assert_eq!(checked.csr_der, der);
+        check(&der, &id(), &policy()).unwrap();
+        let legacy = pki::pem_encode("NEW CERTIFICATE REQUEST", &der);
+        check(legacy.as_bytes(), &id(), &policy()).unwrap();
+    }
+
+    #[test]
+    fn rejects_wrong_containers() {
+        let pem = good_pem();
+        let two = format!("{pem}{pem}");
+        assert!(matches!(
+            check(two.as_bytes(), &id(), &policy()),
+            Err(CsrError::WrongPem(_))
+        ));
+        let der = ::pem::parse(&pem).unwrap().contents().to_vec();
+        let mut trailing = der.clone();
+        trailing.push(0);
+        assert!(matches!(
+            check(&trailing, &id(), &policy()),
+            Err(CsrError::Malformed(_))
+        ));
+        assert_eq!(
+            check(b"  \n", &id(), &policy()).unwrap_err(),
+            CsrError::Empty
+        );
+        let big = vec![b'A'; 64 * 1024 + 1];
+        assert!(matches!(
+            check(&big, &id(), &policy()),
+            Err(CsrError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn key_type_policy_is_configurable() {
+        let mut p = policy();
+        p.key_types = vec![KeyType::Rsa];
+        assert!(matches!(
+            check(good_pem().as_bytes(), &id(), &p),
+            Err(CsrError::KeyNotAllowed(_))
+        ));
+    }
+
+    #[test]
+    fn mismatch_is_an_identity_error() {
+        let other = SpiffeId::parse("spiffe://cluster.local/ns/default/sa/other").unwrap();
+        let e = check(good_pem().as_bytes(), &other, &policy()).unwrap_err();
+        assert!(e.is_identity_mismatch(), "{e}");
+    }
+}
