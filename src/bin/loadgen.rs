@@ -1,0 +1,340 @@
+//! istio-ca-bridge-loadgen: drives CreateCertificate (or Vault/OpenBao `pki/sign` directly,
+//! for a side-by-side figure) with N calls in flight over TLS, from CSRs and tokens made
+//! before the clock starts so that client-side key generation is not measured.
+//!
+//! Reports requests/s, latency percentiles and errors by gRPC code (or HTTP status), as text
+//! and, with `--json`, as one JSON object for scripts.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use istio_ca_bridge::config::KeyType;
+use istio_ca_bridge::pb::IstioCertificateRequest;
+use istio_ca_bridge::pb::istio_certificate_service_client::IstioCertificateServiceClient;
+use istio_ca_bridge::pki::{self, CsrShape};
+
+#[derive(Parser, Debug)]
+#[command(name = "istio-ca-bridge-loadgen")]
+struct Args {
+    /// Target: `bridge` (CreateCertificate over gRPC) or `vault` (POST /v1/<mount>/sign/<role>).
+    #[arg(long, value_enum, default_value = "bridge")]
+    target: Target,
+    /// host:port of the bridge, or the Vault/OpenBao base URL (http://127.0.0.1:8200).
+    #[arg(long)]
+    addr: String,
+    /// Root(s) trusted for the bridge's serving certificate.
+    #[arg(long)]
+    ca_cert: Option<PathBuf>,
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
+    /// Development issuer directory: tokens are minted per identity (authn.devIssuer).
+    #[arg(long)]
+    dev_issuer_dir: Option<PathBuf>,
+    /// Vault token (target vault).
+    #[arg(long, env = "VAULT_TOKEN")]
+    vault_token: Option<String>,
+    #[arg(long, default_value = "pki")]
+    mount: String,
+    #[arg(long, default_value = "istio")]
+    role: String,
+    /// Calls in flight.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// HTTP/2 connections the calls are spread over.
+    #[arg(long, default_value_t = 8)]
+    connections: usize,
+    /// Distinct identities (each gets its own token and CSR).
+    #[arg(long, default_value_t = 64)]
+    identities: usize,
+    /// Stop after this long...
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// ...or after this many calls (each identity once when equal to --identities).
+    #[arg(long)]
+    count: Option<u64>,
+    /// Untimed calls before measuring.
+    #[arg(long, default_value_t = 0)]
+    warmup: u64,
+    #[arg(long, value_enum, default_value = "ecdsa-p256")]
+    key_type: istio_ca_bridge::cli::request::CliKeyType,
+    #[arg(long, default_value_t = 86400)]
+    ttl: i64,
+    #[arg(long)]
+    json: bool,
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Target {
+    Bridge,
+    Vault,
+}
+
+struct Work {
+    csr: String,
+    token: String,
+    uri: String,
+}
+
+#[derive(Default)]
+struct WorkerResult {
+    latencies: Vec<Duration>,
+    errors: BTreeMap<String, u64>,
+}
+
+enum Client {
+    Grpc(IstioCertificateServiceClient<tonic::transport::Channel>),
+    Http(reqwest::Client),
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    istio_ca_bridge::install_crypto_provider();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let key_type: KeyType = args.key_type.into();
+    eprintln!(
+        "preparing {} identities ({key_type:?} CSRs)...",
+        args.identities
+    );
+    let work: Vec<Arc<Work>> = (0..args.identities)
+        .map(|i| -> anyhow::Result<Arc<Work>> {
+            let ns = format!("ns-{}", i % 100);
+            let sa = format!("sa-{i}");
+            let uri = format!("spiffe://{}/ns/{ns}/sa/{sa}", args.trust_domain);
+            let key = pki::generate_key(key_type)?;
+            let csr = pki::workload_csr(&key, &uri, CsrShape::IstioAgent)?;
+            let token = match (&args.target, &args.dev_issuer_dir) {
+                (Target::Bridge, Some(dir)) => istio_ca_bridge::dev::mint(
+                    dir,
+                    &ns,
+                    &sa,
+                    "istio-ca",
+                    Duration::from_secs(3600),
+                )?,
+                (Target::Bridge, None) => {
+                    anyhow::bail!("--dev-issuer-dir is required for the bridge target")
+                }
+                (Target::Vault, _) => String::new(),
+            };
+            Ok(Arc::new(Work { csr, token, uri }))
+        })
+        .collect::<Result<_, _>>()?;
+
+    let mut clients = Vec::new();
+    for _ in 0..args.connections.max(1) {
+        clients.push(match args.target {
+            Target::Bridge => {
+                let ca = std::fs::read(args.ca_cert.as_ref().context("--ca-cert is required")?)?;
+                let ch = istio_ca_bridge::cli::request::connect(
+                    &args.addr,
+                    &ca,
+                    Some(&args.server_name),
+                    None,
+                )
+                .await?;
+                Client::Grpc(IstioCertificateServiceClient::new(ch))
+            }
+            Target::Vault => Client::Http(
+                reqwest::Client::builder()
+                    .pool_max_idle_per_host(args.concurrency)
+                    .build()?,
+            ),
+        });
+    }
+    let clients = Arc::new(clients);
+    let work = Arc::new(work);
+
+    if args.warmup > 0 {
+        let w = Arc::new(AtomicU64::new(0));
+        drive(
+            &args,
+            clients.clone(),
+            work.clone(),
+            w,
+            Some(args.warmup),
+            None,
+        )
+        .await;
+    }
+    let next = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let results = drive(&args, clients, work, next, args.count, args.duration).await;
+    let elapsed = start.elapsed();
+
+    let mut lat: Vec<Duration> = results
+        .iter()
+        .flat_map(|r| r.latencies.iter().copied())
+        .collect();
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    for r in &results {
+        for (k, v) in &r.errors {
+            *errors.entry(k.clone()).or_default() += v;
+        }
+    }
+    lat.sort();
+    let ok = lat.len() as u64;
+    let failed: u64 = errors.values().sum();
+    let pct = |p: f64| -> f64 {
+        if lat.is_empty() {
+            return 0.0;
+        }
+        let i = ((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1;
+        lat[i].as_secs_f64() * 1000.0
+    };
+    let rps = ok as f64 / elapsed.as_secs_f64();
+    let summary = serde_json::json!({
+        "target": format!("{:?}", args.target).to_lowercase(),
+        "concurrency": args.concurrency,
+        "connections": args.connections,
+        "identities": args.identities,
+        "key_type": format!("{key_type:?}"),
+        "ok": ok,
+        "failed": failed,
+        "errors": errors,
+        "elapsed_s": elapsed.as_secs_f64(),
+        "rps": rps,
+        "p50_ms": pct(0.50),
+        "p90_ms": pct(0.90),
+        "p99_ms": pct(0.99),
+        "max_ms": lat.last().map(|d| d.as_secs_f64() * 1000.0).unwrap_or(0.0),
+    });
+    if args.json {
+        println!("{summary}");
+    } else {
+        println!(
+            "{ok} ok, {failed} failed in {:.2}s: {rps:.0} req/s, p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms; errors {errors:?}",
+            elapsed.as_secs_f64(),
+            pct(0.5),
+            pct(0.9),
+            pct(0.99),
+            summary["max_ms"].as_f64().unwrap_or(0.0),
+        );
+    }
+    Ok(())
+}
+
+/// Runs `concurrency` workers until `count` calls were started or `duration` passed.
+async fn drive(
+    args: &Args,
+    clients: Arc<Vec<Client>>,
+    work: Arc<Vec<Arc<Work>>>,
+    next: Arc<AtomicU64>,
+    count: Option<u64>,
+    duration: Option<Duration>,
+) -> Vec<WorkerResult> {
+    let deadline = duration.map(|d| Instant::now() + d);
+    let count = match (count, duration) {
+        (None, None) => Some(work.len() as u64),
+        (c, _) => c,
+    };
+    let mut tasks = Vec::new();
+    for w in 0..args.concurrency {
+        let clients = clients.clone();
+        let work = work.clone();
+        let next = next.clone();
+        let ttl = args.ttl;
+        let target = args.target;
+        let addr = args.addr.clone();
+        let vault = (
+            args.vault_token.clone().unwrap_or_default(),
+            args.mount.clone(),
+            args.role.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut res = WorkerResult::default();
+            let client_idx = w % clients.len();
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if count.is_some_and(|c| n >= c) || deadline.is_some_and(|d| Instant::now() >= d) {
+                    break;
+                }
+                let item = &work[(n as usize) % work.len()];
+                let t0 = Instant::now();
+                let outcome = match (&clients[client_idx], target) {
+                    (Client::Grpc(c), _) => call_bridge(c.clone(), item, ttl).await,
+                    (Client::Http(c), _) => call_vault(c, &addr, &vault, item, ttl).await,
+                };
+                match outcome {
+                    Ok(()) => res.latencies.push(t0.elapsed()),
+                    Err(code) => *res.errors.entry(code).or_default() += 1,
+                }
+            }
+            res
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        if let Ok(r) = t.await {
+            out.push(r);
+        }
+    }
+    out
+}
+
+async fn call_bridge(
+    mut c: IstioCertificateServiceClient<tonic::transport::Channel>,
+    w: &Work,
+    ttl: i64,
+) -> Result<(), String> {
+    let mut req = tonic::Request::new(IstioCertificateRequest {
+        csr: w.csr.clone(),
+        validity_duration: ttl,
+        metadata: None,
+    });
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", w.token)
+            .parse()
+            .map_err(|_| "bad token".to_string())?,
+    );
+    req.metadata_mut().insert(
+        "clusterid",
+        tonic::metadata::MetadataValue::from_static("Kubernetes"),
+    );
+    match c.create_certificate(req).await {
+        Ok(r) if r.get_ref().cert_chain.len() >= 2 => Ok(()),
+        Ok(_) => Err("SHORT_CHAIN".into()),
+        Err(s) => Err(istio_ca_bridge::server::code_name(s.code()).to_string()),
+    }
+}
+
+async fn call_vault(
+    c: &reqwest::Client,
+    addr: &str,
+    (token, mount, role): &(String, String, String),
+    w: &Work,
+    ttl: i64,
+) -> Result<(), String> {
+    let body = serde_json::json!({"csr": w.csr, "uri_sans": w.uri, "ttl": format!("{ttl}s")});
+    let r = c
+        .post(format!("{addr}/v1/{mount}/sign/{role}"))
+        .header("X-Vault-Token", token)
+        .json(&body)
+        .send()
+        .await
+        .map_err(|e| {
+            if e.is_connect() {
+                "CONNECT".to_string()
+            } else {
+                "IO".to_string()
+            }
+        })?;
+    if r.status().is_success() {
+        let _ = r.bytes().await;
+        Ok(())
+    } else {
+        Err(format!("HTTP_{}", r.status().as_u16()))
+    }
+}
