@@ -291,6 +291,12 @@ impl IstioCertificateService for CaService {
                             .with_label_values(&["impersonation_denied"])
                             .inc();
                     }
+                    RequestError::Csr(c) if c.is_identity_mismatch() => {
+                        m.authn_failures.inc();
+                        m.authn_failure_reasons
+                            .with_label_values(&["identity_mismatch"])
+                            .inc();
+                    }
                     _ => {}
                 }
                 if let Some(label) = e.citadel_error() {

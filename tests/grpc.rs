@@ -709,9 +709,9 @@ async fn bad_input_gets_the_right_code_and_issues_nothing() {
     }
     assert_eq!(b.issued(), before + 3);
     let metrics = b.admin_get("/metrics").await.1;
-    // 13 token cases + the Basic scheme + the impersonation attempt.
+    // 13 token cases + 3 CSR identity mismatches + the Basic scheme + the impersonation attempt.
     assert!(
-        metrics.contains("citadel_server_authentication_failure_count 15"),
+        metrics.contains("citadel_server_authentication_failure_count 18"),
         "{metrics}"
     );
     b.shutdown().await.unwrap();

@@ -353,3 +353,46 @@ pub fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), LocalError>
     f.sync_all().map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::KeyType;
+    use crate::identity::SpiffeId;
+    use x509_parser::prelude::*;
+
+    fn ca() -> LocalCa {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = LocalBackendConfig {
+            state_dir: dir.path().join("ca"),
+            ..Default::default()
+        };
+        LocalCa::load_or_create(&cfg, "cluster.local").unwrap()
+    }
+
+    #[tokio::test]
+    async fn leaf_basic_constraints_are_strict_der() {
+        // DER forbids encoding the default cA=FALSE: the value must be an empty SEQUENCE
+        // (what Go/istiod emit). Strict parsers (Python cryptography, BoringSSL) reject
+        // anything else; rcgen < 0.14.10 got this wrong.
+        let key = crate::pki::generate_key(KeyType::EcdsaP256).unwrap();
+        let id = SpiffeId::parse("spiffe://cluster.local/ns/a/sa/b").unwrap();
+        let issued = ca()
+            .sign(&SignRequest {
+                subject: Subject::Workload(id),
+                public_key_der: rcgen::PublicKeyData::subject_public_key_info(&key),
+                csr_der: Vec::new(),
+                ttl: Duration::from_secs(3600),
+            })
+            .await
+            .unwrap();
+        let (_, cert) = parse_x509_certificate(&issued.leaf).unwrap();
+        let bc = cert
+            .extensions()
+            .iter()
+            .find(|e| e.oid == x509_parser::oid_registry::OID_X509_EXT_BASIC_CONSTRAINTS)
+            .expect("basicConstraints present");
+        assert!(bc.critical);
+        assert_eq!(bc.value, &[0x30, 0x00]);
+    }
+}

@@ -146,8 +146,10 @@ pub struct Bridge {
 pub fn test_config(dir: &Path, issuer: &TestIssuer) -> Config {
     let jwks = dir.join("jwks.json");
     issuer.write_jwks(&jwks);
-    let mut cfg = Config::default();
-    cfg.trust_domain = TD.into();
+    let mut cfg = Config {
+        trust_domain: TD.into(),
+        ..Default::default()
+    };
     cfg.server.listen = "127.0.0.1:0".parse().unwrap();
     cfg.admin.listen = "127.0.0.1:0".parse().unwrap();
     cfg.server.tls.dns_names = vec!["localhost".into()];
@@ -299,4 +301,140 @@ pub fn openssl(args: &[&str]) -> (bool, String) {
     let mut s = String::from_utf8_lossy(&out.stdout).to_string();
     s.push_str(&String::from_utf8_lossy(&out.stderr));
     (out.status.success(), s)
+}
+
+/// Fails with an install hint unless `python3` can import every module in `modules`
+/// (comma-separated, as in an `import` statement). Tests never skip.
+pub fn require_python_modules(modules: &str, hint: &str) {
+    require_tool("python3", "apt-get install -y python3");
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(format!("import {modules}"))
+        .output()
+        .expect("run python3");
+    assert!(
+        out.status.success(),
+        "python3 modules {modules} are required by this test but do not import: {hint}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Output of a subprocess run under a deadline.
+pub struct ProcOutput {
+    /// Exit code; `None` if killed by a signal.
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl ProcOutput {
+    pub fn describe(&self) -> String {
+        format!(
+            "exit code {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs `program args` with extra `envs` and `stdin` bytes, killing it after `limit`
+/// (which fails the test). Never waits longer than `limit`.
+pub async fn run_with_timeout(
+    program: &str,
+    args: &[&str],
+    envs: &[(&str, &str)],
+    stdin: Option<&[u8]>,
+    limit: Duration,
+) -> ProcOutput {
+    use std::process::Stdio;
+    use tokio::io::AsyncWriteExt;
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args)
+        .envs(envs.iter().copied())
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
+    if let Some(data) = stdin {
+        // Written concurrently so that a child filling its stdout pipe cannot deadlock us.
+        let mut w = child.stdin.take().unwrap();
+        let data = data.to_vec();
+        tokio::spawn(async move {
+            let _ = w.write_all(&data).await;
+        });
+    }
+    match tokio::time::timeout(limit, child.wait_with_output()).await {
+        Ok(out) => {
+            let out = out.unwrap();
+            ProcOutput {
+                code: out.status.code(),
+                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            }
+        }
+        Err(_) => panic!("{program} {args:?} did not finish within {limit:?} (killed)"),
+    }
+}
+
+impl Bridge {
+    /// Signals shutdown without waiting for it; `self.task` is the `App::run` future, which
+    /// the caller may take and await to time the drain.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// A loopback port that was free a moment ago, for configs that must name a fixed port
+/// (a child process cannot report what port 0 became).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Completes a TLS handshake with `addr` the way a gRPC client does (ALPN h2, verifying
+/// `server_name` against `root_pem`) and returns the serial (hex) of the server's leaf.
+pub async fn serving_serial(
+    addr: SocketAddr,
+    root_pem: &str,
+    server_name: &str,
+) -> Result<String, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in pki::parse_certs_pem(root_pem.as_bytes()).map_err(|e| e.to_string())? {
+        roots.add(c).map_err(|e| e.to_string())?;
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_string())
+        .map_err(|e| e.to_string())?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let tls = tokio::time::timeout(Duration::from_secs(10), connector.connect(name, tcp))
+        .await
+        .map_err(|_| "TLS handshake timed out".to_string())?
+        .map_err(|e| format!("TLS handshake: {e}"))?;
+    let leaf = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .ok_or("server sent no certificate")?;
+    Ok(pki::cert_info(leaf).map_err(|e| e.to_string())?.serial_hex)
 }

