@@ -34,6 +34,7 @@ pub struct App {
     resolver: Arc<server::tls::CertResolver>,
     serving_not_after: i64,
     jwt: Option<Arc<authn::jwt::JwtAuthenticator>>,
+    hard_stop: CancellationToken,
     grpc: TcpListener,
     admin: TcpListener,
 }
@@ -105,6 +106,7 @@ impl App {
         tracing::info!(authenticators = ?authn.names(), "authentication chain");
         let authz = authz::Authorizer::new(authz::Authorizer::default_accounts(), None);
 
+        let hard_stop = CancellationToken::new();
         let service = CaService::new(
             authn,
             authz,
@@ -113,6 +115,7 @@ impl App {
             cfg.server.max_csr_bytes,
             cfg.server.request_timeout,
             metrics.clone(),
+            hard_stop.clone(),
         );
         let grpc = TcpListener::bind(cfg.server.listen)
             .await
@@ -135,6 +138,7 @@ impl App {
             resolver,
             serving_not_after,
             jwt,
+            hard_stop,
             grpc,
             admin,
         })
@@ -226,8 +230,12 @@ impl App {
             }
             Ok(Err(e)) => Err(anyhow::anyhow!("gRPC server task panicked: {e}")),
             Err(_) => {
+                // Answer what is still running with UNAVAILABLE (clients retry elsewhere)
+                // and drop its work, then give the connections a moment to flush that.
+                self.hard_stop.cancel();
                 grpc_task.abort();
-                tracing::warn!(grace = ?grace, "shutdown grace period over; abandoning remaining calls");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                tracing::warn!(grace = ?grace, "shutdown grace period over; remaining calls answered UNAVAILABLE");
                 Ok(())
             }
         }

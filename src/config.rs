@@ -26,8 +26,11 @@ pub enum ConfigError {
         field: String,
         message: String,
     },
-    #[error("invalid config:\n{}", .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
-    Invalid(Vec<FieldError>),
+    #[error("{path}: invalid config:\n{}", .errors.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
+    Invalid {
+        path: PathBuf,
+        errors: Vec<FieldError>,
+    },
 }
 
 /// One validation failure, naming the field by its YAML path.
@@ -357,7 +360,10 @@ impl Config {
             field,
             message,
         })?;
-        cfg.validate().map_err(ConfigError::Invalid)?;
+        cfg.validate().map_err(|errors| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            errors,
+        })?;
         Ok(cfg)
     }
 
@@ -369,10 +375,10 @@ impl Config {
         let de = serde_norway::Deserializer::from_str(text);
         serde_path_to_error::deserialize(de).map_err(|e| {
             let field = e.path().to_string();
-            let field = if field == "." {
-                "(top level)".into()
-            } else {
-                field
+            let field = match field.as_str() {
+                "." => "(top level)".to_string(),
+                "?" | "" => "(YAML syntax)".to_string(),
+                _ => field,
             };
             (field, e.into_inner().to_string())
         })

@@ -46,6 +46,8 @@ pub enum RequestError {
     Chain(#[from] chain::ChainError),
     #[error("request timed out after {0:?}")]
     Timeout(Duration),
+    #[error("abandoned: the shutdown grace period is over")]
+    ShuttingDown,
 }
 
 impl RequestError {
@@ -56,9 +58,9 @@ impl RequestError {
             RequestError::Csr(e) if e.is_identity_mismatch() => None,
             RequestError::Csr(_) => Some("CSR_ERROR"),
             RequestError::Ttl(_) => Some("TTL_ERROR"),
-            RequestError::Sign(SignError::Unavailable(_)) | RequestError::Timeout(_) => {
-                Some("CA_NOT_READY")
-            }
+            RequestError::Sign(SignError::Unavailable(_))
+            | RequestError::Timeout(_)
+            | RequestError::ShuttingDown => Some("CA_NOT_READY"),
             RequestError::Sign(SignError::Rejected(_)) => Some("CSR_ERROR"),
             RequestError::Sign(_) | RequestError::Chain(_) => Some("CERT_GEN_ERROR"),
         }
@@ -97,6 +99,7 @@ pub fn to_status(e: &RequestError) -> Status {
         RequestError::Timeout(_) => {
             Status::unavailable("certificate issuance timed out, retry later")
         }
+        RequestError::ShuttingDown => Status::unavailable("server shutting down, retry"),
     }
 }
 
@@ -137,6 +140,10 @@ struct Inner {
     policy: PolicyConfig,
     request_timeout: Duration,
     metrics: Arc<Metrics>,
+    /// Cancelled when the shutdown grace period is over: calls still running are answered
+    /// UNAVAILABLE and their work dropped, so nothing is issued after the server said it
+    /// stopped (tonic runs connections in their own tasks, which outlive the server future).
+    hard_stop: tokio_util::sync::CancellationToken,
 }
 
 impl CaService {
@@ -148,6 +155,7 @@ impl CaService {
         max_csr_bytes: usize,
         request_timeout: Duration,
         metrics: Arc<Metrics>,
+        hard_stop: tokio_util::sync::CancellationToken,
     ) -> Self {
         let csr_policy = csr::CsrPolicy {
             key_types: policy.key_types.clone(),
@@ -163,6 +171,7 @@ impl CaService {
                 policy,
                 request_timeout,
                 metrics,
+                hard_stop,
             }),
         }
     }
@@ -249,9 +258,12 @@ impl IstioCertificateService for CaService {
         m.csr_count.inc();
         let span = tracing::info_span!("create_certificate", remote = ?request.remote_addr());
         let res = async {
-            match tokio::time::timeout(inner.request_timeout, inner.handle(&request)).await {
-                Ok(r) => r,
-                Err(_) => Err(RequestError::Timeout(inner.request_timeout)),
+            tokio::select! {
+                r = tokio::time::timeout(inner.request_timeout, inner.handle(&request)) => match r {
+                    Ok(r) => r,
+                    Err(_) => Err(RequestError::Timeout(inner.request_timeout)),
+                },
+                _ = inner.hard_stop.cancelled() => Err(RequestError::ShuttingDown),
             }
         }
         .instrument(span.clone())

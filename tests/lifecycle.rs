@@ -575,9 +575,27 @@ async fn shutdown_gives_up_on_calls_slower_than_the_grace_period() {
         slow.finished.lock().unwrap().is_empty(),
         "the slow calls were still running when run() returned"
     );
+    // Abandoned calls are answered UNAVAILABLE (retryable) and never get a certificate,
+    // even though the backend would have finished later.
+    let issued_before = b.issued();
     for c in calls {
-        c.abort();
+        let r = tokio::time::timeout(Duration::from_secs(3), c)
+            .await
+            .expect("abandoned call answered promptly")
+            .expect("call task");
+        let e = r.expect_err("abandoned call must not succeed");
+        assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
     }
+    tokio::time::sleep(delay).await;
+    assert_eq!(
+        b.issued(),
+        issued_before,
+        "a certificate was issued after shutdown"
+    );
+    assert!(
+        slow.finished.lock().unwrap().is_empty(),
+        "the backend work of abandoned calls was not dropped"
+    );
 }
 
 /// Kills the child process if the test fails before it exited.
