@@ -111,9 +111,11 @@ impl App {
             authn,
             authz,
             signer.clone(),
-            cfg.policy.clone(),
-            cfg.server.max_csr_bytes,
-            cfg.server.request_timeout,
+            server::Settings {
+                policy: cfg.policy.clone(),
+                max_csr_bytes: cfg.server.max_csr_bytes,
+                request_timeout: cfg.server.request_timeout,
+            },
             metrics.clone(),
             hard_stop.clone(),
         );

@@ -146,17 +146,27 @@ struct Inner {
     hard_stop: tokio_util::sync::CancellationToken,
 }
 
+/// Request limits and policy for [`CaService`].
+pub struct Settings {
+    pub policy: PolicyConfig,
+    pub max_csr_bytes: usize,
+    pub request_timeout: Duration,
+}
+
 impl CaService {
     pub fn new(
         authn: authn::Chain,
         authz: authz::Authorizer,
         signer: Arc<dyn Signer>,
-        policy: PolicyConfig,
-        max_csr_bytes: usize,
-        request_timeout: Duration,
+        settings: Settings,
         metrics: Arc<Metrics>,
         hard_stop: tokio_util::sync::CancellationToken,
     ) -> Self {
+        let Settings {
+            policy,
+            max_csr_bytes,
+            request_timeout,
+        } = settings;
         let csr_policy = csr::CsrPolicy {
             key_types: policy.key_types.clone(),
             min_rsa_bits: policy.min_rsa_bits,
