@@ -27,6 +27,13 @@ use crate::identity::{ServiceAccount, SpiffeId};
 const LEEWAY_SECS: u64 = 30;
 /// An unknown `kid` triggers at most one JWKS refresh per issuer in this interval.
 const MIN_ON_DEMAND_REFRESH: Duration = Duration::from_secs(10);
+/// Verified tokens are remembered for at most this long (and never past `exp`), so a
+/// client's repeated calls cost one signature check, while a key removed from the JWKS
+/// stops working soon.
+const MAX_CACHE_TTL: Duration = Duration::from_secs(300);
+/// Bound on remembered tokens (each ~200 bytes): a restart storm cannot grow memory
+/// without limit.
+const MAX_CACHED_TOKENS: usize = 65_536;
 
 #[derive(Debug, thiserror::Error)]
 pub enum JwksError {
@@ -196,11 +203,20 @@ struct UnverifiedClaims {
 #[derive(Deserialize)]
 struct Claims {
     sub: String,
+    exp: u64,
+}
+
+/// A token that verified, remembered under the SHA-256 of the token (never the token).
+struct Verified {
+    issuer: Arc<Issuer>,
+    identity: SpiffeId,
+    until: Instant,
 }
 
 /// All configured JWT issuers.
 pub struct JwtAuthenticator {
     issuers: HashMap<String, Arc<Issuer>>,
+    verified: std::sync::Mutex<HashMap<[u8; 32], Verified>>,
 }
 
 impl JwtAuthenticator {
@@ -243,7 +259,51 @@ impl JwtAuthenticator {
             }
             issuers.insert(c.issuer.clone(), iss);
         }
-        Ok(Self { issuers })
+        Ok(Self {
+            issuers,
+            verified: std::sync::Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn cached(
+        &self,
+        digest: &[u8; 32],
+        ctx: &RequestContext<'_>,
+    ) -> Option<Result<Caller, AuthnError>> {
+        let cache = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        let v = cache.get(digest).filter(|v| v.until > Instant::now())?;
+        Some(
+            v.issuer
+                .check_cluster(ctx)
+                .map(|()| v.issuer.caller_for(v.identity.clone(), ctx)),
+        )
+    }
+
+    fn remember(&self, digest: [u8; 32], issuer: Arc<Issuer>, identity: SpiffeId, exp: u64) {
+        let now_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let left = Duration::from_secs(exp.saturating_sub(now_unix)).min(MAX_CACHE_TTL);
+        if left.is_zero() {
+            return;
+        }
+        let now = Instant::now();
+        let mut cache = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= MAX_CACHED_TOKENS {
+            cache.retain(|_, v| v.until > now);
+            if cache.len() >= MAX_CACHED_TOKENS {
+                cache.clear();
+            }
+        }
+        cache.insert(
+            digest,
+            Verified {
+                issuer,
+                identity,
+                until: now + left,
+            },
+        );
     }
 
     /// Periodic JWKS refresh for every issuer until `shutdown` resolves.
@@ -277,6 +337,11 @@ impl JwtAuthenticator {
     }
 
     async fn verify(&self, token: &str, ctx: &RequestContext<'_>) -> Result<Caller, AuthnError> {
+        use sha2::Digest;
+        let digest: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+        if let Some(hit) = self.cached(&digest, ctx) {
+            return hit;
+        }
         let header_json = token
             .split('.')
             .next()
@@ -309,13 +374,7 @@ impl JwtAuthenticator {
             .issuers
             .get(&iss)
             .ok_or_else(|| AuthnError::Invalid("unknown token issuer".into()))?;
-        if let (Some(want), Some(got)) = (&issuer.cluster_id, ctx.cluster())
-            && want != got
-        {
-            return Err(AuthnError::Invalid(format!(
-                "issuer belongs to cluster {want}, request names cluster {got}"
-            )));
-        }
+        issuer.check_cluster(ctx)?;
         let mut validation = Validation::new(header.alg);
         validation.leeway = LEEWAY_SECS;
         validation.validate_nbf = true;
@@ -360,7 +419,11 @@ impl JwtAuthenticator {
             let mut last_err = None;
             for k in candidates {
                 match jsonwebtoken::decode::<Claims>(token, &k.key, &validation) {
-                    Ok(data) => return issuer.caller(&data.claims, ctx),
+                    Ok(data) => {
+                        let identity = issuer.identity(&data.claims)?;
+                        self.remember(digest, issuer.clone(), identity.clone(), data.claims.exp);
+                        return Ok(issuer.caller_for(identity, ctx));
+                    }
                     Err(e) => last_err = Some(e),
                 }
             }
@@ -381,13 +444,25 @@ impl JwtAuthenticator {
 }
 
 impl Issuer {
-    fn caller(&self, claims: &Claims, ctx: &RequestContext<'_>) -> Result<Caller, AuthnError> {
+    fn identity(&self, claims: &Claims) -> Result<SpiffeId, AuthnError> {
         let sa = ServiceAccount::from_k8s_username(&claims.sub).map_err(|_| {
             AuthnError::Invalid("token subject is not a Kubernetes service account".into())
         })?;
-        let identity = SpiffeId::new(&self.trust_domain, sa)
-            .map_err(|e| AuthnError::Invalid(e.to_string()))?;
-        Ok(Caller {
+        SpiffeId::new(&self.trust_domain, sa).map_err(|e| AuthnError::Invalid(e.to_string()))
+    }
+
+    /// A request naming another cluster than the one this issuer belongs to is refused.
+    fn check_cluster(&self, ctx: &RequestContext<'_>) -> Result<(), AuthnError> {
+        match (&self.cluster_id, ctx.cluster()) {
+            (Some(want), Some(got)) if want != got => Err(AuthnError::Invalid(format!(
+                "issuer belongs to cluster {want}, request names cluster {got}"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    fn caller_for(&self, identity: SpiffeId, ctx: &RequestContext<'_>) -> Caller {
+        Caller {
             identity,
             cluster: self
                 .cluster_id
@@ -395,7 +470,7 @@ impl Issuer {
                 .or_else(|| ctx.cluster().map(str::to_string)),
             via: AuthMethod::Jwt,
             pod: None,
-        })
+        }
     }
 }
 
@@ -438,5 +513,79 @@ impl Authenticator for JwtAuthenticator {
             return Err(AuthnError::Malformed("token too large".into()));
         }
         self.verify(token, ctx).await.map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DEV_ISSUER;
+
+    fn issuer_cfg(dir: &std::path::Path, cluster: Option<&str>) -> JwtIssuerConfig {
+        JwtIssuerConfig {
+            issuer: DEV_ISSUER.into(),
+            jwks_file: Some(crate::dev::jwks_path(dir)),
+            jwks_uri: None,
+            jwks_ca_file: None,
+            audiences: vec!["istio-ca".into()],
+            trust_domain: None,
+            cluster_id: cluster.map(str::to_string),
+            refresh_interval: Duration::from_secs(300),
+        }
+    }
+
+    fn ctx<'a>(auth: &'a str, cluster: Option<&'a str>) -> RequestContext<'a> {
+        RequestContext {
+            authorization: Some(auth),
+            cluster_id: cluster,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn verified_tokens_are_cached_but_still_checked_per_request() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::dev::ensure(dir.path()).unwrap();
+        let a = JwtAuthenticator::new(&[issuer_cfg(dir.path(), Some("east"))], "cluster.local")
+            .await
+            .unwrap();
+        let tok =
+            crate::dev::mint(dir.path(), "ns", "sa", "istio-ca", Duration::from_secs(600)).unwrap();
+        let h = format!("Bearer {tok}");
+        let c = a
+            .authenticate(&ctx(&h, Some("east")))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.identity.to_string(), "spiffe://cluster.local/ns/ns/sa/sa");
+        assert_eq!(a.verified.lock().unwrap().len(), 1);
+
+        // Rotate the issuer key away: the cached token keeps working (bounded by
+        // MAX_CACHE_TTL), a new token from the old key does not verify any more...
+        let old = tempfile::tempdir().unwrap();
+        for f in ["issuer-key.pem", "jwks.json"] {
+            std::fs::copy(dir.path().join(f), old.path().join(f)).unwrap();
+            std::fs::remove_file(dir.path().join(f)).unwrap();
+        }
+        crate::dev::ensure(dir.path()).unwrap();
+        for i in a.issuers.values() {
+            i.refresh().await.unwrap();
+        }
+        assert!(
+            a.authenticate(&ctx(&h, Some("east")))
+                .await
+                .unwrap()
+                .is_some()
+        );
+        let fresh =
+            crate::dev::mint(old.path(), "ns", "sa", "istio-ca", Duration::from_secs(601)).unwrap();
+        let e = a
+            .authenticate(&ctx(&format!("Bearer {fresh}"), None))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, AuthnError::Invalid(_)), "{e:?}");
+        // ...and the cluster check applies to cache hits too.
+        let e = a.authenticate(&ctx(&h, Some("west"))).await.unwrap_err();
+        assert!(e.to_string().contains("cluster"), "{e}");
     }
 }
