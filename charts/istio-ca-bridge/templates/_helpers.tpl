@@ -1,0 +1,229 @@
+{{/*
+Naming and labels.
+*/}}
+{{- define "istio-ca-bridge.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "istio-ca-bridge.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "istio-ca-bridge.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "istio-ca-bridge.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "istio-ca-bridge.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "istio-ca-bridge.labels" -}}
+helm.sh/chart: {{ include "istio-ca-bridge.chart" . }}
+{{ include "istio-ca-bridge.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/component: certificate-authority
+app.kubernetes.io/part-of: istio
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "istio-ca-bridge.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "istio-ca-bridge.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "istio-ca-bridge.image" -}}
+{{- $tag := default .Chart.AppVersion .Values.image.tag }}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository $tag }}
+{{- end }}
+{{- end }}
+
+{{/*
+Mount points inside the pod. The config path is fixed: args are `serve --config <it>`.
+*/}}
+{{- define "istio-ca-bridge.configDir" -}}/etc/istio-ca-bridge{{- end }}
+{{- define "istio-ca-bridge.configPath" -}}/etc/istio-ca-bridge/config.yaml{{- end }}
+{{- define "istio-ca-bridge.caDir" -}}/etc/istio-ca-bridge/ca{{- end }}
+{{- define "istio-ca-bridge.servingDir" -}}/etc/istio-ca-bridge/serving{{- end }}
+{{- define "istio-ca-bridge.jwksDir" -}}/etc/istio-ca-bridge/jwks{{- end }}
+{{/* The bridge's own default for backend.stateDir (src/config.rs). */}}
+{{- define "istio-ca-bridge.defaultStateDir" -}}/var/lib/istio-ca-bridge{{- end }}
+{{/* The bridge's own default for server.shutdownGrace (src/config.rs). */}}
+{{- define "istio-ca-bridge.defaultShutdownGrace" -}}20s{{- end }}
+
+{{/*
+Port of a listen address ("0.0.0.0:15012", "[::]:15012"). Called with (list <address> <field>).
+Fails unless the address listens on all interfaces with a non-zero port: a Service can only
+reach a pod on its pod IP, and the port must be known to wire the Service and probes.
+*/}}
+{{- define "istio-ca-bridge.listenPort" -}}
+{{- $addr := toString (index . 0) }}
+{{- $field := index . 1 }}
+{{- if not (regexMatch "^(0\\.0\\.0\\.0|\\[::\\]):[0-9]{1,5}$" $addr) }}
+{{- fail (printf "%s must be 0.0.0.0:<port> or [::]:<port> (all interfaces, explicit port), got %q" $field $addr) }}
+{{- end }}
+{{- $port := regexFind "[0-9]+$" $addr | int }}
+{{- if or (lt $port 1) (gt $port 65535) }}
+{{- fail (printf "%s: port must be 1-65535, got %q" $field $addr) }}
+{{- end }}
+{{- $port }}
+{{- end }}
+
+{{- define "istio-ca-bridge.grpcPort" -}}
+{{- include "istio-ca-bridge.listenPort" (list (dig "server" "listen" "0.0.0.0:15012" (.Values.config | default dict)) "config.server.listen") }}
+{{- end }}
+
+{{- define "istio-ca-bridge.adminPort" -}}
+{{- include "istio-ca-bridge.listenPort" (list (dig "admin" "listen" "0.0.0.0:15014" (.Values.config | default dict)) "config.admin.listen") }}
+{{- end }}
+
+{{/*
+Whole seconds (rounded up) of a duration written as <n>h/<n>m/<n>s/<n>ms parts ("20s", "1m30s",
+"500ms"): the subset of the bridge's humantime syntax the chart can compute with. Called with
+(list <duration> <field>).
+*/}}
+{{- define "istio-ca-bridge.durationSeconds" -}}
+{{- $d := toString (index . 0) }}
+{{- $field := index . 1 }}
+{{- if not (regexMatch "^([0-9]+(ms|h|m|s))+$" $d) }}
+{{- fail (printf "%s must be written with h/m/s/ms units only (e.g. 20s, 1m30s) so the chart can derive terminationGracePeriodSeconds from it, got %q" $field $d) }}
+{{- end }}
+{{- $total := 0.0 }}
+{{- range $part := regexFindAll "[0-9]+(ms|h|m|s)" $d -1 }}
+{{- $n := regexFind "^[0-9]+" $part | float64 }}
+{{- $unit := trimPrefix (regexFind "^[0-9]+" $part) $part }}
+{{- if eq $unit "h" }}{{ $total = addf $total (mulf $n 3600) }}
+{{- else if eq $unit "m" }}{{ $total = addf $total (mulf $n 60) }}
+{{- else if eq $unit "s" }}{{ $total = addf $total $n }}
+{{- else }}{{ $total = addf $total (divf $n 1000) }}
+{{- end }}
+{{- end }}
+{{- ceil $total | int }}
+{{- end }}
+
+{{/*
+terminationGracePeriodSeconds: the bridge's drain bound plus headroom, derived from the same
+value the bridge reads so the two cannot drift.
+*/}}
+{{- define "istio-ca-bridge.terminationGracePeriodSeconds" -}}
+{{- $grace := include "istio-ca-bridge.durationSeconds" (list (dig "server" "shutdownGrace" (include "istio-ca-bridge.defaultShutdownGrace" .) (.Values.config | default dict)) "config.server.shutdownGrace") | int }}
+{{- add $grace (int .Values.terminationGraceExtraSeconds) }}
+{{- end }}
+
+{{/*
+How the local backend gets its signing CA: "secret" (backends.local.caSecret), "files" (paths
+set in config.backend by the user, e.g. from extraVolumes) or "generated" (a root generated in
+stateDir on first start, one per pod).
+*/}}
+{{- define "istio-ca-bridge.localCAMode" -}}
+{{- $b := dig "backend" dict (.Values.config | default dict) }}
+{{- if .Values.backends.local.caSecret.name }}secret
+{{- else if or $b.caCertFile $b.caKeyFile }}files
+{{- else }}generated
+{{- end }}
+{{- end }}
+
+{{- define "istio-ca-bridge.backendType" -}}
+{{- dig "backend" "type" "local" (.Values.config | default dict) }}
+{{- end }}
+
+{{- define "istio-ca-bridge.stateDir" -}}
+{{- dig "backend" "stateDir" (include "istio-ca-bridge.defaultStateDir" .) (.Values.config | default dict) }}
+{{- end }}
+
+{{/*
+Chart-level invariants that the bridge's own validation cannot see (it does not know about
+replicas or Secrets). Rendered (as nothing) from the Deployment, so every install checks them.
+*/}}
+{{- define "istio-ca-bridge.validate" -}}
+{{- if .Values.kubernetes.enabled }}
+{{- fail "kubernetes.enabled: the Kubernetes integration (TokenReview, root ConfigMaps, istiod-tls) and the RBAC it needs are not available in this chart version yet; leave it false" }}
+{{- end }}
+{{- $backend := include "istio-ca-bridge.backendType" . }}
+{{- if ne $backend "local" }}
+{{- fail (printf "config.backend.type %q: this chart version supports only the local backend" $backend) }}
+{{- end }}
+{{- $mode := include "istio-ca-bridge.localCAMode" . }}
+{{- if and (eq $mode "generated") (gt (int .Values.replicaCount) 1) }}
+{{- fail (printf "replicaCount is %d but the local backend has no CA: each replica would generate its own root and clients would trust only one of them. Either set replicaCount: 1 (a generated root, kept in backend.stateDir), or give every replica the same CA with backends.local.caSecret.name (an existing Secret with the CA certificate and key)." (int .Values.replicaCount)) }}
+{{- end }}
+{{- $b := dig "backend" dict (.Values.config | default dict) }}
+{{- if and (eq $mode "secret") (or $b.caCertFile $b.caKeyFile $b.chainFile $b.rootBundleFile) }}
+{{- fail "backends.local.caSecret.name is set: leave config.backend.caCertFile/caKeyFile/chainFile/rootBundleFile unset, the chart points them into the mounted Secret" }}
+{{- end }}
+{{- $tls := dig "server" "tls" dict (.Values.config | default dict) }}
+{{- if .Values.servingCert.secretName }}
+{{- if ne ($tls.mode | default "issued") "files" }}
+{{- fail "servingCert.secretName is set: also set config.server.tls.mode: files" }}
+{{- end }}
+{{- if or $tls.certFile $tls.keyFile }}
+{{- fail "servingCert.secretName is set: leave config.server.tls.certFile/keyFile unset, the chart points them into the mounted Secret" }}
+{{- end }}
+{{- end }}
+{{- if eq (include "istio-ca-bridge.grpcPort" .) (include "istio-ca-bridge.adminPort" .) }}
+{{- fail "config.admin.listen must use a different port from config.server.listen" }}
+{{- end }}
+{{- $_ := include "istio-ca-bridge.terminationGracePeriodSeconds" . }}
+{{- end }}
+
+{{/*
+The config file as rendered into the ConfigMap: config.* verbatim, plus the paths the chart
+owns (mounted Secrets, the state dir) and the default serving-cert names.
+*/}}
+{{- define "istio-ca-bridge.config" -}}
+{{- $cfg := deepCopy (.Values.config | default dict) }}
+{{- $server := $cfg.server | default dict }}
+{{- $_ := set $cfg "server" $server }}
+{{- $tls := $server.tls | default dict }}
+{{- $_ := set $server "tls" $tls }}
+{{- $_ := set $server "listen" (printf "%s" (dig "server" "listen" "0.0.0.0:15012" (.Values.config | default dict))) }}
+{{- $_ := set $server "shutdownGrace" (printf "%s" (dig "server" "shutdownGrace" (include "istio-ca-bridge.defaultShutdownGrace" .) (.Values.config | default dict))) }}
+{{- $admin := $cfg.admin | default dict }}
+{{- $_ := set $cfg "admin" $admin }}
+{{- $_ := set $admin "listen" (printf "%s" (dig "admin" "listen" "0.0.0.0:15014" (.Values.config | default dict))) }}
+{{- if and (eq ($tls.mode | default "issued") "issued") (empty $tls.dnsNames) }}
+{{- $svc := include "istio-ca-bridge.fullname" . }}
+{{- $_ := set $tls "dnsNames" (list (printf "%s.%s.svc" $svc .Release.Namespace) (printf "%s.%s.svc.%s" $svc .Release.Namespace .Values.clusterDomain)) }}
+{{- end }}
+{{- if .Values.servingCert.secretName }}
+{{- $_ := set $tls "certFile" (printf "%s/%s" (include "istio-ca-bridge.servingDir" .) .Values.servingCert.certKey) }}
+{{- $_ := set $tls "keyFile" (printf "%s/%s" (include "istio-ca-bridge.servingDir" .) .Values.servingCert.keyKey) }}
+{{- end }}
+{{- $backend := $cfg.backend | default dict }}
+{{- $_ := set $cfg "backend" $backend }}
+{{- if eq (include "istio-ca-bridge.backendType" .) "local" }}
+{{- $_ := set $backend "type" "local" }}
+{{- $_ := set $backend "stateDir" (include "istio-ca-bridge.stateDir" .) }}
+{{- $ca := .Values.backends.local.caSecret }}
+{{- if $ca.name }}
+{{- $dir := include "istio-ca-bridge.caDir" . }}
+{{- $_ := set $backend "caCertFile" (printf "%s/%s" $dir $ca.certKey) }}
+{{- $_ := set $backend "caKeyFile" (printf "%s/%s" $dir $ca.keyKey) }}
+{{- if $ca.chainKey }}
+{{- $_ := set $backend "chainFile" (printf "%s/%s" $dir $ca.chainKey) }}
+{{- end }}
+{{- if $ca.rootBundleKey }}
+{{- $_ := set $backend "rootBundleFile" (printf "%s/%s" $dir $ca.rootBundleKey) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- toYaml $cfg }}
+{{- end }}

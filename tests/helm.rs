@@ -1,0 +1,138 @@
+//! The Helm chart (charts/istio-ca-bridge) checked with the real Helm v4 engine and the real
+//! binary. The logic lives in tests/helm/check_chart.py (Helm's Go SDK through
+//! helm-python-sdk); each test here runs one of its checks against this build's
+//! `istio-ca-bridge`, so the chart and the binary cannot drift apart:
+//!
+//! - `lint`: `helm lint --strict` passes for the defaults and every file in the chart's `ci/`.
+//! - `render`: every `ci/` file renders to YAML that parses, with the expected objects, and the
+//!   rendered ConfigMap's config passes `istio-ca-bridge check-config`.
+//! - `structure`: Service, container and probe ports equal the rendered config's listen ports;
+//!   probe paths; terminationGracePeriodSeconds above shutdownGrace; hardened securityContext;
+//!   selectors; every file the config names comes from a mount; no RBAC (and none granting `*`).
+//! - `failures`: unsafe values (several replicas each generating its own root, ...) fail
+//!   rendering with a message naming the fix.
+//! - `schema`: values.schema.json rejects wrong types naming the field, and knows exactly the
+//!   config keys the binary knows.
+//! - `alerts`: the PrometheusRule passes `promtool check rules` and `promtool test rules`.
+//! - `live`: each `ci/` install's pod is run for real (its args, env and mounted files): probes
+//!   answer, a Kubernetes-shaped token gets a certificate over TLS to the Service's name, SIGTERM
+//!   exits within the grace period, and every metric the alerts and dashboard use is exported.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const HELM_HINT: &str = "pip install helm-python-sdk==0.2.2";
+/// Each check takes a few seconds; this only stops a hung run.
+const LIMIT: Duration = Duration::from_secs(120);
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn require_python_modules(modules: &str, hint: &str) {
+    let out = Command::new("python3")
+        .args(["-c", &format!("import {modules}")])
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("python3 is required by this test ({e}): apt-get install -y python3")
+        });
+    assert!(
+        out.status.success(),
+        "python3 modules {modules} are required by this test but do not import: {hint}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Runs one check of tests/helm/check_chart.py; panics with its output unless it passes.
+fn chart_check(check: &str) {
+    require_python_modules("helm_python", HELM_HINT);
+    let script: PathBuf = root().join("tests/helm/check_chart.py");
+    let chart = root().join("charts/istio-ca-bridge");
+    let dir = tempfile::tempdir().unwrap();
+    let (out_path, err_path) = (dir.path().join("stdout"), dir.path().join("stderr"));
+    let mut child = Command::new("python3")
+        .arg(&script)
+        .arg(check)
+        .arg("--chart")
+        .arg(&chart)
+        .arg("--bin")
+        .arg(env!("CARGO_BIN_EXE_istio-ca-bridge"))
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .expect("spawn python3");
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if start.elapsed() > LIMIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
+    let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
+    // Helm logs each `fail` it evaluates at INFO; the failure tests evaluate them on purpose.
+    let stderr: String = stderr
+        .lines()
+        .filter(|l| !l.contains("INFO funcMap fail"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    print!("{stdout}");
+    match status {
+        Some(s) if s.success() => {}
+        Some(s) => panic!("chart check `{check}` failed ({s}):\n{stdout}\n{stderr}"),
+        None => {
+            panic!("chart check `{check}` did not finish within {LIMIT:?}:\n{stdout}\n{stderr}")
+        }
+    }
+}
+
+#[test]
+fn chart_lints_strictly_with_defaults_and_every_ci_values_file() {
+    chart_check("lint");
+}
+
+#[test]
+fn every_ci_values_file_renders_parseable_manifests_whose_config_the_binary_accepts() {
+    chart_check("render");
+}
+
+#[test]
+fn rendered_objects_agree_with_the_rendered_config_and_are_hardened() {
+    chart_check("structure");
+}
+
+#[test]
+fn unsafe_values_fail_rendering_with_a_message_naming_the_fix() {
+    chart_check("failures");
+}
+
+#[test]
+fn values_schema_rejects_wrong_types_and_knows_exactly_the_binarys_config_keys() {
+    chart_check("schema");
+}
+
+#[test]
+fn prometheus_rules_pass_promtool_and_fire_on_synthetic_series() {
+    assert!(
+        Command::new("promtool").arg("--version").output().is_ok(),
+        "promtool is required by this test: apt-get install -y prometheus"
+    );
+    chart_check("alerts");
+}
+
+#[test]
+fn each_ci_install_runs_for_real_probes_issue_metrics_and_sigterm() {
+    require_python_modules(
+        "cryptography, grpc",
+        "pip install -r tests/python/requirements.txt",
+    );
+    chart_check("live");
+}

@@ -1,0 +1,866 @@
+#!/usr/bin/env python3
+"""Checks charts/istio-ca-bridge with the real Helm v4 engine (helm-python-sdk) and the real
+istio-ca-bridge binary. Driven by tests/helm.rs (`cargo test --test helm`), one check per run:
+
+    check_chart.py CHECK --chart DIR --bin PATH
+
+CHECK is one of: lint, render, structure, failures, schema, alerts, live. Each prints what it
+proved ("ok: ...") and exits 0, or prints the reason and exits 1. Nothing is mocked: templates
+are rendered by Helm's Go engine, every rendered config is validated by `istio-ca-bridge
+check-config`, rules by `promtool`, and `live` runs the binary exactly as the rendered
+Deployment would (args, env, files where the volumes would put them).
+"""
+
+import argparse
+import base64
+import datetime
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+try:
+    import helm_python as helm
+except ImportError:  # the Rust driver checks this first; keep the hint for direct runs
+    sys.exit("python module helm_python is missing: pip install helm-python-sdk==0.2.2")
+
+RELEASE = "istio-ca-bridge"
+NAMESPACE = "istio-system"
+CONFIG_PATH = "/etc/istio-ca-bridge/config.yaml"
+HARDENED_UID = 65532
+# Metric name prefixes the bridge exports; other names in rules (up, kube_*) come from elsewhere.
+OWN_METRIC = re.compile(r"\b((?:istio_ca_bridge|citadel_server)_[a-z0-9_]+)\b")
+
+
+class CheckFailed(Exception):
+    pass
+
+
+def check(cond, msg):
+    if not cond:
+        raise CheckFailed(msg)
+
+
+def ok(msg):
+    print(f"ok: {msg}", flush=True)
+
+
+# ---------------------------------------------------------------- chart access
+
+
+class Chart:
+    def __init__(self, directory, binary):
+        self.dir = os.path.abspath(directory)
+        self.bin = os.path.abspath(binary)
+        self.chart = helm.Chart.load(self.dir)
+        self.tmp = tempfile.mkdtemp(prefix="helm-check-")
+
+    def ci_files(self):
+        d = os.path.join(self.dir, "ci")
+        files = sorted(os.path.join(d, f) for f in os.listdir(d) if f.endswith((".yaml", ".yml")))
+        check(files, f"no values files in {d}")
+        return files
+
+    def values_file(self, path):
+        with open(path) as f:
+            return helm.values_from_yaml(f.read())
+
+    def render(self, values):
+        """Template path -> list of parsed objects (NOTES.txt excluded)."""
+        out = self.chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+        docs = {}
+        for path, text in out.items():
+            if path.endswith("NOTES.txt"):
+                continue
+            objs = []
+            for doc in re.split(r"(?m)^---\s*$", text):
+                if not doc.strip() or all(
+                    not ln.strip() or ln.lstrip().startswith("#") for ln in doc.splitlines()
+                ):
+                    continue
+                try:
+                    obj = helm.values_from_yaml(doc)
+                except helm.HelmError as e:
+                    raise CheckFailed(f"{path} does not parse as YAML: {e}\n{doc}")
+                check(
+                    isinstance(obj, dict) and obj.get("apiVersion") and obj.get("kind"),
+                    f"{path}: a document without apiVersion/kind:\n{doc}",
+                )
+                objs.append(obj)
+            docs[path] = objs
+        return docs
+
+    def notes(self, values):
+        out = self.chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+        return next(v for k, v in out.items() if k.endswith("NOTES.txt"))
+
+    def render_error(self, values):
+        try:
+            self.chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+        except helm.HelmError as e:
+            return str(e)
+        return None
+
+    def check_config(self, text, label):
+        """Runs the real binary's check-config; returns its effective config (JSON)."""
+        path = os.path.join(self.tmp, f"config-{hashlib.sha1(label.encode()).hexdigest()[:8]}.yaml")
+        with open(path, "w") as f:
+            f.write(text)
+        p = subprocess.run([self.bin, "check-config", path], capture_output=True, text=True, timeout=30)
+        check(
+            p.returncode == 0,
+            f"{label}: istio-ca-bridge check-config rejected the rendered config "
+            f"(exit {p.returncode}):\n{p.stderr}\n--- config ---\n{text}",
+        )
+        return json.loads(p.stdout)
+
+
+def objects(docs, kind=None):
+    for objs in docs.values():
+        for o in objs:
+            if kind is None or o["kind"] == kind:
+                yield o
+
+
+def one(docs, kind):
+    found = list(objects(docs, kind))
+    check(len(found) == 1, f"expected exactly one {kind}, found {len(found)}")
+    return found[0]
+
+
+def rendered_config(docs):
+    """The config.yaml the Deployment mounts, as text."""
+    dep = one(docs, "Deployment")
+    pod = dep["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    mount = next((m for m in c.get("volumeMounts", []) if m["mountPath"] == CONFIG_PATH), None)
+    check(mount is not None, f"no volumeMount at {CONFIG_PATH}")
+    vol = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    check("configMap" in vol, f"{CONFIG_PATH} does not come from a ConfigMap: {vol}")
+    cm = next(
+        (o for o in objects(docs, "ConfigMap") if o["metadata"]["name"] == vol["configMap"]["name"]),
+        None,
+    )
+    check(cm is not None, f"ConfigMap {vol['configMap']['name']} is mounted but not rendered")
+    key = mount.get("subPath")
+    check(key in cm.get("data", {}), f"ConfigMap {cm['metadata']['name']} has no key {key!r}")
+    return cm["data"][key]
+
+
+HUMANTIME = {
+    "nsec": 1e-9, "ns": 1e-9, "usec": 1e-6, "us": 1e-6, "msec": 1e-3, "ms": 1e-3,
+    "seconds": 1, "second": 1, "sec": 1, "s": 1, "minutes": 60, "minute": 60, "min": 60, "m": 60,
+    "hours": 3600, "hour": 3600, "hr": 3600, "h": 3600, "days": 86400, "day": 86400, "d": 86400,
+    "weeks": 604800, "week": 604800, "w": 604800, "months": 2630016, "month": 2630016,
+    "M": 2630016, "years": 31557600, "year": 31557600, "y": 31557600,
+}
+
+
+def seconds(d):
+    """A humantime duration as printed by check-config ("20s", "1m 30s", "1day")."""
+    parts = re.findall(r"([0-9]+)\s*([a-zA-Z]+)", d)
+    check(parts and re.fullmatch(r"(\s*[0-9]+\s*[a-zA-Z]+\s*)+", d), f"unparsable duration {d!r}")
+    return sum(int(n) * HUMANTIME[u] for n, u in parts)
+
+
+def listen_port(addr):
+    return int(addr.rsplit(":", 1)[1])
+
+
+# ---------------------------------------------------------------- value sets
+
+CA_SECRET = {"backends": {"local": {"caSecret": {"name": "istio-ca-bridge-ca", "rootBundleKey": "ca.crt"}}}}
+
+
+def variants(chart):
+    """(label, values) for every values file in ci/ plus variants that move what the chart
+    derives (ports, grace period, serving-cert files mode)."""
+    out = [(os.path.relpath(p, chart.dir), chart.values_file(p)) for p in chart.ci_files()]
+    out.append(("defaults with replicaCount 1", {"replicaCount": 1}))
+    out.append(
+        (
+            "moved ports, IPv6, long grace, CA Secret, 3 replicas",
+            {
+                "replicaCount": 3,
+                **CA_SECRET,
+                "config": {
+                    "server": {"listen": "[::]:9443", "shutdownGrace": "1m30s", "maxCsrBytes": 1048576,
+                               "maxConcurrentStreams": 4294967295},
+                    "admin": {"listen": "0.0.0.0:9090"},
+                },
+                "terminationGraceExtraSeconds": 5,
+            },
+        )
+    )
+    out.append(
+        (
+            "serving certificate from a Secret (files mode), sub-second grace",
+            {
+                "replicaCount": 1,
+                "servingCert": {"secretName": "istio-ca-bridge-serving"},
+                "config": {"server": {"tls": {"mode": "files"}, "shutdownGrace": "1500ms"}},
+            },
+        )
+    )
+    return out
+
+
+# ---------------------------------------------------------------- checks
+
+
+def check_lint(chart):
+    sets = [("default values", None)] + [(os.path.relpath(p, chart.dir), chart.values_file(p)) for p in chart.ci_files()]
+    for label, values in sets:
+        report = helm.lint(chart.dir, values, strict=True, namespace=NAMESPACE)
+        problems = [m for m in report["messages"] if m["severity"] >= 2] + [e for e in report["errors"]]
+        check(not problems, f"helm lint --strict ({label}) reports:\n" + json.dumps(problems, indent=2))
+        info = [m["error"] for m in report["messages"] if m["severity"] < 2]
+        ok(f"helm lint --strict passes with {label}" + (f" (info only: {info})" if info else ""))
+    # Control: the same lint call does report a broken value, so the passes above mean something.
+    report = helm.lint(chart.dir, {"replicaCount": "two"}, strict=True, namespace=NAMESPACE)
+    check(
+        any("replicaCount" in e for e in report["errors"]),
+        f"lint did not report replicaCount: \"two\": {report}",
+    )
+    ok("lint reports a schema violation (control)")
+
+
+def check_render(chart):
+    for path in chart.ci_files():
+        label = os.path.relpath(path, chart.dir)
+        values = chart.values_file(path)
+        chart.chart.validate_schema(values)
+        docs = chart.render(values)
+        kinds = sorted(o["kind"] for o in objects(docs))
+        text = rendered_config(docs)
+        eff = chart.check_config(text, label)
+        ok(f"{label}: {len(kinds)} objects parse ({', '.join(kinds)}); check-config accepts the config "
+           f"(backend {eff['backend']['type']}, trust domain {eff['trustDomain']})")
+        # What each realistic install promises.
+        want = {"Deployment", "Service", "ServiceAccount", "ConfigMap", "PodDisruptionBudget"}
+        if "ca-secret" in label:
+            want |= {"ServiceMonitor", "PrometheusRule", "NetworkPolicy"}
+            dash = [o for o in objects(docs, "ConfigMap") if o["metadata"]["name"].endswith("-dashboard")]
+            check(len(dash) == 1, f"{label}: no Grafana dashboard ConfigMap")
+            board = json.loads(next(iter(dash[0]["data"].values())))
+            check(board.get("panels"), f"{label}: dashboard has no panels")
+            check(eff["backend"]["caCertFile"] and eff["backend"]["caKeyFile"], f"{label}: CA files not set")
+            ok(f"{label}: dashboard JSON parses ({len(board['panels'])} panels); CA from the Secret")
+        missing = want - set(kinds)
+        check(not missing, f"{label}: missing {sorted(missing)}")
+
+
+def check_structure(chart):
+    for label, values in variants(chart):
+        docs = chart.render(values)
+        eff = chart.check_config(rendered_config(docs), label)
+        dep = one(docs, "Deployment")
+        svc = one(docs, "Service")
+        pod_t = dep["spec"]["template"]
+        pod = pod_t["spec"]
+        check(len(pod["containers"]) == 1, f"{label}: expected one container")
+        c = pod["containers"][0]
+
+        # Ports: Service == container == the rendered config's listen addresses.
+        grpc, admin = listen_port(eff["server"]["listen"]), listen_port(eff["admin"]["listen"])
+        cports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        sports = {p["name"]: p for p in svc["spec"]["ports"]}
+        check(cports == {"grpc": grpc, "http-monitoring": admin},
+              f"{label}: container ports {cports} != config listen ports grpc={grpc} admin={admin}")
+        check(set(sports) == {"grpc", "http-monitoring"}, f"{label}: Service ports {sorted(sports)}")
+        for name, want in (("grpc", grpc), ("http-monitoring", admin)):
+            sp = sports[name]
+            check(sp["port"] == want and sp["targetPort"] in (name, want),
+                  f"{label}: Service port {name} = {sp} but the config listens on {want}")
+        # Probes: real paths on the admin port.
+        for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+            g = c[probe]["httpGet"]
+            port = cports.get(g["port"], g["port"])
+            check(g["path"] == path and port == admin,
+                  f"{label}: {probe} {g} should be GET {path} on the admin port {admin}")
+        # Args and config mount.
+        check(c["args"] == ["serve", "--config", CONFIG_PATH], f"{label}: args {c['args']}")
+        # Grace period derived from the config's shutdownGrace.
+        grace = seconds(eff["server"]["shutdownGrace"])
+        tgps = pod["terminationGracePeriodSeconds"]
+        check(isinstance(tgps, int) and tgps > grace,
+              f"{label}: terminationGracePeriodSeconds {tgps} is not above shutdownGrace {grace}s")
+        # Hardened security context (container level, pod level for the pod-wide fields).
+        sc, psc = c["securityContext"], pod.get("securityContext", {})
+        for k, want in (("runAsNonRoot", True), ("runAsUser", HARDENED_UID), ("runAsGroup", HARDENED_UID),
+                        ("readOnlyRootFilesystem", True), ("allowPrivilegeEscalation", False)):
+            check(sc.get(k) == want, f"{label}: securityContext.{k} = {sc.get(k)!r}, want {want!r}")
+        check(sc.get("capabilities", {}).get("drop") == ["ALL"], f"{label}: capabilities {sc.get('capabilities')}")
+        check(sc.get("seccompProfile", {}).get("type") == "RuntimeDefault", f"{label}: seccompProfile {sc.get('seccompProfile')}")
+        check(psc.get("runAsNonRoot") is True and psc.get("seccompProfile", {}).get("type") == "RuntimeDefault",
+              f"{label}: pod securityContext {psc}")
+        check(pod.get("automountServiceAccountToken") is False, f"{label}: a Kubernetes API token is mounted")
+        check(c.get("resources", {}).get("requests"), f"{label}: no resource requests")
+        # Selectors: Service, PDB and spread constraints pick exactly these pods.
+        labels = pod_t["metadata"]["labels"]
+        sel = dep["spec"]["selector"]["matchLabels"]
+        check(sel.items() <= labels.items(), f"{label}: Deployment selector {sel} vs pod labels {labels}")
+        check(svc["spec"]["selector"] == sel, f"{label}: Service selector {svc['spec']['selector']} != {sel}")
+        pdb = one(docs, "PodDisruptionBudget")
+        check(pdb["spec"]["selector"]["matchLabels"] == sel, f"{label}: PDB selector")
+        tsc = pod.get("topologySpreadConstraints", [])
+        check(tsc and all(t["labelSelector"]["matchLabels"] == sel for t in tsc), f"{label}: topologySpreadConstraints {tsc}")
+        check(labels.get("sidecar.istio.io/inject") == "false", f"{label}: the CA pod would get a sidecar")
+        check(dep["spec"]["replicas"] == values.get("replicaCount", 2), f"{label}: replicas {dep['spec']['replicas']}")
+        # Every file the config names is provided by a mount; the state dir is writable.
+        mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+        vols = {v["name"]: v for v in pod["volumes"]}
+
+        def mount_for(path):
+            best = max((m for m in mounts if path == m or path.startswith(m.rstrip("/") + "/")), key=len, default=None)
+            check(best is not None, f"{label}: {path} (from the config) is not under any volumeMount")
+            return mounts[best], vols[mounts[best]["name"]]
+
+        m, v = mount_for(eff["backend"]["stateDir"])
+        check(not m.get("readOnly") and ("emptyDir" in v or "persistentVolumeClaim" in v),
+              f"{label}: backend.stateDir is not on a writable volume: {m} {v}")
+        files = [eff["backend"].get(k) for k in ("caCertFile", "caKeyFile", "chainFile", "rootBundleFile")]
+        files += [eff["server"]["tls"].get(k) for k in ("certFile", "keyFile")]
+        files += [j.get("jwksFile") for j in eff["authn"]["jwt"]]
+        for f in filter(None, files):
+            m, v = mount_for(f)
+            src = v.get("secret") or v.get("configMap")
+            check(src is not None and m.get("readOnly"), f"{label}: {f} should come from a read-only Secret/ConfigMap mount")
+            key = os.path.relpath(f, m["mountPath"])
+            check("/" not in key, f"{label}: {f} is nested below its mount")
+        if "caSecret" in values.get("backends", {}).get("local", {}):
+            _, v = mount_for(eff["backend"]["caCertFile"])
+            check(v["secret"]["secretName"] == values["backends"]["local"]["caSecret"]["name"],
+                  f"{label}: CA mounted from {v} instead of the named Secret")
+        # Serving certificate names cover the Service (the host in Istio's caAddress).
+        if eff["server"]["tls"]["mode"] == "issued":
+            host = f"{svc['metadata']['name']}.{svc['metadata']['namespace']}.svc"
+            check(host in eff["server"]["tls"]["dnsNames"], f"{label}: {host} not in dnsNames {eff['server']['tls']['dnsNames']}")
+        # RBAC: none today; none granting "*" ever.
+        rbac = [o for o in objects(docs) if o["apiVersion"].startswith("rbac.authorization.k8s.io/")]
+        for o in rbac:
+            for rule in o.get("rules", []):
+                for field in ("verbs", "resources", "apiGroups"):
+                    check("*" not in rule.get(field, []), f"{label}: {o['kind']} {o['metadata']['name']} grants * in {field}")
+        check(not rbac, f"{label}: RBAC objects rendered although the bridge needs no API access: "
+              + ", ".join(f"{o['kind']}/{o['metadata']['name']}" for o in rbac))
+        ok(f"{label}: ports grpc={grpc} admin={admin} agree (Service, container, config); probes /healthz,/readyz; "
+           f"terminationGracePeriodSeconds {tgps} > shutdownGrace {grace}s; hardened; selectors; mounts; no RBAC")
+    # The config checksum follows the config, so a values change rolls the pods.
+    a = one(chart.render({"replicaCount": 1}), "Deployment")
+    b = one(chart.render({"replicaCount": 1, "config": {"policy": {"maxTtl": "48h"}}}), "Deployment")
+    ka = a["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+    kb = b["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+    check(ka != kb, "checksum/config does not change with the config")
+    ok("checksum/config changes with the config")
+
+
+def check_failures(chart):
+    cases = [
+        ("defaults (2 replicas, generated root)", {},
+         ["replicaCount is 2", "generate its own root", "backends.local.caSecret.name", "replicaCount: 1"]),
+        ("3 replicas, generated root", {"replicaCount": 3}, ["replicaCount is 3", "backends.local.caSecret.name"]),
+        ("kubernetes.enabled", {"replicaCount": 1, "kubernetes": {"enabled": True}}, ["kubernetes.enabled", "not available"]),
+        ("loopback listener", {"replicaCount": 1, "config": {"server": {"listen": "127.0.0.1:15012"}}}, None),
+        ("same port twice", {"replicaCount": 1, "config": {"admin": {"listen": "0.0.0.0:15012"}}},
+         ["config.admin.listen", "different port"]),
+        ("CA Secret and explicit CA paths", {**CA_SECRET, "config": {"backend": {"type": "local", "caCertFile": "/x", "caKeyFile": "/y"}}},
+         ["caSecret.name is set"]),
+        ("serving Secret without files mode", {"replicaCount": 1, "servingCert": {"secretName": "s"}}, ["config.server.tls.mode: files"]),
+    ]
+    for label, values, want in cases:
+        err = chart.render_error(values)
+        check(err is not None, f"{label}: rendering succeeded but must fail")
+        for w in want or []:
+            check(w in err, f"{label}: the error does not say {w!r}:\n{err}")
+        ok(f"{label}: refused: {err.splitlines()[0][:160]}")
+    # The loopback case is stopped by the schema, and by the template for anyone bypassing it.
+    err = chart.render_error({"replicaCount": 1, "config": {"server": {"listen": "127.0.0.1:15012"}}})
+    check("/config/server/listen" in err, f"loopback listener: {err}")
+    # Controls: the fixes the messages suggest do render.
+    for label, values in (("replicaCount 1", {"replicaCount": 1}), ("CA Secret, 2 replicas", CA_SECRET)):
+        check(chart.render_error(values) is None, f"{label} should render: {chart.render_error(values)}")
+        ok(f"the suggested fix renders: {label}")
+
+
+def schema_paths(schema, node, prefix, out):
+    while "$ref" in node:
+        node = schema["$defs"][node["$ref"].split("/")[-1]]
+    for branch in node.get("oneOf", []) + node.get("allOf", []):
+        schema_paths(schema, branch, prefix, out)
+    for k, sub in node.get("properties", {}).items():
+        p = f"{prefix}.{k}" if prefix else k
+        out.add(p)
+        schema_paths(schema, sub, p, out)
+    if isinstance(node.get("items"), dict):
+        schema_paths(schema, node["items"], prefix + "[]", out)
+    return out
+
+
+def value_paths(v, prefix, out):
+    if isinstance(v, dict):
+        for k, sub in v.items():
+            p = f"{prefix}.{k}" if prefix else k
+            out.add(p)
+            value_paths(sub, p, out)
+    elif isinstance(v, list):
+        for item in v:
+            value_paths(item, prefix + "[]", out)
+    return out
+
+
+def check_schema(chart):
+    c = chart.chart
+    for label, values, field in (
+        ("replicaCount: \"two\"", {"replicaCount": "two"}, "replicaCount"),
+        ("unknown top-level key", {"replicaCont": 2}, "replicaCont"),
+        ("typo in the bridge config", {"config": {"backend": {"type": "local", "stateDri": "/x"}}}, "stateDri"),
+        ("bad enum", {"config": {"policy": {"overMax": "sometimes"}}}, "overMax"),
+        ("bad duration", {"config": {"policy": {"maxTtl": "forever"}}}, "maxTtl"),
+        ("grace the chart cannot compute with", {"config": {"server": {"shutdownGrace": "1 min"}}}, "shutdownGrace"),
+        ("unsupported backend", {"config": {"backend": {"type": "vault"}}}, "backend"),
+    ):
+        try:
+            c.validate_schema(values)
+        except helm.HelmValuesError as e:
+            msg = str(e)
+        else:
+            raise CheckFailed(f"{label}: values.schema.json accepted {values}")
+        check(field in msg, f"{label}: the schema error does not name {field!r}:\n{msg}")
+        err = chart.render_error(values)
+        check(err and field in err, f"{label}: render does not refuse it naming {field!r}: {err}")
+        ok(f"{label}: refused naming the field: {msg.strip().splitlines()[-1].strip()}")
+    for p in chart.ci_files():
+        c.validate_schema(chart.values_file(p))
+    ok("every ci/ values file satisfies the schema")
+
+    # The schema's config subtree and the binary's config know exactly the same keys. A config
+    # using every optional section makes check-config print every key it has.
+    full = {
+        "authn": {"jwt": [{"issuer": "https://issuer.example", "jwksFile": "/jwks.json"}], "devIssuer": {"dir": "/dev"}},
+        "backend": {"type": "local"},
+    }
+    eff = chart.check_config(json.dumps(full), "every section")
+    binary = value_paths(eff, "", set())
+    schema = c.schema if isinstance(c.schema, dict) else json.loads(c.schema)
+    chart_paths = schema_paths(schema, schema["properties"]["config"], "", set())
+    check(binary == chart_paths,
+          "values.schema.json's config and the binary's config disagree:\n"
+          f"  only in the binary: {sorted(binary - chart_paths)}\n  only in the schema: {sorted(chart_paths - binary)}")
+    ok(f"schema config keys == the binary's config keys ({len(binary)} paths)")
+    # ... and the schema accepts what the binary prints (its defaults, its duration syntax).
+    c.validate_schema({"replicaCount": 1, "config": eff})
+    ok("the binary's effective config (all defaults, humantime durations) satisfies the schema")
+
+    # The chart README documents every value the schema allows.
+    every = schema_paths(schema, schema, "", set())
+    leaves = {p for p in every if not any(q.startswith(p + ".") or q.startswith(p + "[]") for q in every)}
+    with open(os.path.join(chart.dir, "README.md")) as f:
+        readme = f.read()
+    undocumented = sorted(p for p in leaves if f"`{p}`" not in readme)
+    check(not undocumented, f"values missing from the chart README: {undocumented}")
+    defaults = value_paths(c.values, "", set())
+    unknown = sorted(p for p in defaults if p not in every and not any(p.startswith((q + ".", q + "[]")) for q in leaves))
+    check(not unknown, f"values.yaml keys the schema does not describe: {unknown}")
+    ok(f"the chart README documents all {len(leaves)} values; values.yaml holds no undescribed key")
+
+
+def run(cmd, label, timeout=60, **kw):
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+    check(p.returncode == 0, f"{label} failed (exit {p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p.stdout
+
+
+def check_alerts(chart):
+    promtool = shutil.which("promtool")
+    check(promtool, "promtool is required: apt-get install -y prometheus")
+    values = chart.values_file(os.path.join(chart.dir, "ci", "local-ca-secret-values.yaml"))
+    docs = chart.render(values)
+    rule = one(docs, "PrometheusRule")
+    groups = rule["spec"]["groups"]
+    work = tempfile.mkdtemp(dir=chart.tmp)
+    rules_file = os.path.join(work, "rules.yaml")
+    with open(rules_file, "w") as f:
+        json.dump({"groups": groups}, f)
+    run([promtool, "check", "rules", rules_file], "promtool check rules")
+    alerts = [r["alert"] for g in groups for r in g["rules"] if "alert" in r]
+    ok(f"promtool check rules accepts {len(alerts)} alerts: {', '.join(alerts)}")
+
+    # Unit tests on synthetic series: each alert fires when it should and stays quiet otherwise.
+    # Annotations are left out here (checked above); labels and expressions are what is tested.
+    bare = {"groups": [{**g, "rules": [{k: v for k, v in r.items() if k != "annotations"} for r in g["rules"]]} for g in groups]}
+    bare_file = os.path.join(work, "bare-rules.yaml")
+    with open(bare_file, "w") as f:
+        json.dump(bare, f)
+    sel = f'namespace="{NAMESPACE}",job="{RELEASE}"'
+    day = 86400
+    req = "istio_ca_bridge_requests_total"
+    sign = "istio_ca_bridge_backend_sign_duration_seconds_count"
+    tests = {
+        "rule_files": [bare_file],
+        "evaluation_interval": "1m",
+        "tests": [
+            {   # A failing backend: most calls UNAVAILABLE, backend sign errors, root and CA close to expiry.
+                "interval": "1m",
+                "input_series": [
+                    {"series": f'{req}{{{sel},pod="a",result="success",code="OK"}}', "values": "0+1x60"},
+                    {"series": f'{req}{{{sel},pod="a",result="error",code="UNAVAILABLE"}}', "values": "0+10x60"},
+                    {"series": f'{sign}{{{sel},pod="a",backend="local",result="unavailable"}}', "values": "0+10x60"},
+                    {"series": f'{sign}{{{sel},pod="a",backend="local",result="success"}}', "values": "0+1x60"},
+                    {"series": f'istio_ca_bridge_root_cert_expiry_timestamp_seconds{{{sel},pod="a"}}', "values": f"{10 * day}x180"},
+                    {"series": f'istio_ca_bridge_signing_ca_expiry_timestamp_seconds{{{sel},pod="a",backend="local"}}', "values": f"{5 * day}x180"},
+                    {"series": f'istio_ca_bridge_serving_cert_expiry_timestamp_seconds{{{sel},pod="a"}}', "values": f"{3 * day}x180"},
+                    {"series": f'up{{{sel},pod="a"}}', "values": "1x180"},
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "30m", "alertname": "IstioCABridgeIssuanceErrors",
+                     "exp_alerts": [{"exp_labels": {"severity": "critical", "namespace": NAMESPACE}}]},
+                    {"eval_time": "30m", "alertname": "IstioCABridgeRequestsRejected",
+                     "exp_alerts": [{"exp_labels": {"severity": "warning", "namespace": NAMESPACE}}]},
+                    {"eval_time": "30m", "alertname": "IstioCABridgeBackendFailing",
+                     "exp_alerts": [{"exp_labels": {"severity": "critical", "namespace": NAMESPACE, "backend": "local"}}]},
+                    {"eval_time": "150m", "alertname": "IstioCABridgeRootExpiringSoon",
+                     "exp_alerts": [{"exp_labels": {"severity": "warning", "namespace": NAMESPACE}}]},
+                    {"eval_time": "150m", "alertname": "IstioCABridgeSigningCAExpiringSoon",
+                     "exp_alerts": [{"exp_labels": {"severity": "warning", "namespace": NAMESPACE, "backend": "local"}}]},
+                    # 3 days left on the serving cert: above the 4 h threshold, no alert.
+                    {"eval_time": "150m", "alertname": "IstioCABridgeServingCertExpiringSoon", "exp_alerts": []},
+                    {"eval_time": "150m", "alertname": "IstioCABridgeDown", "exp_alerts": []},
+                ],
+            },
+            {   # A healthy bridge: no alert at all; then the targets go down.
+                "interval": "1m",
+                "input_series": [
+                    {"series": f'{req}{{{sel},pod="a",result="success",code="OK"}}', "values": "0+100x60"},
+                    {"series": f'{req}{{{sel},pod="a",result="error",code="UNAUTHENTICATED"}}', "values": "0+1x60"},
+                    {"series": f'{sign}{{{sel},pod="a",backend="local",result="success"}}', "values": "0+100x60"},
+                    {"series": f'istio_ca_bridge_root_cert_expiry_timestamp_seconds{{{sel},pod="a"}}', "values": f"{3650 * day}x60"},
+                    {"series": f'istio_ca_bridge_signing_ca_expiry_timestamp_seconds{{{sel},pod="a",backend="local"}}', "values": f"{365 * day}x60"},
+                    {"series": f'istio_ca_bridge_serving_cert_expiry_timestamp_seconds{{{sel},pod="a"}}', "values": f"{2 * 3600}x60"},
+                    {"series": f'istio_ca_bridge_serving_cert_errors_total{{{sel},pod="a"}}', "values": "0x20 1+1x40"},
+                    {"series": f'up{{{sel},pod="a"}}', "values": "1x30 0x30"},
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "20m", "alertname": a, "exp_alerts": []}
+                    for a in ("IstioCABridgeIssuanceErrors", "IstioCABridgeRequestsRejected", "IstioCABridgeBackendFailing",
+                              "IstioCABridgeRootExpiringSoon", "IstioCABridgeSigningCAExpiringSoon", "IstioCABridgeDown",
+                              "IstioCABridgeServingCertRotationErrors")
+                ] + [
+                    # 2 h left on a pod's serving cert: below the 4 h threshold.
+                    {"eval_time": "20m", "alertname": "IstioCABridgeServingCertExpiringSoon",
+                     "exp_alerts": [{"exp_labels": {"severity": "critical", "namespace": NAMESPACE, "job": RELEASE, "pod": "a"}}]},
+                    {"eval_time": "50m", "alertname": "IstioCABridgeServingCertRotationErrors",
+                     "exp_alerts": [{"exp_labels": {"severity": "warning", "namespace": NAMESPACE, "job": RELEASE, "pod": "a"}}]},
+                    {"eval_time": "40m", "alertname": "IstioCABridgeDown", "exp_alerts": [{"exp_labels": {"severity": "critical"}}]},
+                ],
+            },
+        ],
+    }
+    tests_file = os.path.join(work, "tests.yaml")
+    with open(tests_file, "w") as f:
+        json.dump(tests, f)
+    run([promtool, "test", "rules", tests_file], "promtool test rules")
+    ok("promtool test rules: issuance errors, rejections, backend failing, root/signing-CA/serving-cert expiry, "
+       "rotation errors and down fire on synthetic series and stay quiet on a healthy bridge")
+
+
+# ---------------------------------------------------------------- live: run what the chart renders
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def b64url(b):
+    return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+
+
+class TestPki:
+    """An offline root and an intermediate in cert-manager's Secret layout, and a token signer
+    standing in for the cluster's service-account issuer."""
+
+    def __init__(self):
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        self.x509, self.hashes, self.ser, self.ec = x509, hashes, serialization, ec
+        now = datetime.datetime.now(datetime.timezone.utc)
+
+        def ca(name, key, issuer_name, issuer_key, days, pathlen):
+            return (
+                x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "test"), x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+                .issuer_name(issuer_name)
+                .public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(now + datetime.timedelta(days=days))
+                .add_extension(x509.BasicConstraints(ca=True, path_length=pathlen), critical=True)
+                .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+                                             key_encipherment=False, data_encipherment=False, key_agreement=False,
+                                             encipher_only=False, decipher_only=False), critical=True)
+                .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+                .sign(issuer_key, hashes.SHA256())
+            )
+
+        root_key = ec.generate_private_key(ec.SECP256R1())
+        root_name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "test"), x509.NameAttribute(NameOID.COMMON_NAME, "offline root")])
+        self.root = ca("offline root", root_key, root_name, root_key, 3650, 1)
+        inter_key = ec.generate_private_key(ec.SECP256R1())
+        self.inter = ca("istio-ca-bridge intermediate", inter_key, root_name, root_key, 365, 0)
+        pem = lambda c: c.public_bytes(serialization.Encoding.PEM).decode()
+        self.ca_secret = {
+            "tls.crt": pem(self.inter),
+            "tls.key": inter_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()).decode(),
+            "ca.crt": pem(self.root),
+        }
+        self.sa_key = ec.generate_private_key(ec.SECP256R1())
+        nums = self.sa_key.public_key().public_numbers()
+        self.jwks = json.dumps({"keys": [{"kty": "EC", "crv": "P-256", "kid": "sa-1", "alg": "ES256", "use": "sig",
+                                          "x": b64url(nums.x.to_bytes(32, "big")), "y": b64url(nums.y.to_bytes(32, "big"))}]})
+
+    def token(self, issuer, audience, ns, sa):
+        from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+        now = int(time.time())
+        header = b64url(json.dumps({"alg": "ES256", "kid": "sa-1", "typ": "JWT"}).encode())
+        claims = b64url(json.dumps({"iss": issuer, "aud": [audience], "sub": f"system:serviceaccount:{ns}:{sa}",
+                                    "iat": now, "nbf": now, "exp": now + 600}).encode())
+        der = self.sa_key.sign(f"{header}.{claims}".encode(), self.ec.ECDSA(self.hashes.SHA256()))
+        r, s = decode_dss_signature(der)
+        return f"{header}.{claims}.{b64url(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
+
+
+def http_get(url):
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except OSError:
+        return None, ""
+
+
+def raw_create_certificate(addr, host, root_file, token, cluster_id, csr):
+    """One CreateCertificate call through Python grpcio with a hand-encoded request (field 1,
+    csr); returns the gRPC status code name."""
+    import grpc
+
+    with open(root_file, "rb") as f:
+        creds = grpc.ssl_channel_credentials(root_certificates=f.read())
+    request = b"\x0a" + _varint(len(csr)) + csr
+    with grpc.secure_channel(addr, creds, options=[("grpc.ssl_target_name_override", host)]) as ch:
+        call = ch.unary_unary("/istio.v1.auth.IstioCertificateService/CreateCertificate",
+                              request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        try:
+            call(request, metadata=[("authorization", f"Bearer {token}"), ("clusterid", cluster_id)], timeout=10)
+            return "OK"
+        except grpc.RpcError as e:
+            return e.code().name
+
+
+def _varint(n):
+    out = b""
+    while True:
+        b, n = n & 0x7F, n >> 7
+        if n:
+            out += bytes([b | 0x80])
+        else:
+            return out + bytes([b])
+
+
+def metric_names_in(expr):
+    return set(OWN_METRIC.findall(expr))
+
+
+def check_live(chart):
+    """Runs the binary the way each ci/ install's Deployment would: its args and env, its config
+    file from the rendered ConfigMap, every Secret/ConfigMap/emptyDir volume materialised under
+    a temporary root at its mountPath (only listen addresses move to free loopback ports)."""
+    pki = TestPki()
+    exported = set()
+    referenced = {}
+    for path in chart.ci_files():
+        label = os.path.relpath(path, chart.dir)
+        values = chart.values_file(path)
+        docs = chart.render(values)
+        dep = one(docs, "Deployment")
+        svc = one(docs, "Service")
+        pod = dep["spec"]["template"]["spec"]
+        c = pod["containers"][0]
+        root = tempfile.mkdtemp(dir=chart.tmp, prefix="pod-")
+        at = lambda p: root + p
+        grpc, admin = free_port(), free_port()
+        cfg = helm.values_from_yaml(rendered_config(docs))
+
+        def remap(v):
+            if isinstance(v, dict):
+                return {k: remap(x) for k, x in v.items()}
+            if isinstance(v, list):
+                return [remap(x) for x in v]
+            if isinstance(v, str) and v.startswith("/"):
+                return at(v)
+            return v
+
+        cfg = remap(cfg)
+        cfg["server"]["listen"] = f"127.0.0.1:{grpc}"
+        cfg["admin"]["listen"] = f"127.0.0.1:{admin}"
+        vols = {v["name"]: v for v in pod["volumes"]}
+        for m in c["volumeMounts"]:
+            v = vols[m["name"]]
+            dst = at(m["mountPath"])
+            if "emptyDir" in v:
+                os.makedirs(dst, exist_ok=True)
+            elif "configMap" in v and m["mountPath"] == CONFIG_PATH:
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                with open(dst, "w") as f:
+                    json.dump(cfg, f)  # JSON is YAML
+            elif "configMap" in v:  # a JWKS ConfigMap from jwksConfigMaps
+                os.makedirs(dst, exist_ok=True)
+                with open(os.path.join(dst, "jwks.json"), "w") as f:
+                    f.write(pki.jwks)
+            elif "secret" in v:
+                check(v["secret"]["secretName"] == values["backends"]["local"]["caSecret"]["name"], f"unexpected Secret {v}")
+                os.makedirs(dst, exist_ok=True)
+                for k, data in pki.ca_secret.items():
+                    with open(os.path.join(dst, k), "w") as f:
+                        f.write(data)
+            else:
+                raise CheckFailed(f"{label}: no way to materialise volume {v}")
+        env = dict(os.environ)
+        env.update({e["name"]: e["value"] for e in c.get("env", []) if "value" in e})
+        args = [at(a) if a == CONFIG_PATH else a for a in c["args"]]
+        log = open(os.path.join(root, "bridge.log"), "w+")
+        proc = subprocess.Popen([chart.bin] + args, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 30
+            status = None
+            while time.time() < deadline and proc.poll() is None:
+                status, body = http_get(f"http://127.0.0.1:{admin}{c['readinessProbe']['httpGet']['path']}")
+                if status == 200:
+                    break
+                time.sleep(0.2)
+            log.seek(0)
+            check(status == 200, f"{label}: readiness probe never passed (last {status}); bridge log:\n{log.read()}")
+            status, _ = http_get(f"http://127.0.0.1:{admin}{c['livenessProbe']['httpGet']['path']}")
+            check(status == 200, f"{label}: liveness probe path answers {status}")
+            ok(f"{label}: the rendered pod starts; its readiness and liveness probe paths answer 200")
+
+            # A workload calls like istio-agent: Kubernetes-shaped token from the configured issuer,
+            # TLS verified against the trusted root and the Service's DNS name (Istio's caAddress host).
+            jwt = cfg["authn"]["jwt"][0]
+            tok = os.path.join(root, "token")
+            with open(tok, "w") as f:
+                f.write(pki.token(jwt["issuer"], jwt["audiences"][0], "default", "demo"))
+            if "caCertFile" in cfg["backend"]:
+                trust = os.path.join(root, "root.pem")
+                with open(trust, "w") as f:
+                    f.write(pki.ca_secret["ca.crt"])
+            else:
+                trust = os.path.join(cfg["backend"]["stateDir"], "root-cert.pem")
+            host = f"{svc['metadata']['name']}.{svc['metadata']['namespace']}.svc"
+            spiffe = f"spiffe://{cfg['trustDomain']}/ns/default/sa/demo"
+            out = run([chart.bin, "request", "--addr", f"127.0.0.1:{grpc}", "--server-name", host, "--ca-cert", trust,
+                       "--token-file", tok, "--spiffe-id", spiffe, "--cluster-id", jwt.get("clusterId", "Kubernetes"),
+                       "--out-dir", os.path.join(root, "issued")], f"{label}: istio-ca-bridge request", timeout=30)
+            summary = "; ".join(ln.strip() for ln in out.splitlines() if ln.startswith(("issuer:", "chain:")))
+            ok(f"{label}: a workload token from {jwt['issuer']} gets {spiffe} over TLS to {host} ({summary})")
+            # Refused calls, so the error-side series exist too: an unparsable CSR from a valid
+            # caller (a permanent INVALID_ARGUMENT, istiod's CSR_ERROR), then an unknown issuer.
+            code = raw_create_certificate(f"127.0.0.1:{grpc}", host, trust, pki.token(jwt["issuer"], jwt["audiences"][0], "default", "demo"),
+                                          jwt.get("clusterId", "Kubernetes"), b"not a CSR")
+            check(code == "INVALID_ARGUMENT", f"{label}: a garbage CSR got {code}, want INVALID_ARGUMENT")
+            with open(tok, "w") as f:
+                f.write(pki.token("https://not-the-issuer.example", "istio-ca", "default", "demo"))
+            p = subprocess.run([chart.bin, "request", "--addr", f"127.0.0.1:{grpc}", "--server-name", host, "--ca-cert", trust,
+                                "--token-file", tok, "--spiffe-id", spiffe, "--out-dir", os.path.join(root, "refused")],
+                               capture_output=True, text=True, timeout=30)
+            check(p.returncode != 0, f"{label}: a token from an unknown issuer was accepted")
+            status, text = http_get(f"http://127.0.0.1:{admin}/metrics")
+            check(status == 200, f"{label}: /metrics answers {status}")
+            exported |= {ln.split()[2] for ln in text.splitlines() if ln.startswith("# TYPE ")}
+            for o in objects(docs, "PrometheusRule"):
+                for g in o["spec"]["groups"]:
+                    for r in g["rules"]:
+                        referenced.setdefault(f"alert {r.get('alert')}", set()).update(metric_names_in(r["expr"]))
+            for o in objects(docs, "ConfigMap"):
+                if o["metadata"]["name"].endswith("-dashboard"):
+                    board = json.loads(next(iter(o["data"].values())))
+                    for panel in board["panels"]:
+                        for t in panel.get("targets", []):
+                            referenced.setdefault(f"panel {panel['title']!r}", set()).update(metric_names_in(t["expr"]))
+                    for var in board["templating"]["list"]:
+                        if isinstance(var.get("query"), dict):
+                            referenced.setdefault(f"variable {var['name']}", set()).update(metric_names_in(var["query"]["query"]))
+        finally:
+            # SIGTERM, as the kubelet sends it: the bridge must be gone within the pod's grace period.
+            start = time.time()
+            proc.send_signal(signal.SIGTERM)
+            try:
+                code = proc.wait(timeout=pod["terminationGracePeriodSeconds"])
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                raise CheckFailed(f"{label}: still running {pod['terminationGracePeriodSeconds']}s after SIGTERM")
+            log.close()
+        check(code == 0, f"{label}: exit code {code} after SIGTERM")
+        ok(f"{label}: SIGTERM -> clean exit in {time.time() - start:.1f}s "
+           f"(terminationGracePeriodSeconds {pod['terminationGracePeriodSeconds']})")
+
+    def family(name):
+        for suffix in ("_bucket", "_count", "_sum"):
+            if name.endswith(suffix) and name[: -len(suffix)] in exported:
+                return name[: -len(suffix)]
+        return name
+
+    check(referenced, "no PrometheusRule or dashboard was rendered by any ci/ file")
+    unknown = {where: sorted(n for n in names if family(n) not in exported) for where, names in referenced.items()}
+    unknown = {k: v for k, v in unknown.items() if v}
+    check(not unknown, f"metric names the bridge does not export: {unknown}\nexported: {sorted(exported)}")
+    used = set().union(*referenced.values())
+    ok(f"all {len(used)} metric names used by {len(referenced)} alerts/panels are exported by the running bridge")
+
+
+CHECKS = {
+    "lint": check_lint,
+    "render": check_render,
+    "structure": check_structure,
+    "failures": check_failures,
+    "schema": check_schema,
+    "alerts": check_alerts,
+    "live": check_live,
+}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("check", choices=sorted(CHECKS))
+    ap.add_argument("--chart", required=True)
+    ap.add_argument("--bin", required=True, help="the istio-ca-bridge binary")
+    a = ap.parse_args()
+    chart = Chart(a.chart, a.bin)
+    try:
+        CHECKS[a.check](chart)
+    except (CheckFailed, helm.HelmError) as e:
+        print(f"FAILED ({a.check}): {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    finally:
+        shutil.rmtree(chart.tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
