@@ -1,6 +1,7 @@
 //! The admin HTTP port: `/metrics` (Prometheus text), `/healthz` (the process is alive),
 //! `/readyz` (the gRPC listener is up, a serving certificate is installed and the backend
-//! can sign) and `/config` (the effective config, secrets redacted).
+//! can sign), `/config` (the effective config, secrets redacted) and `/roots` (the current
+//! trust bundle as PEM: public, and what `istio-ca-root-cert` must hold).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -55,6 +56,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/config", get(config))
+        .route("/roots", get(roots))
         .with_state(state)
 }
 
@@ -76,6 +78,14 @@ async fn readyz(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
             format!("not ready: {why}\n"),
         ),
     }
+}
+
+async fn roots(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
+    let bundle = s.readiness.signer.trust_bundle().borrow().clone();
+    (
+        [(header::CONTENT_TYPE, "application/x-pem-file")],
+        bundle.pem().to_string(),
+    )
 }
 
 async fn config(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
