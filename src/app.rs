@@ -78,6 +78,7 @@ impl App {
                 jwks_file: Some(crate::dev::jwks_path(&dev.dir)),
                 jwks_uri: None,
                 jwks_ca_file: None,
+                jwks_token_file: None,
                 audiences: vec!["istio-ca".into()],
                 trust_domain: None,
                 cluster_id: None,

@@ -214,6 +214,10 @@ pub struct JwtIssuerConfig {
     /// CA bundle for the JWKS URL's TLS (defaults to the public web roots).
     #[serde(default)]
     pub jwks_ca_file: Option<PathBuf>,
+    /// Bearer token sent with the JWKS request, re-read on every fetch (the API server's
+    /// `/openid/v1/jwks` wants the pod's projected service-account token).
+    #[serde(default)]
+    pub jwks_token_file: Option<PathBuf>,
     /// The token's `aud` must contain one of these.
     #[serde(default = "default_audiences")]
     pub audiences: Vec<String>,
@@ -487,6 +491,10 @@ impl Config {
                 (None, Some(u)) if !(u.starts_with("https://") || u.starts_with("http://")) => {
                     err(&f("jwksUri"), format!("{u:?} is not an http(s) URL"))
                 }
+                (Some(_), None) if j.jwks_token_file.is_some() || j.jwks_ca_file.is_some() => err(
+                    &f("jwksTokenFile"),
+                    "jwksTokenFile and jwksCaFile only apply to jwksUri".into(),
+                ),
                 _ => {}
             }
             if j.audiences.is_empty() || j.audiences.iter().any(|a| a.is_empty()) {

@@ -840,10 +840,20 @@ async fn jwks_from_a_url_is_fetched_and_refreshed_on_unknown_kid() {
         let fetches = fetches.clone();
         axum::Router::new().route(
             "/jwks",
-            axum::routing::get(move || {
+            axum::routing::get(move |headers: axum::http::HeaderMap| {
                 let v = served.lock().unwrap().clone();
                 fetches.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                async move { axum::Json(v) }
+                // Like the API server's /openid/v1/jwks: only for authenticated readers.
+                let authorized = headers
+                    .get("authorization")
+                    .is_some_and(|h| h == "Bearer jwks-reader-token");
+                async move {
+                    if authorized {
+                        Ok(axum::Json(v))
+                    } else {
+                        Err(axum::http::StatusCode::UNAUTHORIZED)
+                    }
+                }
             }),
         )
     };
@@ -851,6 +861,9 @@ async fn jwks_from_a_url_is_fetched_and_refreshed_on_unknown_kid() {
     let jwks_addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
 
+    let token_dir = tempfile::tempdir().unwrap();
+    let token_file = token_dir.path().join("sa-token");
+    std::fs::write(&token_file, "jwks-reader-token\n").unwrap();
     let iss = issuer.clone();
     let b = Bridge::start_with(move |c| {
         c.authn.jwt.push(istio_ca_bridge::config::JwtIssuerConfig {
@@ -858,6 +871,7 @@ async fn jwks_from_a_url_is_fetched_and_refreshed_on_unknown_kid() {
             jwks_file: None,
             jwks_uri: Some(format!("http://{jwks_addr}/jwks")),
             jwks_ca_file: None,
+            jwks_token_file: Some(token_file),
             audiences: vec!["istio-ca".into()],
             trust_domain: Some("remote.example".into()),
             cluster_id: Some("remote".into()),

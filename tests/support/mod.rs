@@ -161,6 +161,7 @@ pub fn test_config(dir: &Path, issuer: &TestIssuer) -> Config {
         jwks_file: Some(jwks),
         jwks_uri: None,
         jwks_ca_file: None,
+        jwks_token_file: None,
         audiences: vec!["istio-ca".into()],
         trust_domain: None,
         cluster_id: None,

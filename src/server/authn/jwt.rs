@@ -112,6 +112,7 @@ enum Source {
     Url {
         url: String,
         client: reqwest::Client,
+        token_file: Option<PathBuf>,
     },
 }
 
@@ -126,16 +127,28 @@ impl Source {
                         source,
                     })?
             }
-            Source::Url { url, client } => {
+            Source::Url {
+                url,
+                client,
+                token_file,
+            } => {
                 let fetch = |message: String| JwksError::Fetch {
                     url: url.clone(),
                     message,
                 };
-                let resp = client
-                    .get(url)
-                    .send()
-                    .await
-                    .map_err(|e| fetch(e.to_string()))?;
+                let mut req = client.get(url);
+                if let Some(p) = token_file {
+                    // Re-read each time: projected tokens are rotated on disk by the kubelet.
+                    let token =
+                        tokio::fs::read_to_string(p)
+                            .await
+                            .map_err(|source| JwksError::Read {
+                                path: p.clone(),
+                                source,
+                            })?;
+                    req = req.bearer_auth(token.trim());
+                }
+                let resp = req.send().await.map_err(|e| fetch(e.to_string()))?;
                 if !resp.status().is_success() {
                     return Err(fetch(format!("HTTP {}", resp.status())));
                 }
@@ -234,6 +247,7 @@ impl JwtAuthenticator {
                 (None, Some(u)) => Source::Url {
                     url: u.clone(),
                     client: http_client(c)?,
+                    token_file: c.jwks_token_file.clone(),
                 },
                 (None, None) => unreachable!("validated: one of jwksFile/jwksUri"),
             };
@@ -527,6 +541,7 @@ mod tests {
             jwks_file: Some(crate::dev::jwks_path(dir)),
             jwks_uri: None,
             jwks_ca_file: None,
+            jwks_token_file: None,
             audiences: vec!["istio-ca".into()],
             trust_domain: None,
             cluster_id: cluster.map(str::to_string),
