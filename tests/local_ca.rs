@@ -148,7 +148,10 @@ async fn generated_root_persists_across_restarts_with_a_private_key_file() {
     // Operators read the bundle from the admin port to publish it (istio-ca-root-cert).
     let (status, served) = first.admin_get("/roots").await;
     assert_eq!((status, served.as_str()), (200, root1.as_str()));
-    assert_eq!(root1, std::fs::read_to_string(sd.join("root-cert.pem")).unwrap());
+    assert_eq!(
+        root1,
+        std::fs::read_to_string(sd.join("root-cert.pem")).unwrap()
+    );
     first.shutdown().await.unwrap();
     let mode = std::fs::metadata(sd.join("root-key.pem"))
         .unwrap()
