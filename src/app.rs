@@ -51,6 +51,7 @@ impl App {
                 .await
                 .context("building the backend")?,
         };
+        inner.attach_metrics(&metrics);
         let signer: Arc<dyn Signer> = Arc::new(Instrumented::new(inner, metrics.clone()));
         metrics.observe_bundle(&signer.trust_bundle().borrow());
         if let Some(t) = signer.signing_ca().not_after {

@@ -7,6 +7,7 @@
 //! what went wrong inside. Cross-cutting concerns (metrics now; limits, deadlines and
 //! coalescing later) are decorators over any `Signer`, see [`instrumented`].
 
+pub mod aws_pca;
 pub mod instrumented;
 pub mod local;
 
@@ -122,17 +123,24 @@ pub trait Signer: Send + Sync + 'static {
     fn signing_ca(&self) -> SigningCaInfo {
         SigningCaInfo { not_after: None }
     }
+
+    /// Hands the backend the metrics registry for its own series (throttles, retries,
+    /// rate-limit waits); called once by the composition root. Default: nothing to record.
+    fn attach_metrics(&self, _metrics: &Arc<crate::metrics::Metrics>) {}
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     #[error("local CA: {0}")]
     Local(#[from] local::LocalError),
+    #[error("AWS Private CA: {0}")]
+    AwsPca(#[from] aws_pca::AwsPcaError),
 }
 
 /// Builds the configured backend.
 pub async fn build(cfg: &BackendConfig, trust_domain: &str) -> Result<Arc<dyn Signer>, BuildError> {
     match cfg {
         BackendConfig::Local(l) => Ok(Arc::new(local::LocalCa::load_or_create(l, trust_domain)?)),
+        BackendConfig::AwsPca(a) => Ok(aws_pca::AwsPca::connect(a).await?),
     }
 }

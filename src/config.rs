@@ -296,6 +296,9 @@ impl Default for PolicyConfig {
 pub enum BackendConfig {
     /// The embedded CA: signs in-process with a key from files or the state directory.
     Local(LocalBackendConfig),
+    /// AWS Private CA: every certificate is one IssueCertificate call (docs/aws-pca.md).
+    #[serde(rename = "awsPca")]
+    AwsPca(AwsPcaBackendConfig),
 }
 
 impl Default for BackendConfig {
@@ -334,6 +337,138 @@ impl Default for LocalBackendConfig {
             state_dir: PathBuf::from("/var/lib/istio-ca-bridge"),
             generated_key_type: KeyType::EcdsaP256,
             generated_ttl: Duration::from_secs(10 * 365 * 24 * 3600),
+        }
+    }
+}
+
+/// The template AWS Private CA applies: copies Subject and SAN from the CSR, sets
+/// KU digitalSignature+keyEncipherment and EKU serverAuth+clientAuth (the SPIFFE profile).
+pub const AWS_PCA_DEFAULT_TEMPLATE: &str = "arn:aws:acm-pca:::template/EndEntityCertificate/V1";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct AwsPcaBackendConfig {
+    /// ARN of the issuing CA (`arn:aws:acm-pca:<region>:<account>:certificate-authority/<id>`).
+    pub ca_arn: String,
+    /// AWS region of the CA. Default: the region in `caArn`.
+    pub region: Option<String>,
+    /// Endpoint override (VPC endpoint, FIPS endpoint, or a test server).
+    pub endpoint: Option<String>,
+    /// Role to assume (STS AssumeRole) with the credentials of the SDK default chain
+    /// (IRSA / EKS Pod Identity, environment, profile); for a CA in another account.
+    pub assume_role_arn: Option<String>,
+    /// Certificate template. The default fits SPIFFE workload certificates.
+    pub template_arn: String,
+    /// IssueCertificate SigningAlgorithm (e.g. SHA256WITHECDSA). It must match the CA's key,
+    /// not the CSR's; default: read once from DescribeCertificateAuthority.
+    pub signing_algorithm: Option<String>,
+    /// Budget for one certificate: rate-limit wait, IssueCertificate with retries and the
+    /// GetCertificate polling. Keep it below `server.requestTimeout` so callers get
+    /// RESOURCE_EXHAUSTED / UNAVAILABLE rather than a generic timeout.
+    #[serde(with = "humantime_serde")]
+    pub issue_timeout: Duration,
+    /// Client-side IssueCertificate rate for this CA (calls per second), below the account's
+    /// 25 TPS quota so a restart storm queues here instead of being throttled there.
+    pub rate_limit: f64,
+    /// Calls allowed at once above the steady rate.
+    pub rate_burst: u32,
+    /// More roots (PEM) to trust besides the CA's own (e.g. during a root rotation).
+    pub extra_roots_file: Option<PathBuf>,
+    /// How often the CA certificate and chain (the trust bundle) are re-read.
+    #[serde(with = "humantime_serde")]
+    pub bundle_refresh_interval: Duration,
+}
+
+impl Default for AwsPcaBackendConfig {
+    fn default() -> Self {
+        Self {
+            ca_arn: String::new(),
+            region: None,
+            endpoint: None,
+            assume_role_arn: None,
+            template_arn: AWS_PCA_DEFAULT_TEMPLATE.into(),
+            signing_algorithm: None,
+            issue_timeout: Duration::from_secs(8),
+            rate_limit: 20.0,
+            rate_burst: 20,
+            extra_roots_file: None,
+            bundle_refresh_interval: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl AwsPcaBackendConfig {
+    /// The configured region, else the one in the CA ARN.
+    pub fn effective_region(&self) -> Option<String> {
+        self.region
+            .clone()
+            .or_else(|| self.ca_arn.split(':').nth(3).map(str::to_string))
+            .filter(|r| !r.is_empty())
+    }
+
+    fn validate(&self, err: &mut dyn FnMut(&str, String)) {
+        let arn: Vec<&str> = self.ca_arn.split(':').collect();
+        if arn.len() != 6
+            || arn[0] != "arn"
+            || arn[2] != "acm-pca"
+            || !arn[5].starts_with("certificate-authority/")
+        {
+            err(
+                "backend.caArn",
+                format!(
+                    "{:?} is not an AWS Private CA ARN (arn:aws:acm-pca:<region>:<account>:certificate-authority/<id>)",
+                    self.ca_arn
+                ),
+            );
+        }
+        if self.effective_region().is_none() {
+            err(
+                "backend.region",
+                "required when caArn names no region".into(),
+            );
+        }
+        if let Some(e) = &self.endpoint
+            && !(e.starts_with("https://") || e.starts_with("http://"))
+        {
+            err("backend.endpoint", format!("{e:?} is not an http(s) URL"));
+        }
+        if let Some(r) = &self.assume_role_arn
+            && !(r.starts_with("arn:") && r.contains(":iam::") && r.contains(":role/"))
+        {
+            err(
+                "backend.assumeRoleArn",
+                format!("{r:?} is not an IAM role ARN"),
+            );
+        }
+        if !(self.template_arn.starts_with("arn:") && self.template_arn.contains(":template/")) {
+            err(
+                "backend.templateArn",
+                format!("{:?} is not a certificate template ARN", self.template_arn),
+            );
+        }
+        if let Some(a) = &self.signing_algorithm {
+            let known = aws_sdk_acmpca::types::SigningAlgorithm::values();
+            if !known.contains(&a.as_str()) {
+                err(
+                    "backend.signingAlgorithm",
+                    format!("{a:?} is not one of {}", known.join(", ")),
+                );
+            }
+        }
+        if self.issue_timeout < Duration::from_secs(1) {
+            err("backend.issueTimeout", "must be at least 1s".into());
+        }
+        if !(self.rate_limit > 0.0 && self.rate_limit.is_finite()) {
+            err("backend.rateLimit", "must be > 0".into());
+        }
+        if self.rate_burst == 0 {
+            err("backend.rateBurst", "must be at least 1".into());
+        }
+        if self.bundle_refresh_interval < Duration::from_secs(1) {
+            err(
+                "backend.bundleRefreshInterval",
+                "must be at least 1s".into(),
+            );
         }
     }
 }
@@ -540,6 +675,7 @@ impl Config {
                     err("backend.generatedTtl", "must be at least 1h".into());
                 }
             }
+            BackendConfig::AwsPca(a) => a.validate(&mut err),
         }
         if errs.is_empty() { Ok(()) } else { Err(errs) }
     }
@@ -655,6 +791,40 @@ mod tests {
         assert!(fields.contains(&"authn.jwt[0].jwksFile"), "{fields:?}");
         assert!(fields.contains(&"server.tls.certFile"), "{fields:?}");
         assert!(fields.contains(&"server.tls.keyFile"), "{fields:?}");
+    }
+
+    #[test]
+    fn aws_pca_backend_parses_and_validation_names_fields() {
+        let arn = "arn:aws:acm-pca:eu-west-1:111122223333:certificate-authority/abc";
+        let cfg = Config::parse(&format!("backend:\n  type: awsPca\n  caArn: {arn}\n")).unwrap();
+        let BackendConfig::AwsPca(a) = &cfg.backend else {
+            panic!("not awsPca")
+        };
+        assert_eq!(a.template_arn, AWS_PCA_DEFAULT_TEMPLATE);
+        assert_eq!(a.effective_region().as_deref(), Some("eu-west-1"));
+        assert_eq!(a.rate_limit, 20.0);
+        assert!(cfg.validate().is_ok());
+
+        let (field, msg) = Config::parse("backend:\n  type: awsPca\n  caArm: x\n").unwrap_err();
+        assert!(field.starts_with("backend"), "{field}");
+        assert!(msg.contains("caArm"), "{msg}");
+
+        let cfg = Config::parse(
+            "backend:\n  type: awsPca\n  caArn: nope\n  rateLimit: 0\n  rateBurst: 0\n  signingAlgorithm: MD5\n  issueTimeout: 10ms\n",
+        )
+        .unwrap();
+        let errs = cfg.validate().unwrap_err();
+        let fields: Vec<_> = errs.iter().map(|e| e.field.as_str()).collect();
+        for f in [
+            "backend.caArn",
+            "backend.region",
+            "backend.rateLimit",
+            "backend.rateBurst",
+            "backend.signingAlgorithm",
+            "backend.issueTimeout",
+        ] {
+            assert!(fields.contains(&f), "{f} missing from {fields:?}");
+        }
     }
 
     #[test]

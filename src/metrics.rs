@@ -34,6 +34,11 @@ pub struct Metrics {
     pub serving_cert_rotations: IntCounter,
     pub serving_cert_errors: IntCounter,
     pub build_info: IntGaugeVec,
+    // Remote backends (rate limits, quotas, what came back).
+    pub backend_throttles: IntCounterVec,
+    pub backend_rate_limit_wait: HistogramVec,
+    pub backend_retries: IntCounterVec,
+    pub backend_ttl_exceeded: IntCounterVec,
 }
 
 /// Latency buckets from 0.5 ms to 30 s: local signing is sub-millisecond, remote
@@ -221,6 +226,46 @@ impl Metrics {
                 IntGaugeVec,
                 Opts::new("istio_ca_bridge_build_info", "Build information; always 1."),
                 &["version"],
+                true
+            ),
+            backend_throttles: new!(
+                IntCounterVec,
+                Opts::new(
+                    "istio_ca_bridge_backend_throttles_total",
+                    "Throttled backend calls: source=remote for the backend's own throttling \
+                     answers, source=local for calls refused by the client-side rate limit."
+                ),
+                &["backend", "source"],
+                true
+            ),
+            backend_rate_limit_wait: new!(
+                HistogramVec,
+                HistogramOpts::new(
+                    "istio_ca_bridge_backend_rate_limit_wait_seconds",
+                    "Time a backend call waited for the client-side rate limit."
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+                &["backend"],
+                true
+            ),
+            backend_retries: new!(
+                IntCounterVec,
+                Opts::new(
+                    "istio_ca_bridge_backend_retries_total",
+                    "Backend calls repeated within one request, by reason \
+                     (throttled, transient, in_progress)."
+                ),
+                &["backend", "reason"],
+                true
+            ),
+            backend_ttl_exceeded: new!(
+                IntCounterVec,
+                Opts::new(
+                    "istio_ca_bridge_backend_ttl_exceeded_total",
+                    "Certificates the backend issued with a longer lifetime than requested \
+                     (accepted, see the backend docs)."
+                ),
+                &["backend"],
                 true
             ),
             registry,
