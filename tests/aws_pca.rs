@@ -58,6 +58,7 @@ impl Moto {
     async fn start() -> Moto {
         require_tool("moto_server", "pip install \"moto[server]\"");
         aws_test_env();
+        istio_ca_bridge::install_crypto_provider();
         let port = free_port();
         let child = Command::new("moto_server")
             .args(["-p", &port.to_string(), "-H", "127.0.0.1"])
@@ -307,7 +308,12 @@ impl Proxy {
         let addr: SocketAddr = l.local_addr().unwrap();
         let state = Arc::new(ProxyState {
             upstream: upstream.to_string(),
-            http: reqwest::Client::new(),
+            // A fresh connection per call: moto's server closes idle keep-alive connections
+            // in a way that races with reuse.
+            http: reqwest::Client::builder()
+                .pool_max_idle_per_host(0)
+                .build()
+                .unwrap(),
             faults: Mutex::new(Faults::default()),
             stats: Mutex::new(Stats::default()),
             answered: Mutex::new(HashMap::new()),
@@ -397,7 +403,10 @@ async fn forward(st: &ProxyState, headers: &[(String, String)], body: Vec<u8>) -
             req = req.header(k, v);
         }
     }
-    let resp = req.send().await.expect("moto answers");
+    let resp = req
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("moto does not answer: {e:?}"));
     let status = resp.status().as_u16();
     (status, resp.bytes().await.unwrap().to_vec())
 }
@@ -631,18 +640,23 @@ async fn faults_are_retried_within_the_deadline_and_never_issue_twice() {
     b.shutdown().await.unwrap();
 }
 
+/// A restart storm: 500 concurrent calls against a bucket of 5/s (burst 5). moto signs
+/// about a dozen certificates a second on this machine, so the rate stays well below that;
+/// the bucket must hold it, hand out only slots that leave time to finish within
+/// `issueTimeout`, and refuse the rest at once with RESOURCE_EXHAUSTED (never reaching AWS).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_bucket_holds_the_configured_rate_under_a_burst() {
     const CALLS: usize = 500;
-    const RATE: f64 = 50.0;
-    const BURST: u32 = 10;
+    const RATE: f64 = 5.0;
+    const BURST: u32 = 5;
+    const ISSUE_TIMEOUT: Duration = Duration::from_secs(8);
     let moto = Moto::start().await;
     let (arn, _) = create_root_ca(&moto.url).await;
     let proxy = Proxy::start(&moto.url).await;
     let b = Bridge::start_with(|c| {
-        c.server.request_timeout = Duration::from_secs(25);
+        c.server.request_timeout = Duration::from_secs(15);
         aws_backend(c, &arn, &proxy.url, |a| {
-            a.issue_timeout = Duration::from_secs(20);
+            a.issue_timeout = ISSUE_TIMEOUT;
             a.rate_limit = RATE;
             a.rate_burst = BURST;
         })
@@ -658,7 +672,7 @@ async fn token_bucket_holds_the_configured_rate_under_a_burst() {
         clients.push(b.client().await);
     }
     // Let the bucket refill after the serving certificate.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
     proxy.take_stats();
     let start = Instant::now();
     let calls = csrs.into_iter().enumerate().map(|(i, csr)| {
@@ -668,27 +682,36 @@ async fn token_bucket_holds_the_configured_rate_under_a_burst() {
     });
     let results = futures::future::join_all(calls).await;
     let took = start.elapsed();
-    let failed: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
-    assert!(
-        failed.is_empty(),
-        "{} failed: {:?}",
-        failed.len(),
-        &failed[..failed.len().min(5)]
-    );
-    let s = proxy.take_stats();
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    let exhausted = results
+        .iter()
+        .filter(|r| **r == Err(Code::ResourceExhausted))
+        .count();
     assert_eq!(
-        s.forward_times.len(),
+        ok + exhausted,
         CALLS,
-        "one IssueCertificate per call"
+        "only OK or RESOURCE_EXHAUSTED: {results:?}"
     );
-    assert!(s.forwarded.values().all(|n| *n == 1));
+    // Slots are handed out while they leave 2 s of the 8 s budget: burst + 6 s of rate.
+    let expected = f64::from(BURST) + RATE * 6.0;
+    assert!(
+        (ok as f64 - expected).abs() <= 3.0,
+        "{ok} issued, expected about {expected}"
+    );
+    assert!(took < ISSUE_TIMEOUT + Duration::from_secs(3), "{took:?}");
+    let s = proxy.take_stats();
+    assert_eq!(s.forward_times.len(), ok, "refused calls never reach AWS");
+    assert!(
+        s.forwarded.values().all(|n| *n == 1),
+        "no token issued twice"
+    );
     let mut t = s.forward_times.clone();
     t.sort();
-    let span = (t[CALLS - 1] - t[0]).as_secs_f64();
-    let ideal = (CALLS as f64 - f64::from(BURST)) / RATE;
+    let span = (t[ok - 1] - t[0]).as_secs_f64();
+    let ideal = (ok as f64 - f64::from(BURST)) / RATE;
     assert!(
         span >= ideal - 0.3,
-        "{CALLS} calls spread over {span:.2}s, expected >= {ideal:.2}s"
+        "{ok} calls spread over {span:.2}s, expected >= {ideal:.2}s"
     );
     // No one-second window sees more than the rate plus the burst.
     let mut worst = 0;
@@ -700,17 +723,23 @@ async fn token_bucket_holds_the_configured_rate_under_a_burst() {
         worst = worst.max(n);
     }
     assert!(
-        worst <= RATE as usize + BURST as usize + 2,
+        worst <= RATE as usize + BURST as usize + 1,
         "{worst} IssueCertificate calls within one second"
     );
+    let local = b
+        .metrics
+        .backend_throttles
+        .with_label_values(&["aws_pca", "local"])
+        .get();
+    assert_eq!(local as usize, exhausted);
     let waits = b
         .metrics
         .backend_rate_limit_wait
         .with_label_values(&["aws_pca"])
         .get_sample_count();
-    assert!(waits >= CALLS as u64);
+    assert!(waits as usize >= ok);
     eprintln!(
-        "{CALLS} calls in {took:?}; IssueCertificate span {span:.2}s, busiest second {worst}"
+        "{CALLS} calls in {took:?}: {ok} issued over {span:.2}s (busiest second {worst}), {exhausted} RESOURCE_EXHAUSTED"
     );
     b.shutdown().await.unwrap();
 }

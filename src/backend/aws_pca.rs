@@ -310,10 +310,14 @@ impl AwsPca {
         }
     }
 
-    /// Waits for a token of the bucket, or fails with `Throttled` if none comes in time.
+    /// Waits for a token of the bucket, or fails with `Throttled` at once if none comes in
+    /// time. A slot is only taken if it leaves room for the calls themselves (a quarter of
+    /// `issueTimeout`, at most 2 s): a caller refused now can retry elsewhere, a caller whose
+    /// slot comes too late would just time out after using up quota.
     async fn rate_limit(&self, deadline: Instant) -> Result<(), SignError> {
         let left = deadline.saturating_duration_since(Instant::now());
-        match self.bucket.reserve(left) {
+        let call_budget = (self.cfg.issue_timeout / 4).min(Duration::from_secs(2));
+        match self.bucket.reserve(left.saturating_sub(call_budget)) {
             Ok(wait) => {
                 if let Some(m) = self.metrics.get() {
                     m.backend_rate_limit_wait
