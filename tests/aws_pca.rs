@@ -186,6 +186,16 @@ fn aws_backend(
     c.backend = BackendConfig::AwsPca(a);
 }
 
+/// A self-signed CA certificate (PEM) standing for another root to trust.
+fn other_root(name: &str) -> String {
+    let key = pki::generate_key(KeyType::EcdsaP256).unwrap();
+    let mut p = rcgen::CertificateParams::new(vec![]).unwrap();
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, name.to_string());
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.self_signed(&key).unwrap().pem()
+}
+
 fn write(dir: &std::path::Path, name: &str, data: &str) -> String {
     let p = dir.join(name);
     std::fs::write(&p, data).unwrap();
@@ -196,12 +206,24 @@ fn write(dir: &std::path::Path, name: &str, data: &str) -> String {
 async fn istio_csrs_get_chains_to_the_private_ca_root() {
     let moto = Moto::start().await;
     let (arn, root) = create_root_ca(&moto.url).await;
-    let b = Bridge::start_with(|c| aws_backend(c, &arn, &moto.url, |_| {})).await;
+    let extra_dir = tempfile::tempdir().unwrap();
+    let extra_file = extra_dir.path().join("extra-roots.pem");
+    let extra_a = other_root("next root A");
+    std::fs::write(&extra_file, &extra_a).unwrap();
+    let b = Bridge::start_with(|c| {
+        aws_backend(c, &arn, &moto.url, |a| {
+            a.extra_roots_file = Some(extra_file.clone());
+            a.bundle_refresh_interval = Duration::from_secs(1);
+        })
+    })
+    .await;
     assert_eq!(b.signer.kind(), "aws_pca");
-    // The bundle is the CA's root, read with GetCertificateAuthorityCertificate.
+    // The bundle is the CA's root (GetCertificateAuthorityCertificate) plus the extra roots.
+    let pca_root = pki::parse_certs_pem(root.as_bytes()).unwrap().remove(0);
+    let roots = |pem: &str| pki::parse_certs_pem(pem.as_bytes()).unwrap();
     assert_eq!(
-        pki::parse_certs_pem(b.root_pem().as_bytes()).unwrap(),
-        pki::parse_certs_pem(root.as_bytes()).unwrap()
+        roots(&b.root_pem()),
+        vec![pca_root.clone(), roots(&extra_a).remove(0)]
     );
     // The serving certificate came from the Private CA too: this client trusts only its root.
     let mut client = b.client().await;
@@ -247,6 +269,19 @@ async fn istio_csrs_get_chains_to_the_private_ca_root() {
         assert!(life > 300 * 86400, "moto signs for a year: {life}");
     }
     assert_eq!(exceeded() - before, 3, "every over-long leaf is counted");
+
+    // The bundle is re-read periodically: a changed extra roots file shows up by itself.
+    let extra_b = other_root("next root B");
+    std::fs::write(&extra_file, &extra_b).unwrap();
+    let want = vec![pca_root, roots(&extra_b).remove(0)];
+    let start = Instant::now();
+    while roots(&b.root_pem()) != want {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "bundle not refreshed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let (_, metrics) = b.admin_get("/metrics").await;
     assert!(
         metrics.contains("istio_ca_bridge_backend_ttl_exceeded_total{backend=\"aws_pca\"}"),
