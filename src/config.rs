@@ -675,7 +675,17 @@ impl Config {
                     err("backend.generatedTtl", "must be at least 1h".into());
                 }
             }
-            BackendConfig::AwsPca(a) => a.validate(&mut err),
+            BackendConfig::AwsPca(a) => {
+                a.validate(&mut err);
+                if a.issue_timeout >= s.request_timeout {
+                    err(
+                        "backend.issueTimeout",
+                        "must be below server.requestTimeout (callers then get the backend's \
+                         RESOURCE_EXHAUSTED / UNAVAILABLE instead of a generic timeout)"
+                            .into(),
+                    );
+                }
+            }
         }
         if errs.is_empty() { Ok(()) } else { Err(errs) }
     }
@@ -825,6 +835,17 @@ mod tests {
         ] {
             assert!(fields.contains(&f), "{f} missing from {fields:?}");
         }
+
+        let cfg = Config::parse(&format!(
+            "backend:\n  type: awsPca\n  caArn: {arn}\n  issueTimeout: 10s\n"
+        ))
+        .unwrap();
+        let errs = cfg.validate().unwrap_err();
+        assert_eq!(errs[0].field, "backend.issueTimeout", "{errs:?}");
+        assert!(
+            errs[0].message.contains("server.requestTimeout"),
+            "{errs:?}"
+        );
     }
 
     #[test]

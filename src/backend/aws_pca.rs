@@ -346,15 +346,26 @@ impl AwsPca {
     async fn issue(&self, req: &SignRequest, deadline: Instant) -> Result<String, SignError> {
         let csr_pem = pki::pem_encode("CERTIFICATE REQUEST", &req.csr_der);
         let token = idempotency_token(req);
+        // NotAfter: now + TTL, never past the CA's own NotAfter (AWS refuses that), rounded
+        // down to the minute so that a retry sends the very same parameters.
+        let now = pki::unix_secs(SystemTime::now());
+        let mut not_after = (now + req.ttl.as_secs() as i64) / 60 * 60;
+        if let Some(ca_not_after) = *self.ca.not_after.lock().expect("lock") {
+            not_after = not_after.min(ca_not_after);
+        }
+        if not_after <= now {
+            return Err(SignError::Unavailable(
+                "the AWS Private CA certificate expires now".into(),
+            ));
+        }
+        let validity = Validity::builder()
+            .r#type(ValidityPeriodType::Absolute)
+            .value(not_after)
+            .build()
+            .map_err(|e| SignError::Internal(format!("validity: {e}")))?;
         let mut attempt = 0u32;
         loop {
             self.rate_limit(deadline).await?;
-            let not_after = pki::unix_secs(SystemTime::now()) + req.ttl.as_secs() as i64;
-            let validity = Validity::builder()
-                .r#type(ValidityPeriodType::Absolute)
-                .value(not_after)
-                .build()
-                .map_err(|e| SignError::Internal(format!("validity: {e}")))?;
             let call = self
                 .client
                 .issue_certificate()
@@ -362,7 +373,7 @@ impl AwsPca {
                 .csr(Blob::new(csr_pem.as_bytes()))
                 .signing_algorithm(self.signing_algorithm.clone())
                 .template_arn(&self.cfg.template_arn)
-                .validity(validity)
+                .validity(validity.clone())
                 .idempotency_token(&token)
                 .send();
             let failure = match tokio::time::timeout_at(deadline, call).await {
