@@ -293,6 +293,8 @@ impl Default for PolicyConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "camelCase", deny_unknown_fields)]
+// Parsed once at start; boxing the variants would only make every use site noisier.
+#[allow(clippy::large_enum_variant)]
 pub enum BackendConfig {
     /// The embedded CA: signs in-process with a key from files or the state directory.
     Local(LocalBackendConfig),
@@ -932,6 +934,103 @@ mod tests {
         assert!(fields.contains(&"authn.jwt[0].jwksFile"), "{fields:?}");
         assert!(fields.contains(&"server.tls.certFile"), "{fields:?}");
         assert!(fields.contains(&"server.tls.keyFile"), "{fields:?}");
+    }
+
+    const VAULT: &str =
+        "backend:\n  type: vault\n  address: https://vault:8200\n  mount: pki_int\n  role: r\n";
+
+    #[test]
+    fn vault_backend_parses_every_auth_method() {
+        for auth in [
+            "method: token\n    tokenFile: /t",
+            "method: token\n    tokenEnv: VAULT_TOKEN",
+            "method: kubernetes\n    role: bridge",
+            "method: approle\n    roleIdFile: /r\n    secretIdFile: /s",
+            "method: jwt\n    tokenFile: /j\n    role: bridge",
+        ] {
+            let cfg = Config::parse(&format!("{VAULT}  auth:\n    {auth}\n"))
+                .unwrap_or_else(|e| panic!("{auth}: {e:?}"));
+            cfg.validate().unwrap_or_else(|e| panic!("{auth}: {e:?}"));
+            let BackendConfig::Vault(v) = &cfg.backend else {
+                panic!("not vault")
+            };
+            assert_eq!(v.request_timeout, Duration::from_secs(5));
+            assert!(v.roots_from_mount);
+        }
+        let cfg = Config::parse(&format!(
+            "{VAULT}  auth:\n    method: kubernetes\n    role: b\n"
+        ))
+        .unwrap();
+        let BackendConfig::Vault(v) = &cfg.backend else {
+            panic!()
+        };
+        let VaultAuthConfig::Kubernetes(k) = &v.auth else {
+            panic!()
+        };
+        assert_eq!(k.mount, "kubernetes");
+        assert_eq!(
+            k.token_file,
+            PathBuf::from("/var/run/secrets/kubernetes.io/serviceaccount/token")
+        );
+    }
+
+    #[test]
+    fn vault_unknown_fields_and_bad_values_are_named() {
+        let (field, msg) = Config::parse(&format!(
+            "{VAULT}  auth:\n    method: approle\n    roleIdFile: /r\n    secretId: oops\n"
+        ))
+        .unwrap_err();
+        assert!(field.starts_with("backend"), "{field}");
+        assert!(msg.contains("secretId"), "{msg}");
+        let (_, msg) = Config::parse(&format!("{VAULT}  auth:\n    method: ldap\n")).unwrap_err();
+        assert!(msg.contains("ldap"), "{msg}");
+
+        let cfg = Config::parse(
+            "backend:\n  type: vault\n  address: vault:8200/v1\n  mount: /pki/\n  role: ''\n  \
+             requestTimeout: 0s\n  rootsFromMount: false\n  tls:\n    clientCertFile: /c\n  \
+             auth:\n    method: token\n",
+        )
+        .unwrap();
+        let fields: Vec<String> = cfg
+            .validate()
+            .unwrap_err()
+            .into_iter()
+            .map(|e| e.field)
+            .collect();
+        for f in [
+            "backend.address",
+            "backend.mount",
+            "backend.role",
+            "backend.requestTimeout",
+            "backend.rootBundleFile",
+            "backend.tls.clientKeyFile",
+            "backend.auth.tokenFile",
+        ] {
+            assert!(fields.iter().any(|x| x == f), "{f} not in {fields:?}");
+        }
+        let cfg = Config::parse(&format!(
+            "{VAULT}  auth:\n    method: token\n    tokenFile: /t\n    tokenEnv: X\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            cfg.validate().unwrap_err()[0].field,
+            "backend.auth.tokenFile"
+        );
+        let cfg = Config::parse(
+            "backend:\n  type: vault\n  address: https://vault:8200/v1\n  role: r\n  auth:\n    method: token\n    tokenEnv: T\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.validate().unwrap_err()[0].field, "backend.address");
+    }
+
+    #[test]
+    fn vault_config_holds_no_secret_values() {
+        let cfg = Config::parse(&format!(
+            "{VAULT}  auth:\n    method: approle\n    roleIdFile: /r\n    secretIdFile: /s\n"
+        ))
+        .unwrap();
+        let json = cfg.redacted_json().to_string();
+        assert!(json.contains("\"secretIdFile\":\"/s\""), "{json}");
     }
 
     #[test]
