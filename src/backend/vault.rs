@@ -57,6 +57,11 @@ const KIND: &str = "vault";
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// Upper bound of the retry backoff for renewals and logins.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// How long a refused fresh token (policy problem) keeps the backend not ready.
+const DENIED_NOT_READY: Duration = Duration::from_secs(30);
+/// A failed login is reused for this long by callers that queued behind it, so a burst
+/// of requests with broken credentials makes one login attempt, not one each.
+const LOGIN_FAILURE_REUSE: Duration = Duration::from_secs(1);
 /// Never schedule token work closer than this (tokens with tiny TTLs).
 const MIN_WAIT: Duration = Duration::from_millis(250);
 
@@ -72,7 +77,7 @@ pub enum VaultError {
 }
 
 /// The outcome of one failed call to Vault, before it is given a meaning.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 enum CallError {
     #[error("cannot reach vault: {0}")]
     Transport(String),
@@ -192,6 +197,7 @@ struct Conn {
     url: reqwest::Url,
 }
 
+#[derive(Clone)]
 enum LoginError {
     /// Vault could not be asked (down, sealed, timeout): retry.
     Transient(CallError),
@@ -589,7 +595,8 @@ struct HealthState {
     /// Logging in fails with refused or unreadable credentials (cleared by a login).
     login: Option<String>,
     /// A fresh token was refused by the sign endpoint: policy (cleared by a signature).
-    denied: Option<String>,
+    /// Time-bounded: a not-ready bridge gets no traffic to prove a fixed policy with.
+    denied: Option<(Instant, String)>,
     /// Vault cannot be reached or is sealed (cleared by any answer).
     unreachable: Option<String>,
 }
@@ -597,8 +604,9 @@ struct HealthState {
 struct Shared {
     conn: Conn,
     session: ArcSwap<Session>,
-    /// Serializes logins; callers that waited find a newer generation and skip theirs.
-    login_lock: tokio::sync::Mutex<()>,
+    /// Serializes logins; callers that waited find a newer generation and skip theirs,
+    /// or a fresh failure and return it. Holds the last failure and when it happened.
+    login_lock: tokio::sync::Mutex<Option<(Instant, LoginError)>>,
     bundle: watch::Sender<SharedBundle>,
     health: Mutex<HealthState>,
     metrics: Arc<Metrics>,
@@ -641,12 +649,21 @@ impl Shared {
 
     /// Logs in again unless someone already did since `seen` was current.
     async fn relogin(&self, seen: u64) -> Result<(), LoginError> {
-        let _g = self.login_lock.lock().await;
+        let mut last_failure = self.login_lock.lock().await;
         let current = self.session.load().generation;
         if current != seen {
             return Ok(());
         }
+        if let Some((at, e)) = &*last_failure
+            && at.elapsed() < LOGIN_FAILURE_REUSE
+        {
+            return Err(e.clone());
+        }
         let res = self.conn.login().await;
+        *last_failure = match &res {
+            Ok(_) => None,
+            Err(e) => Some((Instant::now(), e.clone())),
+        };
         self.count(&self.metrics.backend_logins, res.is_ok());
         match res {
             Ok(mut s) => {
@@ -719,7 +736,10 @@ impl Shared {
             }
             Err(e) => {
                 let e = from_vaultrs(e);
-                if e.is_transient() {
+                // Down, sealed or busy: keep the token and retry. Any other answer (403
+                // revoked, 400, and the 500 "past the max TTL, cannot renew" Vault and
+                // OpenBao give for a token at its max TTL) means: log in again.
+                if matches!(e, CallError::Transport(_)) || matches!(e.code(), Some(429 | 503)) {
                     self.mark_unreachable(&e);
                     return Err(LoginError::Transient(e));
                 }
@@ -825,7 +845,7 @@ impl VaultSigner {
                 generation: 1,
                 ..session
             }),
-            login_lock: tokio::sync::Mutex::new(()),
+            login_lock: tokio::sync::Mutex::new(None),
             bundle: tx,
             health: Mutex::new(HealthState::default()),
             metrics,
@@ -1023,7 +1043,7 @@ impl Signer for VaultSigner {
                             sh.conn.cfg.mount
                         );
                         tracing::error!(backend = KIND, error = %m, "VAULT PERMISSION DENIED");
-                        sh.set_health(|h| h.denied = Some(m.clone()));
+                        sh.set_health(|h| h.denied = Some((Instant::now(), m.clone())));
                         return Err(SignError::Unavailable(m));
                     }
                     Err(e) => return Err(sh.classify(e, role)),
@@ -1044,7 +1064,9 @@ impl Signer for VaultSigner {
         let h = self.shared.health.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(m) = &h.login {
             Health::NotReady(format!("vault login failing: {m}"))
-        } else if let Some(m) = &h.denied {
+        } else if let Some((at, m)) = &h.denied
+            && at.elapsed() < DENIED_NOT_READY
+        {
             Health::NotReady(format!("vault permission denied: {m}"))
         } else if let Some(m) = &h.unreachable {
             Health::NotReady(format!("vault unavailable: {m}"))
@@ -1088,9 +1110,9 @@ async fn token_task(sh: Arc<Shared>, stop: CancellationToken) {
             match session.lease {
                 None => (false, None),
                 Some(lease) => {
-                    let capped = session
-                        .full_lease
-                        .is_some_and(|full| lease + Duration::from_secs(1) < full);
+                    // Renewals grant the same lease each time until the max TTL is in
+                    // sight; any shorter grant means the next step is a new login.
+                    let capped = session.full_lease.is_some_and(|full| lease < full);
                     let at = session.refreshed_at + (lease * 2 / 3).max(MIN_WAIT);
                     (!session.renewable || capped, Some(at.max(now + MIN_WAIT)))
                 }
