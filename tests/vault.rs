@@ -331,6 +331,7 @@ log_level = "warn"
                 "require_cn": false, "use_csr_sans": false, "use_csr_common_name": false,
                 "key_type": "any", "key_usage": "DigitalSignature,KeyEncipherment",
                 "server_flag": true, "client_flag": true,
+                "not_before_duration": "120s",
                 "no_store": true, "generate_lease": false,
                 "ttl": "1h", "max_ttl": max_ttl,
             }),
@@ -563,6 +564,11 @@ async fn istio_csrs_are_signed_by_the_openbao_role_and_verify_to_its_root() {
             (info.not_after - (asked + 3600)).abs() <= 5,
             "TTL as requested: {info:?}"
         );
+        // Back-dated by the role's not_before_duration, like istiod's 2 minutes.
+        assert!(
+            (info.not_before - (asked - 120)).abs() <= 5,
+            "NotBefore: {info:?}"
+        );
         assert_eq!(chain[2], b.root_pem());
 
         let leaf_f = dir.join("leaf.pem");
@@ -675,6 +681,75 @@ async fn istio_csrs_are_signed_by_the_openbao_role_and_verify_to_its_root() {
     .unwrap();
     assert_eq!(chain.len(), 3);
     assert_eq!(b2.root_pem(), b.root_pem());
+
+    // Vault Enterprise / OpenBao namespaces: the bridge sends `X-Vault-Namespace` on
+    // every call (vaultrs and direct ones alike). A namespace with its own root mount,
+    // role, policy and token (created here through path-based namespace addressing).
+    bao.post("sys/namespaces/team", json!({})).await;
+    bao.post(
+        "team/sys/mounts/pki",
+        json!({"type": "pki", "config": {"max_lease_ttl": "87600h"}}),
+    )
+    .await;
+    let team_root = bao
+        .post(
+            "team/pki/root/generate/internal",
+            json!({"common_name": "Team Root", "key_type": "ec", "key_bits": 256, "ttl": "87600h"}),
+        )
+        .await["data"]["certificate"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    bao.post(
+        "team/pki/roles/spiffe",
+        json!({"allowed_uri_sans": "spiffe://cluster.local/*", "allow_localhost": true,
+               "require_cn": false, "use_csr_sans": false, "use_csr_common_name": false,
+               "key_type": "any", "no_store": true, "generate_lease": false, "max_ttl": "48h"}),
+    )
+    .await;
+    bao.post(
+        "team/sys/policies/acl/bridge",
+        json!({"policy": "path \"pki/sign/spiffe\" { capabilities = [\"update\"] }\n\
+                          path \"auth/token/renew-self\" { capabilities = [\"update\"] }\n\
+                          path \"auth/token/lookup-self\" { capabilities = [\"read\"] }\n"}),
+    )
+    .await;
+    let team_token = bao
+        .post(
+            "team/auth/token/create",
+            json!({"policies": ["bridge"], "no_default_policy": true, "ttl": "1h"}),
+        )
+        .await["auth"]["client_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let team_token_file = secrets.path().join("team-token");
+    std::fs::write(&team_token_file, &team_token).unwrap();
+    let mut nb = bao.backend(VaultAuthConfig::Token(VaultTokenAuth {
+        token_file: Some(team_token_file),
+        token_env: None,
+    }));
+    nb.namespace = Some("team".into());
+    nb.mount = "pki".into();
+    nb.server_role = None;
+    let b3 = vault_bridge(nb).await;
+    assert_eq!(
+        pki::parse_certs_pem(b3.root_pem().as_bytes()).unwrap(),
+        pki::parse_certs_pem(team_root.as_bytes()).unwrap()
+    );
+    let chain = issue(
+        &b3,
+        "default",
+        "team-app",
+        KeyType::EcdsaP256,
+        CsrShape::Ztunnel,
+        3600,
+    )
+    .await
+    .unwrap();
+    // Signed directly by the namespace's root: leaf and root bundle.
+    assert_eq!(chain.len(), 2);
+    b3.shutdown().await.unwrap();
 
     // No credential shows up in /config.
     let (_, config) = b.admin_get("/config").await;
