@@ -756,6 +756,103 @@ async fn istio_csrs_are_signed_by_the_openbao_role_and_verify_to_its_root() {
     assert!(config.contains("approle"), "{config}");
     assert!(!config.contains(secret_id.trim()), "{config}");
     b2.shutdown().await.unwrap();
+
+    // Trust bundle maintenance, 1: roots from `rootBundleFile` join the mount's root and
+    // are re-read every `rootRefreshInterval`; changes reach every reader.
+    let extra = |cn: &str| {
+        let k = pki::generate_key(KeyType::EcdsaP256).unwrap();
+        let mut p = rcgen::CertificateParams::new(vec![]).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        p.self_signed(&k).unwrap().pem()
+    };
+    let (extra1, extra2) = (extra("Extra Root 1"), extra("Extra Root 2"));
+    let extra_file = secrets.path().join("extra-roots.pem");
+    std::fs::write(&extra_file, &extra1).unwrap();
+    let mut be = b.cfg.backend.clone();
+    if let BackendConfig::Vault(v) = &mut be {
+        v.root_bundle_file = Some(extra_file.clone());
+        v.root_refresh_interval = Duration::from_secs(1);
+    }
+    let b4 = Bridge::start_with(move |cfg| cfg.backend = be).await;
+    let roots = |b: &Bridge| pki::parse_certs_pem(b.root_pem().as_bytes()).unwrap();
+    let der = |pem: &str| pki::parse_certs_pem(pem.as_bytes()).unwrap().remove(0);
+    assert_eq!(roots(&b4), vec![der(&bao.root_pem), der(&extra1)]);
+    std::fs::write(&extra_file, &extra2).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    // The gauge is updated by the app's bundle watcher, right after the change.
+    while roots(&b4) != vec![der(&bao.root_pem), der(&extra2)]
+        || !b4
+            .metrics
+            .render()
+            .contains("istio_ca_bridge_trust_bundle_roots 2")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "bundle file change not picked up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    b4.shutdown().await.unwrap();
+
+    // 2: the root rotates in OpenBao (a new root in `pki`, a new intermediate in
+    // `pki_int` signed by it and made the default issuer). The first certificate from the
+    // new chain does not verify against the old bundle, so the bridge re-reads the roots
+    // at once instead of waiting for the refresh interval (b refreshes every 5 minutes).
+    let new_root = bao
+        .post(
+            "pki/root/rotate/internal",
+            json!({"common_name": "OpenBao Test Root 2", "key_type": "ec", "key_bits": 256, "ttl": "87600h"}),
+        )
+        .await;
+    let new_root_id = new_root["data"]["issuer_id"].as_str().unwrap().to_string();
+    let new_root_pem = new_root["data"]["certificate"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let csr = bao
+        .post(
+            "pki_int/intermediate/generate/internal",
+            json!({"common_name": "OpenBao Test Intermediate 2", "key_type": "ec", "key_bits": 256}),
+        )
+        .await["data"]["csr"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let signed = bao
+        .post(
+            &format!("pki/issuer/{new_root_id}/sign-intermediate"),
+            json!({"csr": csr, "format": "pem_bundle", "ttl": "43800h"}),
+        )
+        .await;
+    let imported = bao
+        .post(
+            "pki_int/intermediate/set-signed",
+            json!({"certificate": signed["data"]["certificate"]}),
+        )
+        .await;
+    // The imported issuer that has a key is the new intermediate.
+    let new_int = imported["data"]["mapping"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .find(|(_, key)| !key.as_str().unwrap_or_default().is_empty())
+        .map(|(issuer, _)| issuer.clone())
+        .unwrap();
+    bao.post("pki_int/config/issuers", json!({"default": new_int}))
+        .await;
+    let chain = issue(
+        &b,
+        "default",
+        "after-rotation",
+        KeyType::EcdsaP256,
+        CsrShape::Ztunnel,
+        3600,
+    )
+    .await
+    .unwrap();
+    assert_eq!(roots(&b), vec![der(&new_root_pem)]);
+    assert_eq!(chain[2], b.root_pem());
     b.shutdown().await.unwrap();
     eprintln!("signing test took {:?}", t0.elapsed());
 }
