@@ -169,23 +169,63 @@ struct Session {
     client: VaultClient,
     /// Bumped at every login, so concurrent callers that saw a refused token log in once.
     generation: u64,
-    /// When the token was obtained or last renewed, and the lease granted then.
-    refreshed_at: Instant,
-    /// `None`: the token does not expire (e.g. a root token).
-    lease: Option<Duration>,
-    renewable: bool,
-    /// The longest lease a login or renewal granted this token; a renewal granting
-    /// noticeably less has hit the token's max TTL, so the next step is a new login.
-    full_lease: Option<Duration>,
+    life: Lifetime,
 }
 
 impl Session {
     fn token(&self) -> &str {
         &self.client.settings.token
     }
+}
 
+/// What Vault told us about a token's lifetime, at login or the last renewal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Lifetime {
+    /// When the token was obtained or last renewed, and the lease granted then.
+    refreshed_at: Instant,
+    /// `None`: the token does not expire (e.g. a root token).
+    lease: Option<Duration>,
+    renewable: bool,
+    /// The longest lease a login or renewal granted this token; a renewal granting less
+    /// has hit the token's max TTL, so the next step is a new login.
+    full_lease: Option<Duration>,
+}
+
+/// The token task's next step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Renew,
+    Login,
+}
+
+impl Lifetime {
     fn expires_at(&self) -> Option<Instant> {
         self.lease.map(|l| self.refreshed_at + l)
+    }
+
+    /// What to do next and when (`None`: nothing until something happens). Renew at 2/3
+    /// of the lease; log in instead when the token cannot be renewed or renewals have
+    /// started to shrink (max TTL in sight); after failures, retry with backoff, logging
+    /// in if the token has expired meanwhile or logins are what failed.
+    fn plan(&self, now: Instant, login_broken: bool, failures: u32) -> Option<(Step, Instant)> {
+        if login_broken || failures > 0 {
+            let expired = self.expires_at().is_some_and(|e| e <= now);
+            let step = if login_broken || expired {
+                Step::Login
+            } else {
+                Step::Renew
+            };
+            return Some((step, now + backoff(failures)));
+        }
+        let lease = self.lease?;
+        let capped = self.full_lease.is_some_and(|full| lease < full);
+        let at = (self.refreshed_at + (lease * 2 / 3).max(MIN_WAIT)).max(now + MIN_WAIT);
+        let step = if !self.renewable || capped {
+            Step::Login
+        } else {
+            Step::Renew
+        };
+        Some((step, at))
     }
 }
 
@@ -376,12 +416,14 @@ impl Conn {
                 return Ok(Session {
                     client,
                     generation: 0,
-                    refreshed_at: Instant::now(),
-                    lease,
-                    renewable: info.renewable,
-                    // What remains of a given token says nothing about what a renewal
-                    // grants; the first renewal will tell.
-                    full_lease: None,
+                    life: Lifetime {
+                        refreshed_at: Instant::now(),
+                        lease,
+                        renewable: info.renewable,
+                        // What remains of a given token says nothing about what a
+                        // renewal grants; the first renewal will tell.
+                        full_lease: None,
+                    },
                 });
             }
             VaultAuthConfig::AppRole(a) => {
@@ -408,10 +450,12 @@ impl Conn {
         Ok(Session {
             client: self.vaultrs(&auth.client_token),
             generation: 0,
-            refreshed_at: Instant::now(),
-            lease,
-            renewable: auth.renewable,
-            full_lease: lease,
+            life: Lifetime {
+                refreshed_at: Instant::now(),
+                lease,
+                renewable: auth.renewable,
+                full_lease: lease,
+            },
         })
     }
 
@@ -671,8 +715,8 @@ impl Shared {
                 tracing::info!(
                     backend = KIND,
                     generation = s.generation,
-                    lease_secs = s.lease.map(|l| l.as_secs()),
-                    renewable = s.renewable,
+                    lease_secs = s.life.lease.map(|l| l.as_secs()),
+                    renewable = s.life.renewable,
                     "logged in to vault"
                 );
                 self.session.store(Arc::new(s));
@@ -714,12 +758,14 @@ impl Shared {
                 let renewed = Session {
                     client: self.conn.vaultrs(session.token()),
                     generation: session.generation,
-                    refreshed_at: Instant::now(),
-                    lease,
-                    renewable: auth.renewable,
-                    full_lease: match (session.full_lease, lease) {
-                        (Some(a), Some(b)) => Some(a.max(b)),
-                        (a, b) => a.or(b),
+                    life: Lifetime {
+                        refreshed_at: Instant::now(),
+                        lease,
+                        renewable: auth.renewable,
+                        full_lease: match (session.life.full_lease, lease) {
+                            (Some(a), Some(b)) => Some(a.max(b)),
+                            (a, b) => a.or(b),
+                        },
                     },
                 };
                 let _g = self.login_lock.lock().await;
@@ -834,8 +880,8 @@ impl VaultSigner {
             mount = %cfg.mount,
             role = %cfg.role,
             roots = bundle.roots().len(),
-            lease_secs = session.lease.map(|l| l.as_secs()),
-            renewable = session.renewable,
+            lease_secs = session.life.lease.map(|l| l.as_secs()),
+            renewable = session.life.renewable,
             "connected to vault"
         );
         let (tx, _) = watch::channel(Arc::new(bundle));
@@ -1101,29 +1147,13 @@ async fn token_task(sh: Arc<Shared>, stop: CancellationToken) {
             .unwrap_or_else(|e| e.into_inner())
             .login
             .is_some();
-        let now = Instant::now();
-        // What to do next, and when.
-        let (relogin, at) = if login_broken || failures > 0 {
-            let expired = session.expires_at().is_some_and(|e| e <= now);
-            (login_broken || expired, Some(now + backoff(failures)))
-        } else {
-            match session.lease {
-                None => (false, None),
-                Some(lease) => {
-                    // Renewals grant the same lease each time until the max TTL is in
-                    // sight; any shorter grant means the next step is a new login.
-                    let capped = session.full_lease.is_some_and(|full| lease < full);
-                    let at = session.refreshed_at + (lease * 2 / 3).max(MIN_WAIT);
-                    (!session.renewable || capped, Some(at.max(now + MIN_WAIT)))
-                }
-            }
-        };
+        let plan = session.life.plan(Instant::now(), login_broken, failures);
         let woken = tokio::select! {
             _ = stop.cancelled() => return,
             _ = sh.token_event.notified() => true,
             _ = async {
-                match at {
-                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                match plan {
+                    Some((_, at)) => tokio::time::sleep_until(at.into()).await,
                     None => std::future::pending().await,
                 }
             } => false,
@@ -1134,10 +1164,10 @@ async fn token_task(sh: Arc<Shared>, stop: CancellationToken) {
             continue;
         }
         let session = sh.session.load_full();
-        let res = if relogin {
-            sh.relogin(session.generation).await
-        } else {
-            sh.renew(&session).await
+        let res = match plan {
+            Some((Step::Login, _)) => sh.relogin(session.generation).await,
+            Some((Step::Renew, _)) => sh.renew(&session).await,
+            None => continue,
         };
         match res {
             Ok(()) => failures = 0,
@@ -1188,5 +1218,77 @@ async fn probe_task(sh: Arc<Shared>, stop: CancellationToken) {
             }
             Err(e) => sh.set_health(|h| h.unreachable = Some(e.to_string())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    fn life(now: Instant, lease: Option<u64>, renewable: bool, full: Option<u64>) -> Lifetime {
+        Lifetime {
+            refreshed_at: now,
+            lease: lease.map(S),
+            renewable,
+            full_lease: full.map(S),
+        }
+    }
+
+    #[test]
+    fn renews_at_two_thirds_of_the_lease_while_renewals_grant_the_full_lease() {
+        let now = Instant::now();
+        let l = life(now, Some(3600), true, Some(3600));
+        assert_eq!(l.plan(now, false, 0), Some((Step::Renew, now + S(2400))));
+    }
+
+    #[test]
+    fn logs_in_when_renewals_shrink_or_the_token_is_not_renewable() {
+        let now = Instant::now();
+        // max TTL in sight: the renewal granted 2 s of a 3 s token.
+        let capped = life(now, Some(2), true, Some(3));
+        assert_eq!(capped.plan(now, false, 0).unwrap().0, Step::Login);
+        let fixed = life(now, Some(60), false, Some(60));
+        assert_eq!(fixed.plan(now, false, 0), Some((Step::Login, now + S(40))));
+    }
+
+    #[test]
+    fn a_token_given_to_the_bridge_is_renewed_before_its_full_lease_is_known() {
+        let now = Instant::now();
+        let given = life(now, Some(1), true, None);
+        let (step, at) = given.plan(now, false, 0).unwrap();
+        assert_eq!(step, Step::Renew);
+        assert!(at <= now + S(1));
+    }
+
+    #[test]
+    fn tokens_without_expiry_need_nothing() {
+        let now = Instant::now();
+        assert_eq!(life(now, None, false, None).plan(now, false, 0), None);
+    }
+
+    #[test]
+    fn failures_back_off_and_log_in_once_the_token_is_gone() {
+        let now = Instant::now();
+        let l = life(now, Some(10), true, Some(10));
+        assert_eq!(l.plan(now, false, 1), Some((Step::Renew, now + backoff(1))));
+        let later = now + S(11);
+        assert_eq!(
+            l.plan(later, false, 3),
+            Some((Step::Login, later + backoff(3)))
+        );
+        assert_eq!(l.plan(now, true, 0).unwrap().0, Step::Login);
+        assert_eq!(backoff(1), Duration::from_millis(500));
+        assert_eq!(backoff(2), S(1));
+        assert_eq!(backoff(20), MAX_BACKOFF);
+    }
+
+    #[test]
+    fn never_schedules_in_a_tight_loop() {
+        let now = Instant::now();
+        let expired = life(now - S(100), Some(0), true, Some(3));
+        let (_, at) = expired.plan(now, false, 0).unwrap();
+        assert!(at >= now + MIN_WAIT);
     }
 }
