@@ -637,6 +637,45 @@ async fn istio_csrs_are_signed_by_the_openbao_role_and_verify_to_its_root() {
     let (code, _) = ready(&b).await;
     assert_eq!(code, 200, "a rejection does not make the backend unready");
 
+    // Vault throttling (a rate-limit quota on the mount answers 429): RESOURCE_EXHAUSTED,
+    // which clients back off from; the backend stays ready.
+    bao.post(
+        "sys/quotas/rate-limit/sign",
+        json!({"path": "pki_int/", "rate": 1, "interval": "1s"}),
+    )
+    .await;
+    let mut codes = Vec::new();
+    for _ in 0..4 {
+        codes.push(
+            issue(
+                &b,
+                "default",
+                "busy",
+                KeyType::EcdsaP256,
+                CsrShape::Ztunnel,
+                3600,
+            )
+            .await
+            .map(|_| Code::Ok)
+            .unwrap_or_else(|s| s.code()),
+        );
+    }
+    assert!(codes.contains(&Code::ResourceExhausted), "{codes:?}");
+    assert!(
+        codes
+            .iter()
+            .all(|c| matches!(c, Code::Ok | Code::ResourceExhausted)),
+        "{codes:?}"
+    );
+    let (code, _) = ready(&b).await;
+    assert_eq!(code, 200, "throttling does not make the backend unready");
+    bao.api(
+        reqwest::Method::DELETE,
+        "sys/quotas/rate-limit/sign",
+        json!({}),
+    )
+    .await;
+
     // Vault puts the identity the bridge sends (uri_sans) into the certificate, not the
     // names of the CSR (role use_csr_sans=false): a CSR naming another identity still
     // yields exactly the checked identity.

@@ -786,7 +786,9 @@ impl Shared {
                 // revoked, 400, and the 500 "past the max TTL, cannot renew" Vault and
                 // OpenBao give for a token at its max TTL) means: log in again.
                 if matches!(e, CallError::Transport(_)) || matches!(e.code(), Some(429 | 503)) {
-                    self.mark_unreachable(&e);
+                    if e.code() != Some(429) {
+                        self.mark_unreachable(&e);
+                    }
                     return Err(LoginError::Transient(e));
                 }
                 tracing::info!(backend = KIND, error = %e, "vault refused to renew the token; logging in again");
