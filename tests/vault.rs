@@ -204,11 +204,11 @@ log_level = "warn"
         );
     }
 
-    async fn restart(&mut self) {
+    /// Starts the killed server again on the same storage; it comes back sealed.
+    async fn restart_sealed(&mut self) {
         self.kill();
         self.spawn();
         self.wait_for(&[503]).await;
-        self.unseal().await;
     }
 
     async fn unseal(&self) {
@@ -1143,8 +1143,32 @@ async fn openbao_outage_fails_fast_with_unavailable_and_recovers() {
     assert_eq!(code, 503);
     assert!(body.contains("vault unavailable"), "{body}");
 
-    // Back (same storage, unsealed): ready again and issuing, with the same root.
-    bao.restart().await;
+    // Back, but sealed: still UNAVAILABLE and not ready, now saying why.
+    bao.restart_sealed().await;
+    let err = issue(
+        &b,
+        "default",
+        "app",
+        KeyType::EcdsaP256,
+        CsrShape::Ztunnel,
+        600,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (code, body) = ready(&b).await;
+        assert_eq!(code, 503, "{body}");
+        if body.contains("sealed") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Unsealed (same storage): ready again and issuing, with the same root.
+    bao.unseal().await;
     wait_ready(&b, 200, Duration::from_secs(10)).await;
     issue(
         &b,
