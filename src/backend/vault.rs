@@ -26,8 +26,9 @@
 //! `VAULT_TOKEN`, `VAULT_SKIP_VERIFY`) consulted behind the config's back. vaultrs 0.8
 //! moved to reqwest 0.13 and its own TLS feature set, which would compile in a second
 //! HTTP client stack. What vaultrs lacks goes directly over the same client:
-//! issuer-path sign, the CA chain (`<mount>/ca_chain`, `<mount>/issuer/<ref>/json`, its
-//! typed `cert/ca_chain` response does not match current servers) and `sys/health`.
+//! issuer-path sign, `sys/health`, and the CA chain (`<mount>/ca_chain` as PEM and
+//! `<mount>/issuer/<ref>/json`; vaultrs only has `cert/ca_chain`, which would cover the
+//! default issuer alone, so one direct path serves both cases).
 //! vaultrs also logs failed requests itself (at ERROR, without bodies or tokens); add
 //! `vaultrs=off,rustify=off` to `RUST_LOG` to keep only this module's messages.
 
