@@ -117,6 +117,17 @@ impl OpenBao {
         std::fs::write(&ca_file, ca_cert.pem()).unwrap();
         std::fs::write(d.join("tls.crt"), cert.pem()).unwrap();
         std::fs::write(d.join("tls.key"), key.serialize_pem()).unwrap();
+        // The listener requires client certificates from the same CA: the bridge's
+        // backend.tls.clientCertFile/clientKeyFile are exercised by every test.
+        let client_key = pki::generate_key(KeyType::EcdsaP256).unwrap();
+        let mut client_params = rcgen::CertificateParams::new(vec![]).unwrap();
+        client_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "istio-ca-bridge");
+        client_params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let client_cert = client_params.signed_by(&client_key, &issuer).unwrap();
+        std::fs::write(d.join("client.crt"), client_cert.pem()).unwrap();
+        std::fs::write(d.join("client.key"), client_key.serialize_pem()).unwrap();
         std::fs::create_dir(d.join("data")).unwrap();
         let (port, cluster_port) = (free_port(), free_port());
         let hcl = format!(
@@ -131,6 +142,8 @@ listener "tcp" {{
   cluster_address = "127.0.0.1:{cluster_port}"
   tls_cert_file = "{dir}/tls.crt"
   tls_key_file = "{dir}/tls.key"
+  tls_require_and_verify_client_cert = true
+  tls_client_ca_file = "{dir}/ca.pem"
 }}
 api_addr = "https://127.0.0.1:{port}"
 cluster_addr = "https://127.0.0.1:{cluster_port}"
@@ -141,7 +154,13 @@ log_level = "warn"
         );
         std::fs::write(d.join("bao.hcl"), hcl).unwrap();
         let http = reqwest::Client::builder()
-            .use_preconfigured_tls(pki::client_tls_config(Some(&ca_file)).unwrap())
+            .use_preconfigured_tls(
+                pki::client_tls_config_with_identity(
+                    Some(&ca_file),
+                    Some((&d.join("client.crt"), &d.join("client.key"))),
+                )
+                .unwrap(),
+            )
             .timeout(Duration::from_secs(10))
             .build()
             .unwrap();
@@ -421,7 +440,8 @@ log_level = "warn"
             address: self.addr.clone(),
             tls: VaultTlsConfig {
                 ca_file: Some(self.ca_file.clone()),
-                ..Default::default()
+                client_cert_file: Some(self.dir.path().join("client.crt")),
+                client_key_file: Some(self.dir.path().join("client.key")),
             },
             namespace: None,
             mount: "pki_int".into(),
@@ -519,7 +539,24 @@ async fn istio_csrs_are_signed_by_the_openbao_role_and_verify_to_its_root() {
     let secrets = tempfile::tempdir().unwrap();
     let (role_file, secret_file) = bao.setup_approle(secrets.path(), "1h", "24h").await;
     let secret_id = std::fs::read_to_string(&secret_file).unwrap();
-    let b = vault_bridge(bao.backend(approle(role_file, secret_file))).await;
+    let backend = bao.backend(approle(role_file, secret_file));
+
+    // The listener requires a client certificate: without one the backend cannot even
+    // log in, and says why.
+    let mut no_client_cert = backend.clone();
+    no_client_cert.tls.client_cert_file = None;
+    no_client_cert.tls.client_key_file = None;
+    let err = istio_ca_bridge::backend::build(
+        &BackendConfig::Vault(no_client_cert),
+        TD,
+        std::sync::Arc::new(istio_ca_bridge::metrics::Metrics::new(false)),
+    )
+    .await
+    .err()
+    .expect("no client certificate, no login");
+    assert!(err.to_string().contains("login failed"), "{err}");
+
+    let b = vault_bridge(backend).await;
 
     // The trust bundle is the OpenBao root, read from pki_int's CA chain.
     let bundle = pki::parse_certs_pem(b.root_pem().as_bytes()).unwrap();
