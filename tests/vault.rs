@@ -11,6 +11,9 @@
 //! SPIFFE IDs (`spiffe`) and one for the serving certificate (`serving`), a least-privilege
 //! policy, and the auth method under test.
 //!
+//! The listener requires client certificates (backend.tls is exercised throughout), and
+//! one test also runs a bridge inside an OpenBao namespace (`X-Vault-Namespace`).
+//!
 //! Not covered: Kubernetes auth (there is no fake Kubernetes API for OpenBao to call for
 //! TokenReview yet).
 
@@ -1068,7 +1071,9 @@ async fn short_lived_tokens_are_renewed_and_replaced_and_bad_credentials_recover
     assert_eq!(code, 503);
     assert!(body.contains("vault login failing"), "{body}");
     bao.new_secret_id(&secret_file).await;
+    let t = Instant::now();
     wait_ready(&b_approle, 200, Duration::from_secs(15)).await;
+    eprintln!("new secret-id picked up after {:?}", t.elapsed());
     issue(
         &b_approle,
         "default",
@@ -1130,6 +1135,9 @@ async fn openbao_outage_fails_fast_with_unavailable_and_recovers() {
             && took < vault_timeout + Duration::from_secs(2),
         "{took:?}"
     );
+    eprintln!(
+        "hung OpenBao: UNAVAILABLE after {took:?} (backend.requestTimeout {vault_timeout:?})"
+    );
     let (code, body) = ready(&b).await;
     assert_eq!(code, 503, "{body}");
     bao.signal("-CONT");
@@ -1172,6 +1180,15 @@ async fn openbao_outage_fails_fast_with_unavailable_and_recovers() {
     for (r, took) in &results {
         assert!(*took < vault_timeout, "{r:?} took {took:?}");
     }
+    eprintln!(
+        "killed OpenBao: {ok} OK then {unavailable} UNAVAILABLE, slowest failed call {:?}",
+        results
+            .iter()
+            .filter(|(r, _)| r.is_err())
+            .map(|(_, t)| *t)
+            .max()
+            .unwrap()
+    );
     assert!(
         !b.task.as_ref().unwrap().is_finished(),
         "the bridge stays up"
@@ -1206,7 +1223,9 @@ async fn openbao_outage_fails_fast_with_unavailable_and_recovers() {
 
     // Unsealed (same storage): ready again and issuing, with the same root.
     bao.unseal().await;
+    let t = Instant::now();
     wait_ready(&b, 200, Duration::from_secs(10)).await;
+    eprintln!("ready again {:?} after the unseal", t.elapsed());
     issue(
         &b,
         "default",
