@@ -29,8 +29,9 @@
 //! issuer-path sign, `sys/health`, and the CA chain (`<mount>/ca_chain` as PEM and
 //! `<mount>/issuer/<ref>/json`; vaultrs only has `cert/ca_chain`, which would cover the
 //! default issuer alone, so one direct path serves both cases).
-//! vaultrs also logs failed requests itself (at ERROR, without bodies or tokens); add
-//! `vaultrs=off,rustify=off` to `RUST_LOG` to keep only this module's messages.
+//! vaultrs also logs failed requests itself (at ERROR, without bodies or tokens, and
+//! without the cause); the binary's default log filter turns `vaultrs` and `rustify` off,
+//! since this module logs the same failures with their cause.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
