@@ -128,9 +128,10 @@ pub trait Signer: Send + Sync + 'static {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    #[error("local CA: {0}")]
+    // The cause is the source, so error chains (`{:#}`) print it once.
+    #[error("local CA")]
     Local(#[from] local::LocalError),
-    #[error("vault: {0}")]
+    #[error("vault")]
     Vault(#[from] vault::VaultError),
 }
 

@@ -557,7 +557,11 @@ async fn istio_csrs_are_signed_by_the_openbao_role_and_verify_to_its_root() {
     .await
     .err()
     .expect("no client certificate, no login");
-    assert!(err.to_string().contains("login failed"), "{err}");
+    let msg = format!("{:#}", anyhow::Error::new(err));
+    assert!(
+        msg.starts_with("vault: login failed: cannot reach vault"),
+        "{msg}"
+    );
 
     let b = vault_bridge(backend).await;
 
