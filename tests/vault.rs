@@ -840,6 +840,85 @@ async fn istio_csrs_are_signed_by_the_openbao_role_and_verify_to_its_root() {
     assert!(!config.contains(secret_id.trim()), "{config}");
     b2.shutdown().await.unwrap();
 
+    // Nor in the logs of the real binary, even at trace level (vaultrs, rustify, hyper
+    // and reqwest included): it logs in, signs its serving certificate, becomes ready.
+    let BackendConfig::Vault(vb) = &b.cfg.backend else {
+        unreachable!()
+    };
+    let VaultAuthConfig::AppRole(ar) = &vb.auth else {
+        unreachable!()
+    };
+    let role_id = std::fs::read_to_string(&ar.role_id_file).unwrap();
+    let admin_port = free_port();
+    let yaml = format!(
+        "server:\n  listen: 127.0.0.1:0\n  tls:\n    dnsNames: [localhost]\n\
+         admin:\n  listen: 127.0.0.1:{admin_port}\n\
+         backend:\n  type: vault\n  address: {addr}\n  mount: pki_int\n  role: spiffe\n  serverRole: serving\n\
+         \x20 tls:\n    caFile: {ca}\n    clientCertFile: {cc}\n    clientKeyFile: {ck}\n\
+         \x20 auth:\n    method: approle\n    roleIdFile: {rid}\n    secretIdFile: {sid}\n",
+        addr = vb.address,
+        ca = vb.tls.ca_file.as_ref().unwrap().display(),
+        cc = vb.tls.client_cert_file.as_ref().unwrap().display(),
+        ck = vb.tls.client_key_file.as_ref().unwrap().display(),
+        rid = ar.role_id_file.display(),
+        sid = ar.secret_id_file.display(),
+    );
+    let cfg_file = secrets.path().join("bridge.yaml");
+    std::fs::write(&cfg_file, yaml).unwrap();
+    let log_file = secrets.path().join("bridge.log");
+    struct KillOnDrop(Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut bin = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_istio-ca-bridge"))
+            .args(["serve", "--config"])
+            .arg(&cfg_file)
+            .env("RUST_LOG", "trace")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log_file).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let ready = reqwest::get(format!("http://127.0.0.1:{admin_port}/readyz"))
+            .await
+            .map(|r| r.status().as_u16() == 200)
+            .unwrap_or(false);
+        if ready {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline && bin.0.try_wait().unwrap().is_none(),
+            "the binary did not become ready:\n{}",
+            std::fs::read_to_string(&log_file).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(bin);
+    let log = std::fs::read_to_string(&log_file).unwrap();
+    assert!(log.contains("connected to vault"), "{log}");
+    assert!(
+        log.contains("auth/approle/login"),
+        "trace logs the request paths"
+    );
+    for (what, secret) in [("secret_id", secret_id.trim()), ("role_id", role_id.trim())] {
+        assert!(!log.contains(secret), "{what} in the log");
+    }
+    // OpenBao service tokens look like `s.` + 24 characters.
+    let token_like = log
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '.'))
+        .any(|w| {
+            w.len() == 26
+                && w.starts_with("s.")
+                && w[2..].bytes().all(|b| b.is_ascii_alphanumeric())
+        });
+    assert!(!token_like, "a token in the log");
+
     // Trust bundle maintenance, 1: roots from `rootBundleFile` join the mount's root and
     // are re-read every `rootRefreshInterval`; changes reach every reader.
     let extra = |cn: &str| {
