@@ -47,7 +47,7 @@ impl App {
 
         let inner = match opts.signer {
             Some(s) => s,
-            None => backend::build(&cfg.backend, &cfg.trust_domain)
+            None => backend::build(&cfg.backend, &cfg.trust_domain, metrics.clone())
                 .await
                 .context("building the backend")?,
         };

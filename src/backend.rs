@@ -9,6 +9,7 @@
 
 pub mod instrumented;
 pub mod local;
+pub mod vault;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +20,7 @@ use tokio::sync::watch;
 
 use crate::config::BackendConfig;
 use crate::identity::SpiffeId;
+use crate::metrics::Metrics;
 use crate::trust::SharedBundle;
 
 /// What a certificate is for. The backend builds the certificate from this, never from
@@ -126,13 +128,22 @@ pub trait Signer: Send + Sync + 'static {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    #[error("local CA: {0}")]
+    // The cause is the source, so error chains (`{:#}`) print it once.
+    #[error("local CA")]
     Local(#[from] local::LocalError),
+    #[error("vault")]
+    Vault(#[from] vault::VaultError),
 }
 
-/// Builds the configured backend.
-pub async fn build(cfg: &BackendConfig, trust_domain: &str) -> Result<Arc<dyn Signer>, BuildError> {
+/// Builds the configured backend. Remote backends log in and fetch their trust bundle
+/// here, so a bridge that cannot reach its CA fails at start with a clear error.
+pub async fn build(
+    cfg: &BackendConfig,
+    trust_domain: &str,
+    metrics: Arc<Metrics>,
+) -> Result<Arc<dyn Signer>, BuildError> {
     match cfg {
         BackendConfig::Local(l) => Ok(Arc::new(local::LocalCa::load_or_create(l, trust_domain)?)),
+        BackendConfig::Vault(v) => Ok(Arc::new(vault::VaultSigner::connect(v, metrics).await?)),
     }
 }

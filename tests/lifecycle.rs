@@ -344,7 +344,9 @@ async fn serving_certificate_files_are_reloaded_under_load_and_a_broken_update_i
         c.server.tls.cert_file = Some(cert_file);
         c.server.tls.key_file = Some(key_file);
         c.server.tls.reload_interval = Duration::from_millis(200);
-        let istio_ca_bridge::config::BackendConfig::Local(l) = &mut c.backend;
+        let istio_ca_bridge::config::BackendConfig::Local(l) = &mut c.backend else {
+            unreachable!("tests start with the local backend")
+        };
         l.ca_cert_file = Some(ca_cert);
         l.ca_key_file = Some(ca_key);
     })

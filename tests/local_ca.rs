@@ -139,7 +139,9 @@ async fn generated_root_persists_across_restarts_with_a_private_key_file() {
     let sd = state.path().join("ca");
     let start = |sd: std::path::PathBuf| {
         Bridge::start_with(move |c| {
-            let BackendConfig::Local(l) = &mut c.backend;
+            let BackendConfig::Local(l) = &mut c.backend else {
+                unreachable!("tests start with the local backend")
+            };
             l.state_dir = sd;
         })
     };

@@ -49,7 +49,9 @@ fn readme_quickstart_works_end_to_end() {
     cfg.server.listen = format!("127.0.0.1:{grpc}").parse().unwrap();
     cfg.admin.listen = format!("127.0.0.1:{admin}").parse().unwrap();
     cfg.authn.dev_issuer.as_mut().unwrap().dir = d.join("dev-issuer");
-    let istio_ca_bridge::config::BackendConfig::Local(l) = &mut cfg.backend;
+    let istio_ca_bridge::config::BackendConfig::Local(l) = &mut cfg.backend else {
+        unreachable!("tests start with the local backend")
+    };
     l.state_dir = d.join("local-ca");
     let cfg_path = d.join("local.yaml");
     std::fs::write(&cfg_path, serde_norway::to_string(&cfg).unwrap()).unwrap();

@@ -154,8 +154,9 @@ pub fn test_config(dir: &Path, issuer: &TestIssuer) -> Config {
     cfg.admin.listen = "127.0.0.1:0".parse().unwrap();
     cfg.server.tls.dns_names = vec!["localhost".into()];
     cfg.server.shutdown_grace = Duration::from_secs(10);
-    let istio_ca_bridge::config::BackendConfig::Local(l) = &mut cfg.backend;
-    l.state_dir = dir.join("ca");
+    if let istio_ca_bridge::config::BackendConfig::Local(l) = &mut cfg.backend {
+        l.state_dir = dir.join("ca");
+    }
     cfg.authn.jwt = vec![JwtIssuerConfig {
         issuer: issuer.issuer.clone(),
         jwks_file: Some(jwks),
