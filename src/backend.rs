@@ -10,6 +10,7 @@
 pub mod aws_pca;
 pub mod instrumented;
 pub mod local;
+pub mod vault;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +21,7 @@ use tokio::sync::watch;
 
 use crate::config::BackendConfig;
 use crate::identity::SpiffeId;
+use crate::metrics::Metrics;
 use crate::trust::SharedBundle;
 
 /// What a certificate is for. The backend builds the certificate from this, never from
@@ -123,24 +125,29 @@ pub trait Signer: Send + Sync + 'static {
     fn signing_ca(&self) -> SigningCaInfo {
         SigningCaInfo { not_after: None }
     }
-
-    /// Hands the backend the metrics registry for its own series (throttles, retries,
-    /// rate-limit waits); called once by the composition root. Default: nothing to record.
-    fn attach_metrics(&self, _metrics: &Arc<crate::metrics::Metrics>) {}
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    #[error("local CA: {0}")]
+    // The cause is the source, so error chains (`{:#}`) print it once.
+    #[error("local CA")]
     Local(#[from] local::LocalError),
-    #[error("AWS Private CA: {0}")]
+    #[error("AWS Private CA")]
     AwsPca(#[from] aws_pca::AwsPcaError),
+    #[error("vault")]
+    Vault(#[from] vault::VaultError),
 }
 
-/// Builds the configured backend.
-pub async fn build(cfg: &BackendConfig, trust_domain: &str) -> Result<Arc<dyn Signer>, BuildError> {
+/// Builds the configured backend. Remote backends log in and fetch their trust bundle
+/// here, so a bridge that cannot reach its CA fails at start with a clear error.
+pub async fn build(
+    cfg: &BackendConfig,
+    trust_domain: &str,
+    metrics: Arc<Metrics>,
+) -> Result<Arc<dyn Signer>, BuildError> {
     match cfg {
         BackendConfig::Local(l) => Ok(Arc::new(local::LocalCa::load_or_create(l, trust_domain)?)),
-        BackendConfig::AwsPca(a) => Ok(aws_pca::AwsPca::connect(a).await?),
+        BackendConfig::AwsPca(a) => Ok(aws_pca::AwsPca::connect(a, metrics).await?),
+        BackendConfig::Vault(v) => Ok(Arc::new(vault::VaultSigner::connect(v, metrics).await?)),
     }
 }

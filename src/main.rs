@@ -60,8 +60,10 @@ enum Cmd {
 }
 
 fn init_logging(format: LogFormat) {
+    // vaultrs and rustify log every failed Vault request at ERROR without detail; the Vault
+    // backend logs the same failures with their cause, once. RUST_LOG overrides this.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,vaultrs=off,rustify=off"));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -27,6 +27,9 @@ pub struct Metrics {
     pub authn_failure_reasons: IntCounterVec,
     pub backend_sign_duration: HistogramVec,
     pub issued: IntCounterVec,
+    pub backend_ttl_capped: IntCounterVec,
+    pub backend_logins: IntCounterVec,
+    pub backend_token_renewals: IntCounterVec,
     pub root_expiry: Gauge,
     pub trust_bundle_roots: IntGauge,
     pub signing_ca_expiry: GaugeVec,
@@ -171,6 +174,33 @@ impl Metrics {
                     "Certificates issued, by backend and kind (workload or serving)."
                 ),
                 &["backend", "kind"],
+                true
+            ),
+            backend_ttl_capped: new!(
+                IntCounterVec,
+                Opts::new(
+                    "istio_ca_bridge_backend_ttl_capped_total",
+                    "Certificates the backend issued with a shorter lifetime than requested (e.g. a Vault role's max_ttl)."
+                ),
+                &["backend"],
+                true
+            ),
+            backend_logins: new!(
+                IntCounterVec,
+                Opts::new(
+                    "istio_ca_bridge_backend_logins_total",
+                    "Logins of the bridge to its backend (e.g. Vault auth methods), by result."
+                ),
+                &["backend", "result"],
+                true
+            ),
+            backend_token_renewals: new!(
+                IntCounterVec,
+                Opts::new(
+                    "istio_ca_bridge_backend_token_renewals_total",
+                    "Renewals of the bridge's backend token, by result."
+                ),
+                &["backend", "result"],
                 true
             ),
             root_expiry: new!(

@@ -137,6 +137,15 @@ pub fn cert_info(der: &[u8]) -> Result<CertInfo, PkiError> {
 pub fn client_tls_config(
     ca_file: Option<&std::path::Path>,
 ) -> Result<rustls::ClientConfig, String> {
+    client_tls_config_with_identity(ca_file, None)
+}
+
+/// Like [`client_tls_config`], optionally presenting a client certificate (chain file,
+/// key file) to servers that require mutual TLS.
+pub fn client_tls_config_with_identity(
+    ca_file: Option<&std::path::Path>,
+    identity: Option<(&std::path::Path, &std::path::Path)>,
+) -> Result<rustls::ClientConfig, String> {
     let mut roots = rustls::RootCertStore::empty();
     match ca_file {
         Some(p) => {
@@ -152,8 +161,20 @@ pub fn client_tls_config(
     let cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let cfg = match identity {
+        None => cfg.with_no_client_auth(),
+        Some((cert_file, key_file)) => {
+            let read =
+                |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+            let chain = parse_certs_pem(&read(cert_file)?)
+                .map_err(|e| format!("{}: {e}", cert_file.display()))?;
+            let key = parse_key_pem(&read(key_file)?)
+                .map_err(|e| format!("{}: {e}", key_file.display()))?;
+            cfg.with_client_auth_cert(chain, key)
+                .map_err(|e| format!("{}: {e}", key_file.display()))?
+        }
+    };
     Ok(cfg)
 }
 

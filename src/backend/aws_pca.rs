@@ -19,7 +19,7 @@
 //! periodically.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -209,14 +209,17 @@ pub struct AwsPca {
     signing_algorithm: SigningAlgorithm,
     bucket: TokenBucket,
     ca: CaState,
-    metrics: OnceLock<Arc<Metrics>>,
+    metrics: Arc<Metrics>,
 }
 
 impl AwsPca {
     /// Builds the client from the SDK default credential chain (optionally assuming a
     /// role), reads the signing algorithm (unless configured) and the trust bundle, and
     /// starts the periodic bundle refresh.
-    pub async fn connect(cfg: &AwsPcaBackendConfig) -> Result<Arc<Self>, AwsPcaError> {
+    pub async fn connect(
+        cfg: &AwsPcaBackendConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>, AwsPcaError> {
         let region = cfg
             .effective_region()
             .ok_or_else(|| AwsPcaError::Config("no region".into()))?;
@@ -292,22 +295,24 @@ impl AwsPca {
                 bundle: tx,
                 not_after: Mutex::new(Some(not_after)),
             },
-            metrics: OnceLock::new(),
+            metrics,
         });
         spawn_refresh(Arc::downgrade(&me), cfg.bundle_refresh_interval);
         Ok(me)
     }
 
     fn count_retry(&self, reason: &str) {
-        if let Some(m) = self.metrics.get() {
-            m.backend_retries.with_label_values(&[KIND, reason]).inc();
-        }
+        self.metrics
+            .backend_retries
+            .with_label_values(&[KIND, reason])
+            .inc();
     }
 
     fn count_throttle(&self, source: &str) {
-        if let Some(m) = self.metrics.get() {
-            m.backend_throttles.with_label_values(&[KIND, source]).inc();
-        }
+        self.metrics
+            .backend_throttles
+            .with_label_values(&[KIND, source])
+            .inc();
     }
 
     /// Waits for a token of the bucket, or fails with `Throttled` at once if none comes in
@@ -319,11 +324,10 @@ impl AwsPca {
         let call_budget = (self.cfg.issue_timeout / 4).min(Duration::from_secs(2));
         match self.bucket.reserve(left.saturating_sub(call_budget)) {
             Ok(wait) => {
-                if let Some(m) = self.metrics.get() {
-                    m.backend_rate_limit_wait
-                        .with_label_values(&[KIND])
-                        .observe(wait.as_secs_f64());
-                }
+                self.metrics
+                    .backend_rate_limit_wait
+                    .with_label_values(&[KIND])
+                    .observe(wait.as_secs_f64());
                 if !wait.is_zero() {
                     tokio::time::sleep(wait).await;
                 }
@@ -507,9 +511,10 @@ impl AwsPca {
                 not_after = info.not_after,
                 "AWS Private CA issued a longer lifetime than requested; accepted"
             );
-            if let Some(m) = self.metrics.get() {
-                m.backend_ttl_exceeded.with_label_values(&[KIND]).inc();
-            }
+            self.metrics
+                .backend_ttl_exceeded
+                .with_label_values(&[KIND])
+                .inc();
         }
         let mut intermediates = Vec::new();
         if !chain_pem.trim().is_empty() {
@@ -634,10 +639,6 @@ impl Signer for AwsPca {
         SigningCaInfo {
             not_after: *self.ca.not_after.lock().expect("lock"),
         }
-    }
-
-    fn attach_metrics(&self, metrics: &Arc<Metrics>) {
-        let _ = self.metrics.set(metrics.clone());
     }
 }
 

