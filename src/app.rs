@@ -12,7 +12,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState, Readiness};
 use crate::backend::{self, Signer, instrumented::Instrumented};
-use crate::config::{Config, DEV_ISSUER, JwtIssuerConfig};
+use crate::config::{self, Config, DEV_ISSUER, JwtIssuerConfig};
+use crate::k8s;
 use crate::metrics::Metrics;
 use crate::server::authn::{self, Authenticator};
 use crate::server::{self, CaService, authz};
@@ -34,6 +35,8 @@ pub struct App {
     resolver: Arc<server::tls::CertResolver>,
     serving_not_after: i64,
     jwt: Option<Arc<authn::jwt::JwtAuthenticator>>,
+    /// Kubernetes clusters (TokenReview and pod caches), when configured.
+    clusters: Option<Arc<k8s::Clusters>>,
     hard_stop: CancellationToken,
     grpc: TcpListener,
     admin: TcpListener,
@@ -92,19 +95,52 @@ impl App {
                 cfg.trust_domains(),
             )));
         }
+        let trusted_node_accounts = config::parse_accounts(&cfg.authn.trusted_node_accounts)
+            .map_err(|e| anyhow::anyhow!("authn.trustedNodeAccounts: {e}"))?;
+        let clusters = match &cfg.authn.kubernetes {
+            Some(k) => Some(Arc::new(
+                k8s::Clusters::build(k, &cfg.trust_domain, !trusted_node_accounts.is_empty())
+                    .await
+                    .context("building the Kubernetes clients")?,
+            )),
+            None => None,
+        };
         let mut jwt = None;
         if !cfg.authn.jwt.is_empty() {
             let j = Arc::new(
                 authn::jwt::JwtAuthenticator::new(&cfg.authn.jwt, &cfg.trust_domain)
                     .await
-                    .context("loading JWT issuers")?,
+                    .context("loading JWT issuers")?
+                    .defer_unknown_issuers(clusters.is_some()),
             );
             chain.push(j.clone());
             jwt = Some(j);
         }
+        let mut node_authorizer: Option<Arc<dyn authz::NodeAuthorizer>> = None;
+        if let (Some(k), Some(clusters)) = (&cfg.authn.kubernetes, &clusters) {
+            // After the JWT issuers: a token they know never costs a TokenReview.
+            chain.push(Arc::new(
+                authn::token_review::TokenReviewAuthenticator::new(
+                    clusters.clone(),
+                    authn::token_review::Settings {
+                        audiences: k.audiences.clone(),
+                        cache_size: k.cache_size,
+                        cache_max_ttl: k.cache_max_ttl,
+                        jwt_issuers: cfg.authn.jwt.iter().map(|j| j.issuer.clone()).collect(),
+                    },
+                ),
+            ));
+            if !trusted_node_accounts.is_empty() {
+                node_authorizer = Some(Arc::new(k8s::node_authz::KubeNodeAuthorizer::new(
+                    clusters.clone(),
+                    k.pod_sync_wait,
+                )));
+            }
+            tracing::info!(clusters = ?clusters.ids(), impersonation = node_authorizer.is_some(), "Kubernetes TokenReview enabled");
+        }
         let authn = authn::Chain::new(chain);
         tracing::info!(authenticators = ?authn.names(), "authentication chain");
-        let authz = authz::Authorizer::new(authz::Authorizer::default_accounts(), None);
+        let authz = authz::Authorizer::new(trusted_node_accounts, node_authorizer);
 
         let hard_stop = CancellationToken::new();
         let service = CaService::new(
@@ -140,6 +176,7 @@ impl App {
             resolver,
             serving_not_after,
             jwt,
+            clusters,
             hard_stop,
             grpc,
             admin,
@@ -172,6 +209,9 @@ impl App {
 
         if let Some(j) = &self.jwt {
             j.spawn_refresh(stop.clone());
+        }
+        if let Some(c) = &self.clusters {
+            c.spawn_watchers(stop.clone());
         }
         serving::spawn_maintainer(
             self.cfg.server.tls.clone(),

@@ -9,6 +9,7 @@
 
 pub mod client_cert;
 pub mod jwt;
+pub mod token_review;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

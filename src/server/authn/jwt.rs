@@ -201,6 +201,9 @@ struct Claims {
 /// All configured JWT issuers.
 pub struct JwtAuthenticator {
     issuers: HashMap<String, Arc<Issuer>>,
+    /// When Kubernetes TokenReview follows in the chain, a token from an issuer not
+    /// configured here is "not mine" (the API server may know it) instead of invalid.
+    defer_unknown_issuers: bool,
 }
 
 impl JwtAuthenticator {
@@ -243,7 +246,17 @@ impl JwtAuthenticator {
             }
             issuers.insert(c.issuer.clone(), iss);
         }
-        Ok(Self { issuers })
+        Ok(Self {
+            issuers,
+            defer_unknown_issuers: false,
+        })
+    }
+
+    /// Leave tokens of unknown issuers to a later authenticator (TokenReview) instead of
+    /// refusing them.
+    pub fn defer_unknown_issuers(mut self, defer: bool) -> Self {
+        self.defer_unknown_issuers = defer;
+        self
     }
 
     /// Periodic JWKS refresh for every issuer until `shutdown` resolves.
@@ -436,6 +449,12 @@ impl Authenticator for JwtAuthenticator {
         };
         if token.len() > 16 * 1024 {
             return Err(AuthnError::Malformed("token too large".into()));
+        }
+        if self.defer_unknown_issuers
+            && let Ok(iss) = unverified_issuer(token)
+            && !self.issuers.contains_key(&iss)
+        {
+            return Ok(None);
         }
         self.verify(token, ctx).await.map(Some)
     }

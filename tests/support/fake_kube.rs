@@ -1,0 +1,605 @@
+//! A FAKE Kubernetes API server, in-process on 127.0.0.1:0 over TLS (a test CA).
+//!
+//! It exists because no kube-apiserver can run offline on this machine. It follows the
+//! documented API for exactly the endpoints the bridge uses, with the real JSON shapes,
+//! status codes and query parameters, and is driven through the SAME kube-rs client code
+//! as production (the bridge reads a kubeconfig file pointing at it):
+//! - `POST /apis/authentication.k8s.io/v1/tokenreviews` -> 201 with the TokenReview echoed
+//!   and a `status` the test decided per token. A registered service-account token behaves
+//!   like the real authenticator: authenticated only if its audiences intersect
+//!   `spec.audiences`, and then `status.audiences` is that intersection. Unknown tokens
+//!   are unauthenticated. Requests without the kubeconfig's bearer token get 401.
+//! - `GET /api/v1/pods` (list): a `PodList` with `metadata.resourceVersion`; honours
+//!   `resourceVersion`/`resourceVersionMatch`/`limit` the way the API server's watch cache
+//!   does for `resourceVersion=0` (everything, no continue token).
+//! - `GET /api/v1/pods?watch=true&resourceVersion=N&allowWatchBookmarks=true&timeoutSeconds=S`:
+//!   a chunked stream of newline-delimited `{"type":"ADDED|MODIFIED|DELETED|BOOKMARK",
+//!   "object":{...}}` events: first every change after N, then live changes; the stream
+//!   ends after `timeoutSeconds`. A resourceVersion older than the retained history gets
+//!   the real `410 Gone` ERROR event.
+//! - `GET /api/v1/namespaces/{ns}/pods/{name}`: served and COUNTED, so tests can prove
+//!   the bridge never fetches single pods.
+//!
+//! Every request is counted per endpoint. `stop()` drops the listener and every open
+//! connection (watches included), like an API server going away; `start()` serves again
+//! on the same port with the same state.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine;
+use serde_json::{Value, json};
+use tokio::sync::broadcast;
+use tokio::task::JoinSet;
+
+/// The bearer token the bridge's kubeconfig presents to the fake.
+pub const CLIENT_TOKEN: &str = "bridge-sa-token-for-the-fake-apiserver";
+
+/// What the fake answers for one token.
+#[derive(Clone, Debug)]
+pub enum Review {
+    /// A service-account token bound to `pod` (name, uid), valid for `audiences`.
+    ServiceAccount {
+        namespace: String,
+        name: String,
+        pod: Option<(String, String)>,
+        audiences: Vec<String>,
+    },
+    /// This exact `status` object, whatever was asked.
+    Raw(Value),
+}
+
+#[derive(Default)]
+struct Pods {
+    /// Last resourceVersion handed out.
+    rv: u64,
+    /// Current pods by (namespace, name).
+    current: BTreeMap<(String, String), Value>,
+    /// Every change: (resourceVersion, event type, object).
+    history: Vec<(u64, &'static str, Value)>,
+    /// Changes at or below this resourceVersion are no longer retained (compaction).
+    compacted: u64,
+}
+
+struct Inner {
+    reviews: Mutex<HashMap<String, Review>>,
+    review_delay: Mutex<Duration>,
+    pods: Mutex<Pods>,
+    events: broadcast::Sender<(u64, &'static str, Value)>,
+    counts: Mutex<HashMap<&'static str, u64>>,
+    /// Query strings of list and watch requests, in order.
+    pod_queries: Mutex<Vec<String>>,
+    /// `spec.audiences` of each review received.
+    review_audiences: Mutex<Vec<Vec<String>>>,
+}
+
+struct Running {
+    accept: tokio::task::JoinHandle<()>,
+    conns: Arc<Mutex<JoinSet<()>>>,
+}
+
+pub struct FakeKube {
+    pub addr: SocketAddr,
+    inner: Arc<Inner>,
+    tls: Arc<rustls::ServerConfig>,
+    pub ca_pem: String,
+    running: Option<Running>,
+}
+
+/// A pod object as the API server returns it.
+pub fn pod_json(ns: &str, name: &str, uid: &str, sa: &str, node: &str, phase: &str) -> Value {
+    json!({
+        "metadata": {
+            "name": name, "namespace": ns, "uid": uid,
+            "creationTimestamp": "2026-01-01T00:00:00Z",
+            "labels": {"app": name},
+        },
+        "spec": {
+            "serviceAccountName": sa,
+            "nodeName": node,
+            "containers": [{"name": "app", "image": "registry.example/app:1"}],
+        },
+        "status": {"phase": phase, "podIP": "10.0.0.1"},
+    })
+}
+
+impl FakeKube {
+    pub async fn start_new() -> FakeKube {
+        istio_ca_bridge::install_crypto_provider();
+        let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(vec![]).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "fake-kube-ca");
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let params =
+            rcgen::CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut fake = FakeKube {
+            addr,
+            inner: Arc::new(Inner {
+                reviews: Mutex::new(HashMap::new()),
+                review_delay: Mutex::new(Duration::ZERO),
+                pods: Mutex::new(Pods {
+                    rv: 1000,
+                    ..Default::default()
+                }),
+                events: broadcast::channel(1024).0,
+                counts: Mutex::new(HashMap::new()),
+                pod_queries: Mutex::new(Vec::new()),
+                review_audiences: Mutex::new(Vec::new()),
+            }),
+            tls: Arc::new(tls),
+            ca_pem: ca.pem(),
+            running: None,
+        };
+        fake.serve(listener);
+        fake
+    }
+
+    fn serve(&mut self, listener: tokio::net::TcpListener) {
+        let app = Router::new()
+            .route(
+                "/apis/authentication.k8s.io/v1/tokenreviews",
+                post(token_review),
+            )
+            .route("/api/v1/pods", get(pods))
+            .route("/api/v1/namespaces/{ns}/pods/{name}", get(get_pod))
+            .fallback(not_found)
+            .with_state(self.inner.clone());
+        let conns = Arc::new(Mutex::new(JoinSet::new()));
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.tls.clone());
+        let c2 = conns.clone();
+        let accept = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let acceptor = acceptor.clone();
+                let app = app.clone();
+                c2.lock().unwrap().spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let svc = hyper_util::service::TowerToHyperService::new(app);
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                        .await;
+                });
+            }
+        });
+        self.running = Some(Running { accept, conns });
+    }
+
+    /// The API server goes away: no listener, every connection (and watch) cut.
+    pub async fn stop(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.accept.abort();
+            let _ = r.accept.await;
+            r.conns.lock().unwrap().abort_all();
+        }
+    }
+
+    /// Serves again on the same address, with the same state.
+    pub async fn start(&mut self) {
+        assert!(self.running.is_none(), "already running");
+        let mut last = None;
+        for _ in 0..50 {
+            match tokio::net::TcpListener::bind(self.addr).await {
+                Ok(l) => {
+                    self.serve(l);
+                    return;
+                }
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("cannot re-bind {}: {last:?}", self.addr);
+    }
+
+    /// Writes a kubeconfig for this fake (TLS with its CA, bearer-token user).
+    pub fn write_kubeconfig(&self, path: &Path, context: &str) {
+        let ca = base64::engine::general_purpose::STANDARD.encode(self.ca_pem.as_bytes());
+        let text = format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: {context}\nclusters:\n- name: {context}\n  cluster:\n    server: https://127.0.0.1:{port}\n    certificate-authority-data: {ca}\ncontexts:\n- name: {context}\n  context:\n    cluster: {context}\n    user: bridge\nusers:\n- name: bridge\n  user:\n    token: {CLIENT_TOKEN}\n",
+            port = self.addr.port()
+        );
+        std::fs::write(path, text).unwrap();
+    }
+
+    pub fn set_review(&self, token: &str, r: Review) {
+        self.inner
+            .reviews
+            .lock()
+            .unwrap()
+            .insert(token.to_string(), r);
+    }
+
+    /// Registers a service-account token valid for `istio-ca`.
+    pub fn sa_token(&self, token: &str, ns: &str, sa: &str, pod: Option<(&str, &str)>) {
+        self.set_review(
+            token,
+            Review::ServiceAccount {
+                namespace: ns.into(),
+                name: sa.into(),
+                pod: pod.map(|(n, u)| (n.to_string(), u.to_string())),
+                audiences: vec!["istio-ca".into()],
+            },
+        );
+    }
+
+    pub fn set_review_delay(&self, d: Duration) {
+        *self.inner.review_delay.lock().unwrap() = d;
+    }
+
+    /// Requests seen for an endpoint: `tokenreviews`, `pods.list`, `pods.watch`,
+    /// `pods.get`, `unauthorized`, `other`.
+    pub fn count(&self, endpoint: &str) -> u64 {
+        self.inner
+            .counts
+            .lock()
+            .unwrap()
+            .get(endpoint)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    pub fn pod_queries(&self) -> Vec<String> {
+        self.inner.pod_queries.lock().unwrap().clone()
+    }
+
+    pub fn review_audiences(&self) -> Vec<Vec<String>> {
+        self.inner.review_audiences.lock().unwrap().clone()
+    }
+
+    /// Creates or replaces a pod (ADDED or MODIFIED event).
+    pub fn put_pod(&self, pod: Value) {
+        let mut p = self.inner.pods.lock().unwrap();
+        p.rv += 1;
+        let rv = p.rv;
+        let mut pod = pod;
+        pod["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let key = (
+            pod["metadata"]["namespace"].as_str().unwrap().to_string(),
+            pod["metadata"]["name"].as_str().unwrap().to_string(),
+        );
+        let kind = if p.current.contains_key(&key) {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        p.current.insert(key, pod.clone());
+        p.history.push((rv, kind, pod.clone()));
+        let _ = self.inner.events.send((rv, kind, pod));
+    }
+
+    pub fn delete_pod(&self, ns: &str, name: &str) {
+        let mut p = self.inner.pods.lock().unwrap();
+        let Some(mut pod) = p.current.remove(&(ns.to_string(), name.to_string())) else {
+            return;
+        };
+        p.rv += 1;
+        let rv = p.rv;
+        pod["metadata"]["resourceVersion"] = json!(rv.to_string());
+        p.history.push((rv, "DELETED", pod.clone()));
+        let _ = self.inner.events.send((rv, "DELETED", pod));
+    }
+
+    /// Sends a BOOKMARK (current resourceVersion) to every open watch.
+    pub fn bookmark(&self) {
+        let p = self.inner.pods.lock().unwrap();
+        let obj = json!({"kind": "Pod", "apiVersion": "v1",
+            "metadata": {"resourceVersion": p.rv.to_string()}});
+        let _ = self.inner.events.send((p.rv, "BOOKMARK", obj));
+    }
+}
+
+impl Drop for FakeKube {
+    fn drop(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.accept.abort();
+            r.conns.lock().unwrap().abort_all();
+        }
+    }
+}
+
+fn count(inner: &Inner, endpoint: &'static str) {
+    *inner.counts.lock().unwrap().entry(endpoint).or_default() += 1;
+}
+
+fn status_json(code: u16, reason: &str, message: &str) -> Response {
+    let body = json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {},
+        "status": "Failure", "message": message, "reason": reason, "code": code,
+    });
+    (
+        StatusCode::from_u16(code).unwrap(),
+        [("content-type", "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+/// The API server's authentication of its own client (the bridge).
+fn authorized(inner: &Inner, headers: &HeaderMap) -> Result<(), Response> {
+    let ok = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v == format!("Bearer {CLIENT_TOKEN}"));
+    if ok {
+        Ok(())
+    } else {
+        count(inner, "unauthorized");
+        Err(status_json(401, "Unauthorized", "Unauthorized"))
+    }
+}
+
+async fn not_found(State(inner): State<Arc<Inner>>) -> Response {
+    count(&inner, "other");
+    status_json(404, "NotFound", "the server could not find the requested resource")
+}
+
+async fn token_review(
+    State(inner): State<Arc<Inner>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Err(r) = authorized(&inner, &headers) {
+        return r;
+    }
+    count(&inner, "tokenreviews");
+    let Ok(req) = serde_json::from_slice::<Value>(&body) else {
+        return status_json(400, "BadRequest", "invalid TokenReview");
+    };
+    if req["apiVersion"] != "authentication.k8s.io/v1" || req["kind"] != "TokenReview" {
+        return status_json(400, "BadRequest", "wrong apiVersion/kind");
+    }
+    let token = req["spec"]["token"].as_str().unwrap_or("").to_string();
+    let asked: Vec<String> = req["spec"]["audiences"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    inner.review_audiences.lock().unwrap().push(asked.clone());
+    let delay = *inner.review_delay.lock().unwrap();
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let review = inner.reviews.lock().unwrap().get(&token).cloned();
+    let status = match review {
+        None => json!({"user": {}, "error": "[invalid bearer token, token lookup failed]"}),
+        Some(Review::Raw(v)) => v,
+        Some(Review::ServiceAccount {
+            namespace,
+            name,
+            pod,
+            audiences,
+        }) => {
+            // The API server's audience check: without spec.audiences it checks its own.
+            let wanted = if asked.is_empty() {
+                vec!["https://kubernetes.default.svc.cluster.local".to_string()]
+            } else {
+                asked.clone()
+            };
+            let both: Vec<String> = wanted
+                .iter()
+                .filter(|a| audiences.contains(a))
+                .cloned()
+                .collect();
+            if both.is_empty() {
+                json!({"user": {}, "error": format!(
+                    "[invalid bearer token, token audiences {audiences:?} is invalid for the target audiences {wanted:?}]")})
+            } else {
+                let mut extra = serde_json::Map::new();
+                extra.insert(
+                    "authentication.kubernetes.io/credential-id".into(),
+                    json!(["JTI=0b4e3c6e-fake"]),
+                );
+                if let Some((pn, pu)) = pod {
+                    extra.insert("authentication.kubernetes.io/pod-name".into(), json!([pn]));
+                    extra.insert("authentication.kubernetes.io/pod-uid".into(), json!([pu]));
+                    extra.insert(
+                        "authentication.kubernetes.io/node-name".into(),
+                        json!(["unused-by-the-bridge"]),
+                    );
+                }
+                json!({
+                    "authenticated": true,
+                    "user": {
+                        "username": format!("system:serviceaccount:{namespace}:{name}"),
+                        "uid": "6b1f6f1c-fake-sa-uid",
+                        "groups": ["system:serviceaccounts",
+                                   format!("system:serviceaccounts:{namespace}"),
+                                   "system:authenticated"],
+                        "extra": extra,
+                    },
+                    "audiences": both,
+                })
+            }
+        }
+    };
+    let mut resp = req.clone();
+    resp["metadata"] = json!({"creationTimestamp": null});
+    resp["status"] = status;
+    (
+        StatusCode::CREATED,
+        [("content-type", "application/json")],
+        resp.to_string(),
+    )
+        .into_response()
+}
+
+async fn get_pod(
+    State(inner): State<Arc<Inner>>,
+    headers: HeaderMap,
+    UrlPath((ns, name)): UrlPath<(String, String)>,
+) -> Response {
+    if let Err(r) = authorized(&inner, &headers) {
+        return r;
+    }
+    count(&inner, "pods.get");
+    let p = inner.pods.lock().unwrap();
+    match p.current.get(&(ns, name.clone())) {
+        Some(pod) => {
+            let mut pod = pod.clone();
+            pod["kind"] = json!("Pod");
+            pod["apiVersion"] = json!("v1");
+            (
+                StatusCode::OK,
+                [("content-type", "application/json")],
+                pod.to_string(),
+            )
+                .into_response()
+        }
+        None => status_json(404, "NotFound", &format!("pods \"{name}\" not found")),
+    }
+}
+
+async fn pods(
+    State(inner): State<Arc<Inner>>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+    uri: axum::http::Uri,
+) -> Response {
+    if let Err(r) = authorized(&inner, &headers) {
+        return r;
+    }
+    inner
+        .pod_queries
+        .lock()
+        .unwrap()
+        .push(uri.query().unwrap_or("").to_string());
+    if q.get("watch").map(String::as_str) == Some("true") {
+        count(&inner, "pods.watch");
+        return watch(inner, q);
+    }
+    count(&inner, "pods.list");
+    // resourceVersion=0 (kube-rs's default "Any" semantic) is served from the watch cache:
+    // the full list, no continue token, `limit` ignored, like the real API server.
+    let p = inner.pods.lock().unwrap();
+    let items: Vec<Value> = p.current.values().cloned().collect();
+    let body = json!({
+        "kind": "PodList", "apiVersion": "v1",
+        "metadata": {"resourceVersion": p.rv.to_string()},
+        "items": items,
+    });
+    (
+        StatusCode::OK,
+        [("content-type", "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn event_line(kind: &str, object: &Value) -> bytes::Bytes {
+    let mut obj = object.clone();
+    obj["kind"] = json!("Pod");
+    obj["apiVersion"] = json!("v1");
+    let mut line = json!({"type": kind, "object": obj}).to_string();
+    line.push('\n');
+    line.into()
+}
+
+fn watch(inner: Arc<Inner>, q: HashMap<String, String>) -> Response {
+    let from: u64 = q
+        .get("resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let timeout = Duration::from_secs(
+        q.get("timeoutSeconds")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1800),
+    );
+    let bookmarks = q.get("allowWatchBookmarks").map(String::as_str) == Some("true");
+    // Subscribe before reading the history so that no change falls in between.
+    let mut live = inner.events.subscribe();
+    let (backlog, compacted) = {
+        let p = inner.pods.lock().unwrap();
+        let backlog: Vec<(u64, &'static str, Value)> = p
+            .history
+            .iter()
+            .filter(|(rv, _, _)| *rv > from)
+            .cloned()
+            .collect();
+        (backlog, from != 0 && from < p.compacted)
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(64);
+    tokio::spawn(async move {
+        if compacted {
+            let err = json!({"type": "ERROR", "object": {
+                "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": format!("too old resource version: {from}"),
+                "reason": "Expired", "code": 410}});
+            let _ = tx.send(Ok(format!("{err}\n").into())).await;
+            return;
+        }
+        let mut last = from;
+        for (rv, kind, obj) in backlog {
+            last = rv;
+            if tx.send(Ok(event_line(kind, &obj))).await.is_err() {
+                return;
+            }
+        }
+        let end = tokio::time::sleep(timeout);
+        tokio::pin!(end);
+        loop {
+            tokio::select! {
+                _ = &mut end => return,
+                _ = tx.closed() => return,
+                ev = live.recv() => match ev {
+                    Ok((rv, "BOOKMARK", obj)) => {
+                        if bookmarks && tx.send(Ok(event_line("BOOKMARK", &obj))).await.is_err() {
+                            return;
+                        }
+                        last = last.max(rv);
+                    }
+                    Ok((rv, kind, obj)) if rv > last => {
+                        last = rv;
+                        if tx.send(Ok(event_line(kind, &obj))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => return,
+                },
+            }
+        }
+    });
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/json")
+        .body(Body::from_stream(stream))
+        .unwrap()
+}
