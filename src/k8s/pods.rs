@@ -199,7 +199,12 @@ pub fn spawn_watch(
 ) {
     tokio::spawn(async move {
         let api: Api<Pod> = Api::all(client);
-        let stream = watcher(api, watcher::Config::default()).default_backoff();
+        // List with resourceVersion=0 (served from the API server's watch cache, like
+        // client-go informers) rather than a quorum read of every pod in the cluster.
+        // (kube only sends resourceVersion=0 for an unpaginated list.)
+        let mut config = watcher::Config::default().any_semantic();
+        config.page_size = None;
+        let stream = watcher(api, config).default_backoff();
         futures::pin_mut!(stream);
         let mut pending = None;
         let mut failing = false;

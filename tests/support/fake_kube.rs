@@ -9,9 +9,10 @@
 //!   like the real authenticator: authenticated only if its audiences intersect
 //!   `spec.audiences`, and then `status.audiences` is that intersection. Unknown tokens
 //!   are unauthenticated. Requests without the kubeconfig's bearer token get 401.
-//! - `GET /api/v1/pods` (list): a `PodList` with `metadata.resourceVersion`; honours
-//!   `resourceVersion`/`resourceVersionMatch`/`limit` the way the API server's watch cache
-//!   does for `resourceVersion=0` (everything, no continue token).
+//! - `GET /api/v1/pods` (list): a `PodList` with `metadata.resourceVersion`. With
+//!   `resourceVersion=0` (what the bridge sends, like client-go informers) it answers from
+//!   the "watch cache": everything, `limit` ignored; otherwise `limit` pages with
+//!   `continue` tokens.
 //! - `GET /api/v1/pods?watch=true&resourceVersion=N&allowWatchBookmarks=true&timeoutSeconds=S`:
 //!   a chunked stream of newline-delimited `{"type":"ADDED|MODIFIED|DELETED|BOOKMARK",
 //!   "object":{...}}` events: first every change after N, then live changes; the stream
@@ -349,22 +350,27 @@ fn status_json(code: u16, reason: &str, message: &str) -> Response {
 }
 
 /// The API server's authentication of its own client (the bridge).
-fn authorized(inner: &Inner, headers: &HeaderMap) -> Result<(), Response> {
+/// `Some(401 response)` if the request lacks the kubeconfig's bearer token.
+fn unauthorized(inner: &Inner, headers: &HeaderMap) -> Option<Response> {
     let ok = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v == format!("Bearer {CLIENT_TOKEN}"));
     if ok {
-        Ok(())
+        None
     } else {
         count(inner, "unauthorized");
-        Err(status_json(401, "Unauthorized", "Unauthorized"))
+        Some(status_json(401, "Unauthorized", "Unauthorized"))
     }
 }
 
 async fn not_found(State(inner): State<Arc<Inner>>) -> Response {
     count(&inner, "other");
-    status_json(404, "NotFound", "the server could not find the requested resource")
+    status_json(
+        404,
+        "NotFound",
+        "the server could not find the requested resource",
+    )
 }
 
 async fn token_review(
@@ -372,7 +378,7 @@ async fn token_review(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Err(r) = authorized(&inner, &headers) {
+    if let Some(r) = unauthorized(&inner, &headers) {
         return r;
     }
     count(&inner, "tokenreviews");
@@ -465,7 +471,7 @@ async fn get_pod(
     headers: HeaderMap,
     UrlPath((ns, name)): UrlPath<(String, String)>,
 ) -> Response {
-    if let Err(r) = authorized(&inner, &headers) {
+    if let Some(r) = unauthorized(&inner, &headers) {
         return r;
     }
     count(&inner, "pods.get");
@@ -492,7 +498,7 @@ async fn pods(
     Query(q): Query<HashMap<String, String>>,
     uri: axum::http::Uri,
 ) -> Response {
-    if let Err(r) = authorized(&inner, &headers) {
+    if let Some(r) = unauthorized(&inner, &headers) {
         return r;
     }
     inner
@@ -505,14 +511,35 @@ async fn pods(
         return watch(inner, q);
     }
     count(&inner, "pods.list");
-    // resourceVersion=0 (kube-rs's default "Any" semantic) is served from the watch cache:
-    // the full list, no continue token, `limit` ignored, like the real API server.
     let p = inner.pods.lock().unwrap();
     let items: Vec<Value> = p.current.values().cloned().collect();
+    // resourceVersion=0 is served from the watch cache: everything at once, `limit`
+    // ignored. Otherwise (a consistent read) `limit` pages with `continue` tokens; the
+    // token pins the list's resourceVersion, like the real one.
+    let from_cache = q.get("resourceVersion").map(String::as_str) == Some("0");
+    let limit: usize = q.get("limit").and_then(|l| l.parse().ok()).unwrap_or(0);
+    let (offset, rv) = match q.get("continue") {
+        Some(c) => {
+            let (o, rv) = c.split_once(':').unwrap_or(("0", "0"));
+            (o.parse().unwrap_or(0), rv.to_string())
+        }
+        None => (0, p.rv.to_string()),
+    };
+    let mut metadata = json!({"resourceVersion": rv});
+    let page: Vec<Value> = if from_cache || limit == 0 {
+        items
+    } else {
+        let page: Vec<Value> = items.iter().skip(offset).take(limit).cloned().collect();
+        if offset + limit < items.len() {
+            metadata["continue"] = json!(format!("{}:{rv}", offset + limit));
+            metadata["remainingItemCount"] = json!(items.len() - offset - limit);
+        }
+        page
+    };
     let body = json!({
         "kind": "PodList", "apiVersion": "v1",
-        "metadata": {"resourceVersion": p.rv.to_string()},
-        "items": items,
+        "metadata": metadata,
+        "items": page,
     });
     (
         StatusCode::OK,

@@ -1,0 +1,813 @@
+//! Kubernetes identity, black-box: the bridge runs in-process and talks, through its real
+//! kube-rs client and a kubeconfig file, to the fake API server of `support/fake_kube.rs`
+//! (a fake because no kube-apiserver runs offline; it follows the documented API).
+//!
+//! Proves: TokenReview authentication with every refusal rule (UNAUTHENTICATED, nothing
+//! issued), one review per token however many calls (and per burst of concurrent calls),
+//! cluster selection by `clusterid` with per-cluster trust domains, ztunnel impersonation
+//! decided from the watch-fed pod cache (no per-request GET), and behaviour while the API
+//! server is gone or hanging (cached identities keep working, new tokens get UNAVAILABLE
+//! quickly, service resumes when it is back).
+
+mod support;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use istio_ca_bridge::config::{Config, KeyType, KubeClusterConfig, KubernetesAuthnConfig};
+use istio_ca_bridge::pb::istio_certificate_service_client::IstioCertificateServiceClient;
+use istio_ca_bridge::pki::{self, CsrShape};
+use serde_json::json;
+use support::fake_kube::{FakeKube, Review, pod_json};
+use support::*;
+use tonic::Code;
+use tonic::transport::Channel;
+
+const K8S_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+
+/// A service-account token as the kubelet projects it: a JWT from the cluster's issuer.
+/// Only its shape and claims matter to the bridge (the fake API server decides validity),
+/// and `n` makes each token distinct.
+fn sa_jwt(ns: &str, sa: &str, n: &str) -> String {
+    let b64 = |v: serde_json::Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string().as_bytes())
+    };
+    let now = now();
+    format!(
+        "{}.{}.{}",
+        b64(json!({"alg": "RS256", "kid": "k8s"})),
+        b64(json!({
+            "iss": K8S_ISSUER, "sub": format!("system:serviceaccount:{ns}:{sa}"),
+            "aud": ["istio-ca"], "iat": now, "nbf": now, "exp": now + 3600, "jti": n,
+        })),
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("signature-{n}")),
+    )
+}
+
+/// A cluster entry pointing at a kubeconfig for `fake`.
+fn cluster(
+    fake: &FakeKube,
+    dir: &std::path::Path,
+    id: &str,
+    td: Option<&str>,
+) -> KubeClusterConfig {
+    let path: PathBuf = dir.join(format!("{id}.kubeconfig"));
+    fake.write_kubeconfig(&path, id);
+    KubeClusterConfig {
+        id: id.into(),
+        kubeconfig: Some(path),
+        in_cluster: false,
+        trust_domain: td.map(str::to_string),
+        qps: 100.0,
+        burst: 100,
+    }
+}
+
+fn kube_config(c: &mut Config, clusters: Vec<KubeClusterConfig>) {
+    c.authn.kubernetes = Some(KubernetesAuthnConfig {
+        clusters,
+        request_timeout: Duration::from_secs(2),
+        ..Default::default()
+    });
+}
+
+/// CreateCertificate for `uri` with `token`; `cluster` is the clusterid header (None: no
+/// header); `impersonate` sets ImpersonatedIdentity.
+async fn ask(
+    client: &mut IstioCertificateServiceClient<Channel>,
+    uri: &str,
+    token: &str,
+    cluster: Option<&str>,
+    impersonate: Option<&str>,
+) -> Result<Vec<String>, tonic::Status> {
+    let (_, csr) = csr_for(uri, KeyType::EcdsaP256, CsrShape::Ztunnel);
+    let mut req = request(csr, Some(token), 3600);
+    match cluster {
+        Some(c) => {
+            req.metadata_mut().insert("clusterid", c.parse().unwrap());
+        }
+        None => {
+            req.metadata_mut().remove("clusterid");
+        }
+    }
+    if let Some(id) = impersonate {
+        req.get_mut().metadata.as_mut().unwrap().fields.insert(
+            "ImpersonatedIdentity".into(),
+            prost_types::Value {
+                kind: Some(prost_types::value::Kind::StringValue(id.into())),
+            },
+        );
+    }
+    call(client, req).await.map(|r| r.cert_chain)
+}
+
+fn leaf_uri(chain: &[String]) -> String {
+    let info = pki::cert_info(&pki::parse_certs_pem(chain[0].as_bytes()).unwrap()[0]).unwrap();
+    assert_eq!(info.uri_sans.len(), 1);
+    info.uri_sans[0].clone()
+}
+
+/// Everything the bridges of this test binary log (tests run in parallel, so assertions
+/// look for text unique to their case).
+fn logs() -> String {
+    use std::sync::{Arc, Mutex, OnceLock};
+    static BUF: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    let buf = BUF.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let w = buf.clone();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(
+                "istio_ca_bridge=info,warn",
+            ))
+            .with_ansi(false)
+            .with_writer(move || LogWriter(w.clone()))
+            .try_init();
+        buf
+    });
+    String::from_utf8_lossy(&buf.lock().unwrap()).into_owned()
+}
+
+struct LogWriter(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+impl std::io::Write for LogWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Polls `f` every 100 ms until it returns true, failing after `limit`.
+async fn eventually<F, Fut>(what: &str, limit: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !f().await {
+        assert!(start.elapsed() < limit, "timed out after {limit:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_review_authenticates_and_one_review_serves_many_calls() {
+    let fake = FakeKube::start_new().await;
+    let kdir = tempfile::tempdir().unwrap();
+    let kc = cluster(&fake, kdir.path(), "Kubernetes", None);
+    let b = Bridge::start_with(|c| kube_config(c, vec![kc])).await;
+    let mut client = b.client().await;
+    let id = spiffe("default", "bookinfo");
+
+    let a = sa_jwt("default", "bookinfo", "a");
+    fake.sa_token(&a, "default", "bookinfo", Some(("bookinfo-1", "uid-1")));
+    let chain = ask(&mut client, &id, &a, Some("Kubernetes"), None)
+        .await
+        .expect("TokenReview-authenticated call");
+    assert_eq!(leaf_uri(&chain), id);
+    assert_eq!(fake.count("tokenreviews"), 1);
+    assert_eq!(fake.review_audiences(), vec![vec!["istio-ca".to_string()]]);
+
+    // N more calls with the same token: no further review (also without a clusterid
+    // header, which means the local cluster).
+    for i in 0..5 {
+        let cluster = if i % 2 == 0 { Some("Kubernetes") } else { None };
+        ask(&mut client, &id, &a, cluster, None).await.unwrap();
+    }
+    assert_eq!(fake.count("tokenreviews"), 1, "cached review reused");
+
+    // A second token costs a second review.
+    let a2 = sa_jwt("default", "bookinfo", "a2");
+    fake.sa_token(&a2, "default", "bookinfo", None);
+    ask(&mut client, &id, &a2, Some("Kubernetes"), None)
+        .await
+        .unwrap();
+    assert_eq!(fake.count("tokenreviews"), 2);
+
+    // Eight concurrent calls with one new token share one in-flight review.
+    fake.set_review_delay(Duration::from_millis(400));
+    let c = sa_jwt("default", "reviews", "c");
+    fake.sa_token(&c, "default", "reviews", None);
+    let cid = spiffe("default", "reviews");
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let mut client = client.clone();
+        let (c, cid) = (c.clone(), cid.clone());
+        tasks.push(tokio::spawn(async move {
+            ask(&mut client, &cid, &c, Some("Kubernetes"), None).await
+        }));
+    }
+    for t in tasks {
+        assert_eq!(leaf_uri(&t.await.unwrap().unwrap()), cid);
+    }
+    assert_eq!(fake.count("tokenreviews"), 3, "one review for the burst");
+    fake.set_review_delay(Duration::ZERO);
+
+    // Tokens that are not for the API server never reach it: the JWT issuer's tokens
+    // are verified locally, and a non-JWT string is refused outright.
+    let jwt_token = b.issuer.token("default", "bookinfo");
+    ask(&mut client, &id, &jwt_token, Some("Kubernetes"), None)
+        .await
+        .expect("JWT issuer token");
+    let e = ask(&mut client, &id, "not-a-jwt", Some("Kubernetes"), None)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert_eq!(fake.count("tokenreviews"), 3);
+    assert_eq!(b.issued(), 1 + 5 + 1 + 8 + 1);
+    assert_eq!(fake.count("unauthorized"), 0);
+    let metrics = b.admin_get("/metrics").await.1;
+    assert!(
+        metrics.contains("citadel_server_success_cert_issuance_count 16"),
+        "{metrics}"
+    );
+    b.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_token_review_refusal_is_unauthenticated_and_issues_nothing() {
+    let fake = FakeKube::start_new().await;
+    let kdir = tempfile::tempdir().unwrap();
+    let kc = cluster(&fake, kdir.path(), "Kubernetes", None);
+    let b = Bridge::start_with(|c| kube_config(c, vec![kc])).await;
+    let mut client = b.client().await;
+    let id = spiffe("default", "demo");
+    let sa_user = |groups: serde_json::Value| json!({"username": "system:serviceaccount:default:demo", "uid": "x", "groups": groups});
+
+    logs();
+    let mut reviewed = 0;
+    // (case, what the API server answers, reason that must be logged)
+    let cases: Vec<(&str, Option<Review>, &str)> = vec![
+        (
+            "unknown token: unauthenticated",
+            None,
+            "not authenticated: [invalid bearer token, token lookup failed]",
+        ),
+        (
+            "review says not authenticated",
+            Some(Review::Raw(json!({"authenticated": false, "user": {},
+                "error": "token has been invalidated"}))),
+            "not authenticated: token has been invalidated",
+        ),
+        (
+            "token audience is not istio-ca (API server refuses it)",
+            Some(Review::ServiceAccount {
+                namespace: "default".into(),
+                name: "demo".into(),
+                pod: None,
+                audiences: vec!["https://kubernetes.default.svc.cluster.local".into()],
+            }),
+            "is invalid for the target audiences [\"istio-ca\"]",
+        ),
+        (
+            "review confirms another audience",
+            Some(Review::Raw(json!({"authenticated": true,
+                "user": sa_user(json!(["system:serviceaccounts", "system:authenticated"])),
+                "audiences": ["https://kubernetes.default.svc.cluster.local"]}))),
+            "(review confirmed [\"https://kubernetes.default.svc.cluster.local\"])",
+        ),
+        (
+            "review confirms no audience",
+            Some(Review::Raw(json!({"authenticated": true,
+                "user": sa_user(json!(["system:serviceaccounts", "system:authenticated"]))}))),
+            "(review confirmed [])",
+        ),
+        (
+            "user not in system:serviceaccounts",
+            Some(Review::Raw(json!({"authenticated": true,
+                "user": sa_user(json!(["system:authenticated"])),
+                "audiences": ["istio-ca"]}))),
+            "user is not in group system:serviceaccounts",
+        ),
+        (
+            "user is not a service account",
+            Some(Review::Raw(json!({"authenticated": true,
+                "user": {"username": "system:node:node-1",
+                         "groups": ["system:serviceaccounts", "system:nodes"]},
+                "audiences": ["istio-ca"]}))),
+            "user is not a service account",
+        ),
+    ];
+    let mut first_refused = None;
+    for (i, (name, review, reason)) in cases.into_iter().enumerate() {
+        let token = sa_jwt("default", "demo", &format!("bad-{i}"));
+        first_refused.get_or_insert(token.clone());
+        if let Some(r) = review {
+            fake.set_review(&token, r);
+        }
+        let e = ask(&mut client, &id, &token, Some("Kubernetes"), None)
+            .await
+            .expect_err(name);
+        assert_eq!(e.code(), Code::Unauthenticated, "{name}: {e:?}");
+        assert!(!e.message().contains(&token), "{name}: token leaked");
+        reviewed += 1;
+        assert_eq!(fake.count("tokenreviews"), reviewed, "{name}");
+        assert!(
+            logs().contains(reason),
+            "{name}: reason {reason:?} not logged"
+        );
+    }
+
+    // A valid token naming a cluster nobody configured: refused without a review.
+    let good = sa_jwt("default", "demo", "good");
+    fake.sa_token(&good, "default", "demo", None);
+    let e = ask(&mut client, &id, &good, Some("no-such-cluster"), None)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert!(logs().contains(r#"unknown cluster id "no-such-cluster""#));
+    // An expired token: refused without a review.
+    let now = now();
+    let b64 = |v: serde_json::Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string().as_bytes())
+    };
+    let expired = format!(
+        "{}.{}.c2ln",
+        b64(json!({"alg": "RS256"})),
+        b64(
+            json!({"iss": K8S_ISSUER, "sub": "system:serviceaccount:default:demo",
+                   "aud": ["istio-ca"], "exp": now - 3600})
+        )
+    );
+    fake.sa_token(&expired, "default", "demo", None);
+    let e = ask(&mut client, &id, &expired, Some("Kubernetes"), None)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert_eq!(fake.count("tokenreviews"), reviewed);
+    assert!(logs().contains("token expired (no TokenReview sent)"));
+    // A valid token, but the CSR asks for another identity.
+    let e = ask(
+        &mut client,
+        &spiffe("default", "other"),
+        &good,
+        Some("Kubernetes"),
+        None,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert_eq!(b.issued(), 0, "nothing issued for any refusal");
+
+    // The mismatched call did review the good token; the next call reuses that review.
+    reviewed += 1;
+    ask(&mut client, &id, &good, Some("Kubernetes"), None)
+        .await
+        .unwrap();
+    assert_eq!(b.issued(), 1);
+    assert_eq!(fake.count("tokenreviews"), reviewed);
+
+    // A refused token is answered from memory for a moment (a burst of retries costs one
+    // review), but not for long: once the API server accepts it, so do we.
+    let refused = first_refused.expect("first case token");
+    // (Its refusal may have been remembered since the first case, or have expired.)
+    ask(&mut client, &id, &refused, Some("Kubernetes"), None)
+        .await
+        .unwrap_err();
+    let reviewed = fake.count("tokenreviews");
+    for _ in 0..3 {
+        ask(&mut client, &id, &refused, Some("Kubernetes"), None)
+            .await
+            .unwrap_err();
+    }
+    assert_eq!(fake.count("tokenreviews"), reviewed, "refusal remembered");
+    fake.sa_token(&refused, "default", "demo", None);
+    tokio::time::sleep(istio_ca_bridge::server::authn::token_review::NEGATIVE_TTL).await;
+    ask(&mut client, &id, &refused, Some("Kubernetes"), None)
+        .await
+        .expect("accepted once the API server accepts it");
+    assert_eq!(fake.count("tokenreviews"), reviewed + 1);
+    assert_eq!(b.issued(), 2);
+    b.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clusterid_selects_the_cluster_and_its_trust_domain() {
+    let east = FakeKube::start_new().await;
+    let west = FakeKube::start_new().await;
+    let kdir = tempfile::tempdir().unwrap();
+    let ce = cluster(&east, kdir.path(), "east", Some("east.example.com"));
+    let cw = cluster(&west, kdir.path(), "west", Some("west.example.com"));
+    let b = Bridge::start_with(|c| kube_config(c, vec![ce, cw])).await;
+    let mut client = b.client().await;
+
+    let te = sa_jwt("shop", "cart", "east");
+    east.sa_token(&te, "shop", "cart", None);
+    let tw = sa_jwt("shop", "cart", "west");
+    west.sa_token(&tw, "shop", "cart", None);
+    let east_id = "spiffe://east.example.com/ns/shop/sa/cart";
+    let west_id = "spiffe://west.example.com/ns/shop/sa/cart";
+
+    let chain = ask(&mut client, east_id, &te, Some("east"), None)
+        .await
+        .unwrap();
+    assert_eq!(leaf_uri(&chain), east_id);
+    let chain = ask(&mut client, west_id, &tw, Some("west"), None)
+        .await
+        .unwrap();
+    assert_eq!(leaf_uri(&chain), west_id);
+    assert_eq!(
+        (east.count("tokenreviews"), west.count("tokenreviews")),
+        (1, 1)
+    );
+
+    // East's token presented as west's: west's API server does not know it.
+    let e = ask(&mut client, west_id, &te, Some("west"), None)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert_eq!(
+        (east.count("tokenreviews"), west.count("tokenreviews")),
+        (1, 2)
+    );
+    // No clusterid: the local (first) cluster, whose cached review is reused.
+    let chain = ask(&mut client, east_id, &te, None, None).await.unwrap();
+    assert_eq!(leaf_uri(&chain), east_id);
+    assert_eq!(east.count("tokenreviews"), 1);
+    // An identity in the wrong trust domain for the cluster is refused.
+    let e = ask(
+        &mut client,
+        "spiffe://west.example.com/ns/shop/sa/cart",
+        &te,
+        Some("east"),
+        None,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert_eq!(b.issued(), 3);
+    b.shutdown().await.unwrap();
+}
+
+/// The cluster of the impersonation tests: two nodes, a ztunnel on each, workloads.
+fn populate(fake: &FakeKube) {
+    for (ns, name, uid, sa, node, phase) in [
+        (
+            "istio-system",
+            "ztunnel-n1",
+            "uid-zt1",
+            "ztunnel",
+            "node-1",
+            "Running",
+        ),
+        (
+            "istio-system",
+            "ztunnel-n2",
+            "uid-zt2",
+            "ztunnel",
+            "node-2",
+            "Running",
+        ),
+        ("default", "web-1", "uid-web1", "web", "node-1", "Running"),
+        ("default", "db-1", "uid-db1", "db", "node-2", "Running"),
+        (
+            "default",
+            "batch-1",
+            "uid-batch1",
+            "batch",
+            "node-1",
+            "Failed",
+        ),
+        ("default", "job-1", "uid-job1", "job", "node-1", "Succeeded"),
+    ] {
+        fake.put_pod(pod_json(ns, name, uid, sa, node, phase));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ztunnel_impersonation_is_decided_from_the_watched_pods() {
+    logs();
+    let fake = FakeKube::start_new().await;
+    populate(&fake);
+    let kdir = tempfile::tempdir().unwrap();
+    let kc = cluster(&fake, kdir.path(), "Kubernetes", None);
+    let b = Bridge::start_with(|c| kube_config(c, vec![kc])).await;
+    let mut client = b.client().await;
+    eventually("pod watch started", Duration::from_secs(10), || async {
+        fake.count("pods.watch") >= 1
+    })
+    .await;
+
+    let zt = sa_jwt("istio-system", "ztunnel", "zt1");
+    fake.sa_token(
+        &zt,
+        "istio-system",
+        "ztunnel",
+        Some(("ztunnel-n1", "uid-zt1")),
+    );
+    let zt_id = spiffe("istio-system", "ztunnel");
+    let web = spiffe("default", "web");
+
+    // Allowed: a live pod with the requested identity runs on ztunnel's node.
+    let chain = ask(&mut client, &web, &zt, Some("Kubernetes"), Some(&web))
+        .await
+        .expect("ztunnel may act for a pod on its node");
+    assert_eq!(leaf_uri(&chain), web);
+    // ztunnel's own identity (no impersonation) works too.
+    let chain = ask(&mut client, &zt_id, &zt, Some("Kubernetes"), None)
+        .await
+        .unwrap();
+    assert_eq!(leaf_uri(&chain), zt_id);
+    let mut issued = 2;
+
+    // Callers and targets that must be refused.
+    let web_tok = sa_jwt("default", "web", "web");
+    fake.sa_token(&web_tok, "default", "web", Some(("web-1", "uid-web1")));
+    let bad_uid = sa_jwt("istio-system", "ztunnel", "bad-uid");
+    fake.sa_token(
+        &bad_uid,
+        "istio-system",
+        "ztunnel",
+        Some(("ztunnel-n1", "uid-of-some-other-pod")),
+    );
+    let swapped = sa_jwt("istio-system", "ztunnel", "swapped");
+    fake.sa_token(
+        &swapped,
+        "istio-system",
+        "ztunnel",
+        Some(("ztunnel-n1", "uid-zt2")),
+    );
+    let unbound = sa_jwt("istio-system", "ztunnel", "unbound");
+    fake.sa_token(&unbound, "istio-system", "ztunnel", None);
+    let db = spiffe("default", "db");
+    let batch = spiffe("default", "batch");
+    let job = spiffe("default", "job");
+    let ghost = spiffe("default", "ghost");
+    let other_td = "spiffe://other.example/ns/default/sa/web".to_string();
+    // (case, caller token, ImpersonatedIdentity, CSR URI, reason that must be logged)
+    let denied: Vec<(&str, &str, String, String, &str)> = vec![
+        (
+            "caller is not a trusted node account",
+            &web_tok,
+            db.clone(),
+            db.clone(),
+            "caller spiffe://cluster.local/ns/default/sa/web is not a trusted node account",
+        ),
+        (
+            "target runs on another node",
+            &zt,
+            db.clone(),
+            db.clone(),
+            "no live pod with service account default/db on node node-1",
+        ),
+        (
+            "target pod Failed",
+            &zt,
+            batch.clone(),
+            batch.clone(),
+            "no live pod with service account default/batch on node node-1",
+        ),
+        (
+            "target pod Succeeded",
+            &zt,
+            job.clone(),
+            job.clone(),
+            "no live pod with service account default/job on node node-1",
+        ),
+        (
+            "no pod with the target identity",
+            &zt,
+            ghost.clone(),
+            ghost.clone(),
+            "no live pod with service account default/ghost on node node-1",
+        ),
+        (
+            "caller pod uid unknown",
+            &bad_uid,
+            web.clone(),
+            web.clone(),
+            "caller pod ztunnel-n1 (uid uid-of-some-other-pod) not found",
+        ),
+        (
+            "caller pod uid belongs to another pod",
+            &swapped,
+            web.clone(),
+            web.clone(),
+            "caller pod uid uid-zt2 belongs to pod istio-system/ztunnel-n2, not ztunnel-n1",
+        ),
+        (
+            "caller token bound to no pod",
+            &unbound,
+            web.clone(),
+            web.clone(),
+            "credential names no pod",
+        ),
+        (
+            "malformed SPIFFE ID",
+            &zt,
+            "spiffe://cluster.local/ns/default/web".into(),
+            web.clone(),
+            "impersonated identity is not a SPIFFE ID",
+        ),
+        (
+            "not a SPIFFE ID",
+            &zt,
+            "default/web".into(),
+            web.clone(),
+            "impersonated identity is not a SPIFFE ID: not a SPIFFE ID",
+        ),
+        (
+            "other trust domain",
+            &zt,
+            other_td.clone(),
+            other_td.clone(),
+            "outside the caller's trust domain",
+        ),
+    ];
+    for (name, token, target, csr_uri, reason) in &denied {
+        let e = ask(
+            &mut client,
+            csr_uri,
+            token,
+            Some("Kubernetes"),
+            Some(target),
+        )
+        .await
+        .expect_err(name);
+        assert_eq!(e.code(), Code::Unauthenticated, "{name}: {e:?}");
+        assert_eq!(b.issued(), issued, "{name}: issued");
+        assert!(
+            logs().contains(reason),
+            "{name}: reason {reason:?} not logged"
+        );
+    }
+
+    // A pod that appears later (watch event) becomes impersonable; no single-pod GET.
+    let api = spiffe("default", "api");
+    let e = ask(&mut client, &api, &zt, Some("Kubernetes"), Some(&api))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    fake.put_pod(pod_json(
+        "default", "api-1", "uid-api1", "api", "node-1", "Pending",
+    ));
+    fake.bookmark();
+    let client2 = client.clone();
+    eventually("new pod impersonable", Duration::from_secs(10), || {
+        let (api, zt) = (api.clone(), zt.clone());
+        let mut c = client2.clone();
+        async move {
+            ask(&mut c, &api, &zt, Some("Kubernetes"), Some(&api))
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+    issued += 1;
+    assert_eq!(b.issued(), issued);
+    // It fails, then another is deleted: no longer impersonable (calls racing the watch
+    // event may still succeed, so only the end state is asserted).
+    fake.put_pod(pod_json(
+        "default", "api-1", "uid-api1", "api", "node-1", "Failed",
+    ));
+    eventually("failed pod refused", Duration::from_secs(10), || {
+        let (api, zt) = (api.clone(), zt.clone());
+        let mut c = client2.clone();
+        async move {
+            ask(&mut c, &api, &zt, Some("Kubernetes"), Some(&api))
+                .await
+                .is_err_and(|e| e.code() == Code::Unauthenticated)
+        }
+    })
+    .await;
+    fake.delete_pod("default", "web-1");
+    eventually("deleted pod refused", Duration::from_secs(10), || {
+        let (web, zt) = (web.clone(), zt.clone());
+        let mut c = client2.clone();
+        async move {
+            ask(&mut c, &web, &zt, Some("Kubernetes"), Some(&web))
+                .await
+                .is_err()
+        }
+    })
+    .await;
+
+    // Everything came from one LIST and the WATCH that followed it.
+    assert_eq!(fake.count("pods.get"), 0, "no per-request pod GET");
+    assert_eq!(fake.count("pods.list"), 1);
+    assert_eq!(fake.count("other"), 0);
+    let queries = fake.pod_queries();
+    assert!(
+        queries[0].contains("resourceVersion=0")
+            && queries[0].contains("resourceVersionMatch=NotOlderThan")
+            && !queries[0].contains("watch"),
+        "{queries:?}"
+    );
+    let w = &queries[1];
+    for p in [
+        "watch=true",
+        "allowWatchBookmarks=true",
+        "timeoutSeconds=",
+        "resourceVersion=1006",
+    ] {
+        assert!(w.contains(p), "watch query {w} lacks {p}");
+    }
+    // Each review was one request, however many impersonation calls used the token.
+    assert_eq!(fake.count("tokenreviews"), 5);
+    drop(client2);
+    b.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_server_outage_keeps_cached_identities_and_fails_new_tokens_unavailable() {
+    let mut fake = FakeKube::start_new().await;
+    populate(&fake);
+    let kdir = tempfile::tempdir().unwrap();
+    let kc = cluster(&fake, kdir.path(), "Kubernetes", None);
+    let b = Bridge::start_with(|c| kube_config(c, vec![kc])).await;
+    let mut client = b.client().await;
+    eventually("pod watch started", Duration::from_secs(10), || async {
+        fake.count("pods.watch") >= 1
+    })
+    .await;
+
+    let id = spiffe("default", "web");
+    let cached = sa_jwt("default", "web", "cached");
+    fake.sa_token(&cached, "default", "web", None);
+    let zt = sa_jwt("istio-system", "ztunnel", "zt");
+    fake.sa_token(
+        &zt,
+        "istio-system",
+        "ztunnel",
+        Some(("ztunnel-n1", "uid-zt1")),
+    );
+    ask(&mut client, &id, &cached, Some("Kubernetes"), None)
+        .await
+        .unwrap();
+    ask(&mut client, &id, &zt, Some("Kubernetes"), Some(&id))
+        .await
+        .unwrap();
+    let reviews = fake.count("tokenreviews");
+
+    // The API server goes away.
+    fake.stop().await;
+    let fresh = sa_jwt("default", "web", "fresh");
+    fake.sa_token(&fresh, "default", "web", None);
+    for _ in 0..3 {
+        // Cached identities keep working, impersonation from the last known pods too.
+        ask(&mut client, &id, &cached, Some("Kubernetes"), None)
+            .await
+            .expect("cached identity during the outage");
+        ask(&mut client, &id, &zt, Some("Kubernetes"), Some(&id))
+            .await
+            .expect("impersonation from the cached pods during the outage");
+        // A new token cannot be checked: UNAVAILABLE (clients retry), promptly.
+        let t = Instant::now();
+        let e = ask(&mut client, &id, &fresh, Some("Kubernetes"), None)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+        assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+    }
+    assert_eq!(b.issued(), 2 + 6);
+
+    // It comes back on the same port: the new token works (failures were not cached).
+    fake.start().await;
+    let mut c2 = client.clone();
+    eventually(
+        "new token accepted after recovery",
+        Duration::from_secs(10),
+        || {
+            let (id, fresh) = (id.clone(), fresh.clone());
+            let mut c = c2.clone();
+            async move {
+                ask(&mut c, &id, &fresh, Some("Kubernetes"), None)
+                    .await
+                    .is_ok()
+            }
+        },
+    )
+    .await;
+    assert_eq!(fake.count("tokenreviews"), reviews + 1);
+
+    // An API server that accepts but hangs: bounded by authn.kubernetes.requestTimeout.
+    fake.set_review_delay(Duration::from_secs(8));
+    let slow = sa_jwt("default", "web", "slow");
+    fake.sa_token(&slow, "default", "web", None);
+    let t = Instant::now();
+    let e = ask(&mut c2, &id, &slow, Some("Kubernetes"), None)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
+    // Meanwhile cached identities are unaffected.
+    let t = Instant::now();
+    ask(&mut c2, &id, &cached, Some("Kubernetes"), None)
+        .await
+        .unwrap();
+    assert!(t.elapsed() < Duration::from_secs(1));
+    fake.set_review_delay(Duration::ZERO);
+    let metrics = b.admin_get("/metrics").await.1;
+    assert!(
+        metrics
+            .contains(r#"istio_ca_bridge_authentication_failures_total{reason="unavailable"} 4"#),
+        "{metrics}"
+    );
+    b.shutdown().await.unwrap();
+}
