@@ -212,6 +212,14 @@ impl App {
         }
         if let Some(c) = &self.clusters {
             c.spawn_watchers(stop.clone());
+            if self.cfg.kubernetes.root_config_map.enabled {
+                crate::trust::configmap::spawn(
+                    c,
+                    &self.cfg.kubernetes.root_config_map,
+                    self.signer.trust_bundle(),
+                    stop.clone(),
+                );
+            }
         }
         serving::spawn_maintainer(
             self.cfg.server.tls.clone(),

@@ -58,6 +58,9 @@ pub struct Config {
     pub policy: PolicyConfig,
     pub backend: BackendConfig,
     pub metrics: MetricsConfig,
+    /// What the bridge maintains in the clusters of `authn.kubernetes` (istiod's duties
+    /// when its CA is off).
+    pub kubernetes: KubernetesConfig,
 }
 
 impl Default for Config {
@@ -70,6 +73,7 @@ impl Default for Config {
             policy: PolicyConfig::default(),
             backend: BackendConfig::default(),
             metrics: MetricsConfig::default(),
+            kubernetes: KubernetesConfig::default(),
         }
     }
 }
@@ -412,6 +416,66 @@ impl Default for LocalBackendConfig {
     }
 }
 
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct KubernetesConfig {
+    pub root_config_map: RootConfigMapConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct RootConfigMapConfig {
+    /// Publish the trust bundle as a ConfigMap in every namespace of every cluster in
+    /// `authn.kubernetes` (with ENABLE_CA_SERVER=false istiod does not).
+    pub enabled: bool,
+    /// istiod's PILOT_CA_CERT_CONFIGMAP / Helm `global.trustBundleName`.
+    pub name: String,
+    /// Namespaces that never get the ConfigMap.
+    pub exclude_namespaces: Vec<String>,
+    /// Every ConfigMap is re-applied this often (repairs edits and deletions).
+    #[serde(with = "humantime_serde")]
+    pub resync_interval: Duration,
+    /// Only the holder of this Lease writes, so several replicas can run.
+    pub leader_election: LeaderElectionConfig,
+}
+
+impl Default for RootConfigMapConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            name: "istio-ca-root-cert".into(),
+            exclude_namespaces: vec!["kube-public".into(), "kube-node-lease".into()],
+            resync_interval: Duration::from_secs(600),
+            leader_election: LeaderElectionConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct LeaderElectionConfig {
+    /// Where the `coordination.k8s.io/v1` Lease lives (the bridge's own namespace).
+    pub namespace: String,
+    pub lease_name: String,
+    /// A leader that has not renewed for this long is replaced.
+    #[serde(with = "humantime_serde")]
+    pub lease_duration: Duration,
+    /// How often the lease is renewed, or tried for by non-leaders.
+    #[serde(with = "humantime_serde")]
+    pub retry_period: Duration,
+}
+
+impl Default for LeaderElectionConfig {
+    fn default() -> Self {
+        Self {
+            namespace: "istio-system".into(),
+            lease_name: "istio-ca-bridge-root-cert".into(),
+            lease_duration: Duration::from_secs(15),
+            retry_period: Duration::from_secs(2),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct MetricsConfig {
@@ -643,6 +707,46 @@ impl Config {
                 err(&f("refreshInterval"), "must be at least 1s".into());
             }
         }
+        let r = &self.kubernetes.root_config_map;
+        if r.enabled {
+            if a.kubernetes.is_none() {
+                err(
+                    "kubernetes.rootConfigMap.enabled",
+                    "needs authn.kubernetes (the clusters to publish to)".into(),
+                );
+            }
+            if !valid_dns_or_ip(&r.name) || r.name.parse::<std::net::IpAddr>().is_ok() {
+                err(
+                    "kubernetes.rootConfigMap.name",
+                    format!("{:?} is not a valid ConfigMap name", r.name),
+                );
+            }
+            if r.resync_interval < Duration::from_secs(1) {
+                err(
+                    "kubernetes.rootConfigMap.resyncInterval",
+                    "must be at least 1s".into(),
+                );
+            }
+            let le = &r.leader_election;
+            if le.namespace.is_empty() {
+                err(
+                    "kubernetes.rootConfigMap.leaderElection.namespace",
+                    "must not be empty".into(),
+                );
+            }
+            if le.lease_name.is_empty() {
+                err(
+                    "kubernetes.rootConfigMap.leaderElection.leaseName",
+                    "must not be empty".into(),
+                );
+            }
+            if le.retry_period.is_zero() || le.lease_duration < le.retry_period * 2 {
+                err(
+                    "kubernetes.rootConfigMap.leaderElection.leaseDuration",
+                    "must be at least twice retryPeriod (and retryPeriod > 0)".into(),
+                );
+            }
+        }
         let p = &self.policy;
         if p.default_ttl.is_zero() {
             err("policy.defaultTtl", "must be > 0".into());
@@ -834,6 +938,25 @@ mod tests {
             parse_accounts(&ok.authn.trusted_node_accounts).unwrap(),
             vec![ServiceAccount::new("istio-system", "ztunnel").unwrap()]
         );
+    }
+
+    #[test]
+    fn root_configmap_validation_names_fields() {
+        let cfg = Config::parse(
+            "kubernetes:\n  rootConfigMap:\n    enabled: true\n    name: Bad_Name\n    leaderElection:\n      leaseDuration: 3s\n      retryPeriod: 2s\n",
+        )
+        .unwrap();
+        let errs = cfg.validate().unwrap_err();
+        let fields: Vec<_> = errs.iter().map(|e| e.field.as_str()).collect();
+        for f in [
+            "kubernetes.rootConfigMap.enabled",
+            "kubernetes.rootConfigMap.name",
+            "kubernetes.rootConfigMap.leaderElection.leaseDuration",
+        ] {
+            assert!(fields.contains(&f), "{f} missing from {fields:?}");
+        }
+        // Disabled (the default), nothing is checked.
+        assert!(Config::parse("").unwrap().validate().is_ok());
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Kubernetes API access: one client per configured cluster, the TokenReview call with its
-//! rate limit and deadline, and (in [`pods`]) the watch-fed pod caches that authorize
-//! ztunnel impersonation.
+//! rate limit and deadline, (in [`pods`]) the watch-fed pod caches that authorize ztunnel
+//! impersonation, and (in [`leader`]) Lease-based leader election for cluster writes.
 //!
 //! Every call made while a CreateCertificate request waits is bounded: it first needs a
 //! slot from the cluster's client-side rate limiter and then an answer, both within
@@ -10,6 +10,7 @@
 //!
 //! Named `k8s` rather than `kube` so that paths into the `kube` crate stay unambiguous.
 
+pub mod leader;
 pub mod node_authz;
 pub mod pods;
 
@@ -204,6 +205,10 @@ impl Clusters {
             None => self.list.first(),
             Some(id) => self.list.iter().find(|c| c.id == id),
         }
+    }
+
+    pub fn all(&self) -> &[Arc<Cluster>] {
+        &self.list
     }
 
     pub fn ids(&self) -> Vec<&str> {

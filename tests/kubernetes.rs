@@ -7,7 +7,8 @@
 //! cluster selection by `clusterid` with per-cluster trust domains, ztunnel impersonation
 //! decided from the watch-fed pod cache (no per-request GET), and behaviour while the API
 //! server is gone or hanging (cached identities keep working, new tokens get UNAVAILABLE
-//! quickly, service resumes when it is back).
+//! quickly, service resumes when it is back); and the root ConfigMap in every namespace,
+//! written only by the replica holding the Lease.
 
 mod support;
 
@@ -809,5 +810,88 @@ async fn api_server_outage_keeps_cached_identities_and_fails_new_tokens_unavaila
             .contains(r#"istio_ca_bridge_authentication_failures_total{reason="unavailable"} 4"#),
         "{metrics}"
     );
+    b.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_configmap_in_every_namespace_written_by_the_lease_holder_only() {
+    let fake = FakeKube::start_new().await;
+    let all = ["default", "istio-system", "kube-system", "shop"];
+    for ns in all.iter().chain(&["kube-public", "kube-node-lease"]) {
+        fake.put_namespace(ns);
+    }
+    let kdir = tempfile::tempdir().unwrap();
+    let kc = cluster(&fake, kdir.path(), "Kubernetes", None);
+    let edit = |c: &mut Config| {
+        kube_config(c, vec![kc.clone()]);
+        let r = &mut c.kubernetes.root_config_map;
+        r.enabled = true;
+        r.leader_election.lease_duration = Duration::from_secs(2);
+        r.leader_election.retry_period = Duration::from_millis(500);
+    };
+    const CM: &str = "istio-ca-root-cert";
+    let root_of = |ns: &str| {
+        fake.configmap(ns, CM)
+            .and_then(|cm| cm["data"]["root-cert.pem"].as_str().map(str::to_string))
+    };
+    let holder = || {
+        fake.lease("istio-system", "istio-ca-bridge-root-cert")
+            .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_string))
+    };
+
+    // Replica A (its own local CA, so its root tells who wrote a ConfigMap).
+    let a = Bridge::start_with(edit).await;
+    let root_a = a.root_pem();
+    eventually(
+        "A publishes everywhere",
+        Duration::from_secs(10),
+        || async {
+            all.iter()
+                .all(|ns| root_of(ns).as_deref() == Some(root_a.as_str()))
+        },
+    )
+    .await;
+    for ns in all {
+        let cm = fake.configmap(ns, CM).unwrap();
+        assert_eq!(cm["metadata"]["labels"]["istio.io/config"], "true", "{ns}");
+    }
+    for ns in ["kube-public", "kube-node-lease"] {
+        assert!(fake.configmap(ns, CM).is_none(), "{ns} must be skipped");
+    }
+    let holder_a = holder().expect("A holds the lease");
+
+    // Replica B with another root: while A holds the lease, B writes nothing.
+    let b = Bridge::start_with(edit).await;
+    let root_b = b.root_pem();
+    assert_ne!(root_a, root_b);
+    fake.put_namespace("late");
+    eventually(
+        "A publishes into a new namespace",
+        Duration::from_secs(10),
+        || async { root_of("late").as_deref() == Some(root_a.as_str()) },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for ns in all.iter().chain(&["late"]) {
+        assert_eq!(root_of(ns).as_deref(), Some(root_a.as_str()), "{ns}");
+    }
+    assert_eq!(holder().as_deref(), Some(holder_a.as_str()));
+
+    // A stops (and releases the lease): B takes over and publishes its bundle.
+    a.shutdown().await.unwrap();
+    eventually("B takes over", Duration::from_secs(10), || async {
+        all.iter()
+            .chain(&["late"])
+            .all(|ns| root_of(ns).as_deref() == Some(root_b.as_str()))
+    })
+    .await;
+    let holder_b = holder().expect("B holds the lease");
+    assert_ne!(holder_a, holder_b);
+    let lease = fake
+        .lease("istio-system", "istio-ca-bridge-root-cert")
+        .unwrap();
+    assert_eq!(lease["spec"]["leaseTransitions"], 1, "{lease}");
+    assert_eq!(lease["spec"]["leaseDurationSeconds"], 2, "{lease}");
+    assert!(fake.count("leases.replace") > 2);
     b.shutdown().await.unwrap();
 }

@@ -20,6 +20,13 @@
 //!   the real `410 Gone` ERROR event.
 //! - `GET /api/v1/namespaces/{ns}/pods/{name}`: served and COUNTED, so tests can prove
 //!   the bridge never fetches single pods.
+//! - `GET /api/v1/namespaces` list and watch, exactly like pods (one resourceVersion counter
+//!   for everything, like etcd's revision).
+//! - `PATCH /api/v1/namespaces/{ns}/configmaps/{name}` as server-side apply
+//!   (`application/apply-patch+yaml`, `fieldManager` required): create or update, 404 if the
+//!   namespace does not exist.
+//! - `coordination.k8s.io/v1` Leases: GET, POST (409 AlreadyExists), PUT with optimistic
+//!   concurrency (409 Conflict unless `metadata.resourceVersion` is the current one).
 //!
 //! Every request is counted per endpoint. `stop()` drops the listener and every open
 //! connection (watches included), like an API server going away; `start()` serves again
@@ -60,23 +67,88 @@ pub enum Review {
     Raw(Value),
 }
 
+/// One resource type's objects.
 #[derive(Default)]
-struct Pods {
-    /// Last resourceVersion handed out.
-    rv: u64,
-    /// Current pods by (namespace, name).
+struct Collection {
+    /// Current objects by (namespace, name); cluster-scoped ones have namespace "".
     current: BTreeMap<(String, String), Value>,
     /// Every change: (resourceVersion, event type, object).
     history: Vec<(u64, &'static str, Value)>,
+}
+
+/// All objects. resourceVersion is one counter for everything, like etcd's revision.
+#[derive(Default)]
+struct Store {
+    /// Last resourceVersion handed out.
+    rv: u64,
+    colls: HashMap<&'static str, Collection>,
     /// Changes at or below this resourceVersion are no longer retained (compaction).
     compacted: u64,
 }
 
+impl Store {
+    fn coll(&mut self, kind: &'static str) -> &mut Collection {
+        self.colls.entry(kind).or_default()
+    }
+
+    fn key(obj: &Value) -> (String, String) {
+        (
+            obj["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("")
+                .to_string(),
+            obj["metadata"]["name"].as_str().unwrap().to_string(),
+        )
+    }
+
+    /// Creates or replaces; returns the stored object (with its new resourceVersion).
+    fn put(&mut self, kind: &'static str, mut obj: Value) -> (u64, &'static str, Value) {
+        self.rv += 1;
+        let rv = self.rv;
+        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+        if obj["metadata"]["uid"].is_null() {
+            obj["metadata"]["uid"] = json!(format!("uid-{kind}-{rv}"));
+        }
+        let key = Self::key(&obj);
+        let c = self.coll(kind);
+        let ev = if c.current.contains_key(&key) {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        c.current.insert(key, obj.clone());
+        c.history.push((rv, ev, obj.clone()));
+        (rv, ev, obj)
+    }
+
+    fn delete(&mut self, kind: &'static str, ns: &str, name: &str) -> Option<(u64, Value)> {
+        let mut obj = self
+            .coll(kind)
+            .current
+            .remove(&(ns.to_string(), name.to_string()))?;
+        self.rv += 1;
+        let rv = self.rv;
+        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+        self.coll(kind).history.push((rv, "DELETED", obj.clone()));
+        Some((rv, obj))
+    }
+
+    fn get(&mut self, kind: &'static str, ns: &str, name: &str) -> Option<Value> {
+        self.coll(kind)
+            .current
+            .get(&(ns.to_string(), name.to_string()))
+            .cloned()
+    }
+}
+
+/// (collection, resourceVersion, event type, object)
+type Change = (&'static str, u64, &'static str, Value);
+
 struct Inner {
     reviews: Mutex<HashMap<String, Review>>,
     review_delay: Mutex<Duration>,
-    pods: Mutex<Pods>,
-    events: broadcast::Sender<(u64, &'static str, Value)>,
+    store: Mutex<Store>,
+    events: broadcast::Sender<Change>,
     counts: Mutex<HashMap<&'static str, u64>>,
     /// Query strings of list and watch requests, in order.
     pod_queries: Mutex<Vec<String>>,
@@ -149,7 +221,7 @@ impl FakeKube {
             inner: Arc::new(Inner {
                 reviews: Mutex::new(HashMap::new()),
                 review_delay: Mutex::new(Duration::ZERO),
-                pods: Mutex::new(Pods {
+                store: Mutex::new(Store {
                     rv: 1000,
                     ..Default::default()
                 }),
@@ -172,8 +244,21 @@ impl FakeKube {
                 "/apis/authentication.k8s.io/v1/tokenreviews",
                 post(token_review),
             )
-            .route("/api/v1/pods", get(pods))
+            .route("/api/v1/pods", get(list_or_watch_pods))
+            .route("/api/v1/namespaces", get(list_or_watch_namespaces))
             .route("/api/v1/namespaces/{ns}/pods/{name}", get(get_pod))
+            .route(
+                "/api/v1/namespaces/{ns}/configmaps/{name}",
+                axum::routing::patch(apply_configmap),
+            )
+            .route(
+                "/apis/coordination.k8s.io/v1/namespaces/{ns}/leases",
+                post(create_lease),
+            )
+            .route(
+                "/apis/coordination.k8s.io/v1/namespaces/{ns}/leases/{name}",
+                get(get_lease).put(replace_lease),
+            )
             .fallback(not_found)
             .with_state(self.inner.clone());
         let conns = Arc::new(Mutex::new(JoinSet::new()));
@@ -262,7 +347,8 @@ impl FakeKube {
     }
 
     /// Requests seen for an endpoint: `tokenreviews`, `pods.list`, `pods.watch`,
-    /// `pods.get`, `unauthorized`, `other`.
+    /// `pods.get`, `namespaces.list`, `namespaces.watch`, `configmaps.apply`, `leases.get`,
+    /// `leases.create`, `leases.replace`, `unauthorized`, `other`.
     pub fn count(&self, endpoint: &str) -> u64 {
         self.inner
             .counts
@@ -281,45 +367,47 @@ impl FakeKube {
         self.inner.review_audiences.lock().unwrap().clone()
     }
 
+    fn put(&self, kind: &'static str, obj: Value) {
+        let (rv, ev, obj) = self.inner.store.lock().unwrap().put(kind, obj);
+        let _ = self.inner.events.send((kind, rv, ev, obj));
+    }
+
     /// Creates or replaces a pod (ADDED or MODIFIED event).
     pub fn put_pod(&self, pod: Value) {
-        let mut p = self.inner.pods.lock().unwrap();
-        p.rv += 1;
-        let rv = p.rv;
-        let mut pod = pod;
-        pod["metadata"]["resourceVersion"] = json!(rv.to_string());
-        let key = (
-            pod["metadata"]["namespace"].as_str().unwrap().to_string(),
-            pod["metadata"]["name"].as_str().unwrap().to_string(),
-        );
-        let kind = if p.current.contains_key(&key) {
-            "MODIFIED"
-        } else {
-            "ADDED"
-        };
-        p.current.insert(key, pod.clone());
-        p.history.push((rv, kind, pod.clone()));
-        let _ = self.inner.events.send((rv, kind, pod));
+        self.put("pods", pod);
     }
 
     pub fn delete_pod(&self, ns: &str, name: &str) {
-        let mut p = self.inner.pods.lock().unwrap();
-        let Some(mut pod) = p.current.remove(&(ns.to_string(), name.to_string())) else {
-            return;
-        };
-        p.rv += 1;
-        let rv = p.rv;
-        pod["metadata"]["resourceVersion"] = json!(rv.to_string());
-        p.history.push((rv, "DELETED", pod.clone()));
-        let _ = self.inner.events.send((rv, "DELETED", pod));
+        let d = self.inner.store.lock().unwrap().delete("pods", ns, name);
+        if let Some((rv, obj)) = d {
+            let _ = self.inner.events.send(("pods", rv, "DELETED", obj));
+        }
+    }
+
+    /// Creates a namespace (phase Active).
+    pub fn put_namespace(&self, name: &str) {
+        self.put(
+            "namespaces",
+            json!({"metadata": {"name": name, "creationTimestamp": "2026-01-01T00:00:00Z"},
+                   "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}}),
+        );
+    }
+
+    pub fn configmap(&self, ns: &str, name: &str) -> Option<Value> {
+        self.inner.store.lock().unwrap().get("configmaps", ns, name)
+    }
+
+    pub fn lease(&self, ns: &str, name: &str) -> Option<Value> {
+        self.inner.store.lock().unwrap().get("leases", ns, name)
     }
 
     /// Sends a BOOKMARK (current resourceVersion) to every open watch.
     pub fn bookmark(&self) {
-        let p = self.inner.pods.lock().unwrap();
-        let obj = json!({"kind": "Pod", "apiVersion": "v1",
-            "metadata": {"resourceVersion": p.rv.to_string()}});
-        let _ = self.inner.events.send((p.rv, "BOOKMARK", obj));
+        let rv = self.inner.store.lock().unwrap().rv;
+        for kind in ["pods", "namespaces"] {
+            let obj = json!({"metadata": {"resourceVersion": rv.to_string()}});
+            let _ = self.inner.events.send((kind, rv, "BOOKMARK", obj));
+        }
     }
 }
 
@@ -475,10 +563,9 @@ async fn get_pod(
         return r;
     }
     count(&inner, "pods.get");
-    let p = inner.pods.lock().unwrap();
-    match p.current.get(&(ns, name.clone())) {
-        Some(pod) => {
-            let mut pod = pod.clone();
+    let pod = inner.store.lock().unwrap().get("pods", &ns, &name);
+    match pod {
+        Some(mut pod) => {
             pod["kind"] = json!("Pod");
             pod["apiVersion"] = json!("v1");
             (
@@ -492,27 +579,64 @@ async fn get_pod(
     }
 }
 
-async fn pods(
+async fn list_or_watch_pods(
     State(inner): State<Arc<Inner>>,
     headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
     uri: axum::http::Uri,
 ) -> Response {
+    list_or_watch(inner, headers, q, uri, "pods", "Pod").await
+}
+
+async fn list_or_watch_namespaces(
+    State(inner): State<Arc<Inner>>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+    uri: axum::http::Uri,
+) -> Response {
+    list_or_watch(inner, headers, q, uri, "namespaces", "Namespace").await
+}
+
+async fn list_or_watch(
+    inner: Arc<Inner>,
+    headers: HeaderMap,
+    q: HashMap<String, String>,
+    uri: axum::http::Uri,
+    coll: &'static str,
+    kind: &'static str,
+) -> Response {
     if let Some(r) = unauthorized(&inner, &headers) {
         return r;
     }
-    inner
-        .pod_queries
-        .lock()
-        .unwrap()
-        .push(uri.query().unwrap_or("").to_string());
-    if q.get("watch").map(String::as_str) == Some("true") {
-        count(&inner, "pods.watch");
-        return watch(inner, q);
+    if coll == "pods" {
+        inner
+            .pod_queries
+            .lock()
+            .unwrap()
+            .push(uri.query().unwrap_or("").to_string());
     }
-    count(&inner, "pods.list");
-    let p = inner.pods.lock().unwrap();
-    let items: Vec<Value> = p.current.values().cloned().collect();
+    if q.get("watch").map(String::as_str) == Some("true") {
+        count(
+            &inner,
+            if coll == "pods" {
+                "pods.watch"
+            } else {
+                "namespaces.watch"
+            },
+        );
+        return watch(inner, q, coll, kind);
+    }
+    count(
+        &inner,
+        if coll == "pods" {
+            "pods.list"
+        } else {
+            "namespaces.list"
+        },
+    );
+    let mut store = inner.store.lock().unwrap();
+    let current_rv = store.rv;
+    let items: Vec<Value> = store.coll(coll).current.values().cloned().collect();
     // resourceVersion=0 is served from the watch cache: everything at once, `limit`
     // ignored. Otherwise (a consistent read) `limit` pages with `continue` tokens; the
     // token pins the list's resourceVersion, like the real one.
@@ -523,7 +647,7 @@ async fn pods(
             let (o, rv) = c.split_once(':').unwrap_or(("0", "0"));
             (o.parse().unwrap_or(0), rv.to_string())
         }
-        None => (0, p.rv.to_string()),
+        None => (0, current_rv.to_string()),
     };
     let mut metadata = json!({"resourceVersion": rv});
     let page: Vec<Value> = if from_cache || limit == 0 {
@@ -537,7 +661,7 @@ async fn pods(
         page
     };
     let body = json!({
-        "kind": "PodList", "apiVersion": "v1",
+        "kind": format!("{kind}List"), "apiVersion": "v1",
         "metadata": metadata,
         "items": page,
     });
@@ -549,16 +673,21 @@ async fn pods(
         .into_response()
 }
 
-fn event_line(kind: &str, object: &Value) -> bytes::Bytes {
+fn event_line(ev: &str, kind: &str, object: &Value) -> bytes::Bytes {
     let mut obj = object.clone();
-    obj["kind"] = json!("Pod");
+    obj["kind"] = json!(kind);
     obj["apiVersion"] = json!("v1");
-    let mut line = json!({"type": kind, "object": obj}).to_string();
+    let mut line = json!({"type": ev, "object": obj}).to_string();
     line.push('\n');
     line.into()
 }
 
-fn watch(inner: Arc<Inner>, q: HashMap<String, String>) -> Response {
+fn watch(
+    inner: Arc<Inner>,
+    q: HashMap<String, String>,
+    coll: &'static str,
+    kind: &'static str,
+) -> Response {
     let from: u64 = q
         .get("resourceVersion")
         .and_then(|v| v.parse().ok())
@@ -572,14 +701,16 @@ fn watch(inner: Arc<Inner>, q: HashMap<String, String>) -> Response {
     // Subscribe before reading the history so that no change falls in between.
     let mut live = inner.events.subscribe();
     let (backlog, compacted) = {
-        let p = inner.pods.lock().unwrap();
-        let backlog: Vec<(u64, &'static str, Value)> = p
+        let mut store = inner.store.lock().unwrap();
+        let compacted = from != 0 && from < store.compacted;
+        let backlog: Vec<(u64, &'static str, Value)> = store
+            .coll(coll)
             .history
             .iter()
             .filter(|(rv, _, _)| *rv > from)
             .cloned()
             .collect();
-        (backlog, from != 0 && from < p.compacted)
+        (backlog, compacted)
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(64);
     tokio::spawn(async move {
@@ -592,9 +723,9 @@ fn watch(inner: Arc<Inner>, q: HashMap<String, String>) -> Response {
             return;
         }
         let mut last = from;
-        for (rv, kind, obj) in backlog {
+        for (rv, ev, obj) in backlog {
             last = rv;
-            if tx.send(Ok(event_line(kind, &obj))).await.is_err() {
+            if tx.send(Ok(event_line(ev, kind, &obj))).await.is_err() {
                 return;
             }
         }
@@ -605,15 +736,16 @@ fn watch(inner: Arc<Inner>, q: HashMap<String, String>) -> Response {
                 _ = &mut end => return,
                 _ = tx.closed() => return,
                 ev = live.recv() => match ev {
-                    Ok((rv, "BOOKMARK", obj)) => {
-                        if bookmarks && tx.send(Ok(event_line("BOOKMARK", &obj))).await.is_err() {
+                    Ok((c, _, _, _)) if c != coll => {}
+                    Ok((_, rv, "BOOKMARK", obj)) => {
+                        if bookmarks && tx.send(Ok(event_line("BOOKMARK", kind, &obj))).await.is_err() {
                             return;
                         }
                         last = last.max(rv);
                     }
-                    Ok((rv, kind, obj)) if rv > last => {
+                    Ok((_, rv, ev, obj)) if rv > last => {
                         last = rv;
-                        if tx.send(Ok(event_line(kind, &obj))).await.is_err() {
+                        if tx.send(Ok(event_line(ev, kind, &obj))).await.is_err() {
                             return;
                         }
                     }
@@ -629,4 +761,162 @@ fn watch(inner: Arc<Inner>, q: HashMap<String, String>) -> Response {
         .header("content-type", "application/json")
         .body(Body::from_stream(stream))
         .unwrap()
+}
+
+/// Server-side apply of a ConfigMap (`PATCH` with `application/apply-patch+yaml`): creates
+/// or updates; the namespace must exist.
+async fn apply_configmap(
+    State(inner): State<Arc<Inner>>,
+    headers: HeaderMap,
+    UrlPath((ns, name)): UrlPath<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Some(r) = unauthorized(&inner, &headers) {
+        return r;
+    }
+    count(&inner, "configmaps.apply");
+    let ct = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if ct != "application/apply-patch+yaml" {
+        return status_json(
+            415,
+            "UnsupportedMediaType",
+            &format!("unsupported patch type {ct}"),
+        );
+    }
+    if q.get("fieldManager").is_none_or(|m| m.is_empty()) {
+        return status_json(422, "Invalid", "fieldManager is required for apply patch");
+    }
+    // JSON is YAML; the bridge sends JSON.
+    let Ok(obj) = serde_json::from_slice::<Value>(&body) else {
+        return status_json(400, "BadRequest", "cannot parse apply patch");
+    };
+    if obj["kind"] != "ConfigMap" || obj["metadata"]["name"] != name.as_str() {
+        return status_json(400, "BadRequest", "patch does not match the URL");
+    }
+    let mut store = inner.store.lock().unwrap();
+    if store.get("namespaces", "", &ns).is_none() {
+        return status_json(404, "NotFound", &format!("namespaces \"{ns}\" not found"));
+    }
+    let mut cm = store
+        .get("configmaps", &ns, &name)
+        .unwrap_or_else(|| json!({"metadata": {"name": name, "namespace": ns}}));
+    if let Some(labels) = obj["metadata"]["labels"].as_object() {
+        for (k, v) in labels {
+            cm["metadata"]["labels"][k] = v.clone();
+        }
+    }
+    cm["data"] = obj["data"].clone();
+    let (rv, ev, cm) = store.put("configmaps", cm);
+    drop(store);
+    let _ = inner.events.send(("configmaps", rv, ev, cm.clone()));
+    let mut cm = cm;
+    cm["kind"] = json!("ConfigMap");
+    cm["apiVersion"] = json!("v1");
+    (
+        StatusCode::OK,
+        [("content-type", "application/json")],
+        cm.to_string(),
+    )
+        .into_response()
+}
+
+fn lease_response(code: StatusCode, mut lease: Value) -> Response {
+    lease["kind"] = json!("Lease");
+    lease["apiVersion"] = json!("coordination.k8s.io/v1");
+    (
+        code,
+        [("content-type", "application/json")],
+        lease.to_string(),
+    )
+        .into_response()
+}
+
+async fn get_lease(
+    State(inner): State<Arc<Inner>>,
+    headers: HeaderMap,
+    UrlPath((ns, name)): UrlPath<(String, String)>,
+) -> Response {
+    if let Some(r) = unauthorized(&inner, &headers) {
+        return r;
+    }
+    count(&inner, "leases.get");
+    let lease = inner.store.lock().unwrap().get("leases", &ns, &name);
+    match lease {
+        Some(l) => lease_response(StatusCode::OK, l),
+        None => status_json(
+            404,
+            "NotFound",
+            &format!("leases.coordination.k8s.io \"{name}\" not found"),
+        ),
+    }
+}
+
+async fn create_lease(
+    State(inner): State<Arc<Inner>>,
+    headers: HeaderMap,
+    UrlPath(ns): UrlPath<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Some(r) = unauthorized(&inner, &headers) {
+        return r;
+    }
+    count(&inner, "leases.create");
+    let Ok(mut lease) = serde_json::from_slice::<Value>(&body) else {
+        return status_json(400, "BadRequest", "invalid Lease");
+    };
+    let Some(name) = lease["metadata"]["name"].as_str().map(str::to_string) else {
+        return status_json(422, "Invalid", "metadata.name is required");
+    };
+    lease["metadata"]["namespace"] = json!(ns);
+    let mut store = inner.store.lock().unwrap();
+    if store.get("leases", &ns, &name).is_some() {
+        return status_json(
+            409,
+            "AlreadyExists",
+            &format!("leases.coordination.k8s.io \"{name}\" already exists"),
+        );
+    }
+    let (_, _, lease) = store.put("leases", lease);
+    lease_response(StatusCode::CREATED, lease)
+}
+
+/// PUT with optimistic concurrency: `metadata.resourceVersion` must be the current one.
+async fn replace_lease(
+    State(inner): State<Arc<Inner>>,
+    headers: HeaderMap,
+    UrlPath((ns, name)): UrlPath<(String, String)>,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Some(r) = unauthorized(&inner, &headers) {
+        return r;
+    }
+    count(&inner, "leases.replace");
+    let Ok(mut lease) = serde_json::from_slice::<Value>(&body) else {
+        return status_json(400, "BadRequest", "invalid Lease");
+    };
+    let mut store = inner.store.lock().unwrap();
+    let Some(current) = store.get("leases", &ns, &name) else {
+        return status_json(
+            404,
+            "NotFound",
+            &format!("leases.coordination.k8s.io \"{name}\" not found"),
+        );
+    };
+    if lease["metadata"]["resourceVersion"] != current["metadata"]["resourceVersion"] {
+        return status_json(
+            409,
+            "Conflict",
+            &format!(
+                "Operation cannot be fulfilled on leases.coordination.k8s.io \"{name}\": the object has been modified; please apply your changes to the latest version and try again"
+            ),
+        );
+    }
+    lease["metadata"]["namespace"] = json!(ns);
+    lease["metadata"]["uid"] = current["metadata"]["uid"].clone();
+    let (_, _, lease) = store.put("leases", lease);
+    lease_response(StatusCode::OK, lease)
 }
