@@ -212,13 +212,8 @@ impl App {
         }
         if let Some(c) = &self.clusters {
             c.spawn_watchers(stop.clone());
-            if self.cfg.kubernetes.root_config_map.enabled {
-                crate::trust::configmap::spawn(
-                    c,
-                    &self.cfg.kubernetes.root_config_map,
-                    self.signer.trust_bundle(),
-                    stop.clone(),
-                );
+            if self.cfg.kubernetes.writes() {
+                spawn_cluster_writers(c, &self.cfg.kubernetes, self.signer.clone(), stop.clone());
             }
         }
         serving::spawn_maintainer(
@@ -289,6 +284,59 @@ impl App {
                 Ok(())
             }
         }
+    }
+}
+
+/// Per cluster: while this replica holds the Lease, the root ConfigMaps and the istiod
+/// Secret (whichever are enabled) are kept current.
+fn spawn_cluster_writers(
+    clusters: &k8s::Clusters,
+    cfg: &config::KubernetesConfig,
+    signer: Arc<dyn Signer>,
+    stop: CancellationToken,
+) {
+    for cluster in clusters.all() {
+        let client = cluster.client();
+        let id = cluster.id.clone();
+        let cfg = Arc::new(cfg.clone());
+        let signer = signer.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let le = cfg.leader_election.clone();
+            let lead_id = id.clone();
+            k8s::leader::run(client.clone(), &le, &lead_id, stop, move |token| {
+                let (client, id, cfg, signer) =
+                    (client.clone(), id.clone(), cfg.clone(), signer.clone());
+                async move {
+                    let roots = async {
+                        if cfg.root_config_map.enabled {
+                            crate::trust::configmap::publish(
+                                client.clone(),
+                                id.clone(),
+                                Arc::new(cfg.root_config_map.clone()),
+                                signer.trust_bundle(),
+                                token.clone(),
+                            )
+                            .await;
+                        }
+                    };
+                    let istiod = async {
+                        if cfg.istiod_cert.enabled {
+                            crate::trust::istiod_cert::maintain(
+                                client.clone(),
+                                id.clone(),
+                                cfg.istiod_cert.clone(),
+                                signer.clone(),
+                                token.clone(),
+                            )
+                            .await;
+                        }
+                    };
+                    tokio::join!(roots, istiod);
+                }
+            })
+            .await;
+        });
     }
 }
 

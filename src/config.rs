@@ -420,6 +420,69 @@ impl Default for LocalBackendConfig {
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct KubernetesConfig {
     pub root_config_map: RootConfigMapConfig,
+    pub istiod_cert: IstiodCertConfig,
+    /// Only the holder of this Lease (per cluster) writes ConfigMaps and Secrets, so
+    /// several replicas can run.
+    pub leader_election: LeaderElectionConfig,
+}
+
+impl KubernetesConfig {
+    /// True if the bridge writes anything into the clusters.
+    pub fn writes(&self) -> bool {
+        self.root_config_map.enabled || self.istiod_cert.enabled
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct IstiodCertConfig {
+    /// Keep istiod's serving certificate in a `kubernetes.io/tls` Secret (istiod with
+    /// ENABLE_CA_SERVER=false has none): `tls.crt` (leaf + intermediates), `tls.key`,
+    /// `ca.crt` (the trust bundle). Written into every cluster of `authn.kubernetes`.
+    pub enabled: bool,
+    /// istiod's namespace.
+    pub namespace: String,
+    pub secret_name: String,
+    /// DNS names of the certificate. Default: `istiod.<namespace>.svc` plus
+    /// `istiod-<revision>.<namespace>.svc` for each of `revisions`.
+    pub dns_names: Vec<String>,
+    pub revisions: Vec<String>,
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// Re-issued when less than this is left (and whenever the trust bundle changes).
+    #[serde(with = "humantime_serde")]
+    pub renew_before: Duration,
+}
+
+impl Default for IstiodCertConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            namespace: "istio-system".into(),
+            secret_name: "istiod-tls".into(),
+            dns_names: Vec::new(),
+            revisions: Vec::new(),
+            ttl: Duration::from_secs(24 * 3600),
+            renew_before: Duration::from_secs(8 * 3600),
+        }
+    }
+}
+
+impl IstiodCertConfig {
+    /// The names the certificate carries.
+    pub fn effective_dns_names(&self) -> Vec<String> {
+        if !self.dns_names.is_empty() {
+            return self.dns_names.clone();
+        }
+        let ns = &self.namespace;
+        let mut names = vec![format!("istiod.{ns}.svc")];
+        names.extend(
+            self.revisions
+                .iter()
+                .map(|r| format!("istiod-{r}.{ns}.svc")),
+        );
+        names
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -435,8 +498,6 @@ pub struct RootConfigMapConfig {
     /// Every ConfigMap is re-applied this often (repairs edits and deletions).
     #[serde(with = "humantime_serde")]
     pub resync_interval: Duration,
-    /// Only the holder of this Lease writes, so several replicas can run.
-    pub leader_election: LeaderElectionConfig,
 }
 
 impl Default for RootConfigMapConfig {
@@ -446,7 +507,6 @@ impl Default for RootConfigMapConfig {
             name: "istio-ca-root-cert".into(),
             exclude_namespaces: vec!["kube-public".into(), "kube-node-lease".into()],
             resync_interval: Duration::from_secs(600),
-            leader_election: LeaderElectionConfig::default(),
         }
     }
 }
@@ -469,7 +529,7 @@ impl Default for LeaderElectionConfig {
     fn default() -> Self {
         Self {
             namespace: "istio-system".into(),
-            lease_name: "istio-ca-bridge-root-cert".into(),
+            lease_name: "istio-ca-bridge".into(),
             lease_duration: Duration::from_secs(15),
             retry_period: Duration::from_secs(2),
         }
@@ -707,14 +767,19 @@ impl Config {
                 err(&f("refreshInterval"), "must be at least 1s".into());
             }
         }
-        let r = &self.kubernetes.root_config_map;
+        let k = &self.kubernetes;
+        if k.writes() && a.kubernetes.is_none() {
+            err(
+                if k.root_config_map.enabled {
+                    "kubernetes.rootConfigMap.enabled"
+                } else {
+                    "kubernetes.istiodCert.enabled"
+                },
+                "needs authn.kubernetes (the clusters to write to)".into(),
+            );
+        }
+        let r = &k.root_config_map;
         if r.enabled {
-            if a.kubernetes.is_none() {
-                err(
-                    "kubernetes.rootConfigMap.enabled",
-                    "needs authn.kubernetes (the clusters to publish to)".into(),
-                );
-            }
             if !valid_dns_or_ip(&r.name) || r.name.parse::<std::net::IpAddr>().is_ok() {
                 err(
                     "kubernetes.rootConfigMap.name",
@@ -727,22 +792,56 @@ impl Config {
                     "must be at least 1s".into(),
                 );
             }
-            let le = &r.leader_election;
+        }
+        let ic = &k.istiod_cert;
+        if ic.enabled {
+            if ic.namespace.is_empty() {
+                err(
+                    "kubernetes.istiodCert.namespace",
+                    "must not be empty".into(),
+                );
+            }
+            if ic.secret_name.is_empty() {
+                err(
+                    "kubernetes.istiodCert.secretName",
+                    "must not be empty".into(),
+                );
+            }
+            for (i, n) in ic.dns_names.iter().enumerate() {
+                if !valid_dns_or_ip(n) {
+                    err(
+                        &format!("kubernetes.istiodCert.dnsNames[{i}]"),
+                        format!("{n:?} is neither a DNS name nor an IP address"),
+                    );
+                }
+            }
+            if ic.ttl < Duration::from_secs(2) {
+                err("kubernetes.istiodCert.ttl", "must be at least 2s".into());
+            }
+            if ic.renew_before.is_zero() || ic.renew_before >= ic.ttl {
+                err(
+                    "kubernetes.istiodCert.renewBefore",
+                    "must be > 0 and less than kubernetes.istiodCert.ttl".into(),
+                );
+            }
+        }
+        if k.writes() {
+            let le = &k.leader_election;
             if le.namespace.is_empty() {
                 err(
-                    "kubernetes.rootConfigMap.leaderElection.namespace",
+                    "kubernetes.leaderElection.namespace",
                     "must not be empty".into(),
                 );
             }
             if le.lease_name.is_empty() {
                 err(
-                    "kubernetes.rootConfigMap.leaderElection.leaseName",
+                    "kubernetes.leaderElection.leaseName",
                     "must not be empty".into(),
                 );
             }
             if le.retry_period.is_zero() || le.lease_duration < le.retry_period * 2 {
                 err(
-                    "kubernetes.rootConfigMap.leaderElection.leaseDuration",
+                    "kubernetes.leaderElection.leaseDuration",
                     "must be at least twice retryPeriod (and retryPeriod > 0)".into(),
                 );
             }
@@ -941,9 +1040,9 @@ mod tests {
     }
 
     #[test]
-    fn root_configmap_validation_names_fields() {
+    fn cluster_writers_validation_names_fields() {
         let cfg = Config::parse(
-            "kubernetes:\n  rootConfigMap:\n    enabled: true\n    name: Bad_Name\n    leaderElection:\n      leaseDuration: 3s\n      retryPeriod: 2s\n",
+            "kubernetes:\n  rootConfigMap:\n    enabled: true\n    name: Bad_Name\n  istiodCert:\n    enabled: true\n    dnsNames: [bad_name]\n    ttl: 1h\n    renewBefore: 2h\n  leaderElection:\n    leaseDuration: 3s\n    retryPeriod: 2s\n",
         )
         .unwrap();
         let errs = cfg.validate().unwrap_err();
@@ -951,12 +1050,22 @@ mod tests {
         for f in [
             "kubernetes.rootConfigMap.enabled",
             "kubernetes.rootConfigMap.name",
-            "kubernetes.rootConfigMap.leaderElection.leaseDuration",
+            "kubernetes.istiodCert.dnsNames[0]",
+            "kubernetes.istiodCert.renewBefore",
+            "kubernetes.leaderElection.leaseDuration",
         ] {
             assert!(fields.contains(&f), "{f} missing from {fields:?}");
         }
         // Disabled (the default), nothing is checked.
         assert!(Config::parse("").unwrap().validate().is_ok());
+        let ic = IstiodCertConfig {
+            revisions: vec!["canary".into()],
+            ..Default::default()
+        };
+        assert_eq!(
+            ic.effective_dns_names(),
+            vec!["istiod.istio-system.svc", "istiod-canary.istio-system.svc"]
+        );
     }
 
     #[test]

@@ -824,10 +824,10 @@ async fn root_configmap_in_every_namespace_written_by_the_lease_holder_only() {
     let kc = cluster(&fake, kdir.path(), "Kubernetes", None);
     let edit = |c: &mut Config| {
         kube_config(c, vec![kc.clone()]);
-        let r = &mut c.kubernetes.root_config_map;
-        r.enabled = true;
-        r.leader_election.lease_duration = Duration::from_secs(2);
-        r.leader_election.retry_period = Duration::from_millis(500);
+        c.kubernetes.root_config_map.enabled = true;
+        let le = &mut c.kubernetes.leader_election;
+        le.lease_duration = Duration::from_secs(2);
+        le.retry_period = Duration::from_millis(500);
     };
     const CM: &str = "istio-ca-root-cert";
     let root_of = |ns: &str| {
@@ -835,7 +835,7 @@ async fn root_configmap_in_every_namespace_written_by_the_lease_holder_only() {
             .and_then(|cm| cm["data"]["root-cert.pem"].as_str().map(str::to_string))
     };
     let holder = || {
-        fake.lease("istio-system", "istio-ca-bridge-root-cert")
+        fake.lease("istio-system", "istio-ca-bridge")
             .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_string))
     };
 
@@ -887,11 +887,132 @@ async fn root_configmap_in_every_namespace_written_by_the_lease_holder_only() {
     .await;
     let holder_b = holder().expect("B holds the lease");
     assert_ne!(holder_a, holder_b);
-    let lease = fake
-        .lease("istio-system", "istio-ca-bridge-root-cert")
-        .unwrap();
+    let lease = fake.lease("istio-system", "istio-ca-bridge").unwrap();
     assert_eq!(lease["spec"]["leaseTransitions"], 1, "{lease}");
     assert_eq!(lease["spec"]["leaseDurationSeconds"], 2, "{lease}");
     assert!(fake.count("leases.replace") > 2);
     b.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istiod_tls_secret_is_issued_verifiable_and_renewed() {
+    require_tool("openssl", "apt-get install -y openssl");
+    logs();
+    let fake = FakeKube::start_new().await;
+    fake.put_namespace("istio-system");
+    let kdir = tempfile::tempdir().unwrap();
+    let kc = cluster(&fake, kdir.path(), "Kubernetes", None);
+    let state = kdir.path().join("ca");
+    let edit = |renew_before: u64| {
+        let (kc, state) = (kc.clone(), state.clone());
+        move |c: &mut Config| {
+            kube_config(c, vec![kc]);
+            // A CA that survives a restart of the bridge.
+            let istio_ca_bridge::config::BackendConfig::Local(l) = &mut c.backend;
+            l.state_dir = state;
+            let ic = &mut c.kubernetes.istiod_cert;
+            ic.enabled = true;
+            ic.revisions = vec!["canary".into()];
+            ic.ttl = Duration::from_secs(8);
+            ic.renew_before = Duration::from_secs(renew_before);
+            let le = &mut c.kubernetes.leader_election;
+            le.lease_duration = Duration::from_secs(2);
+            le.retry_period = Duration::from_millis(500);
+        }
+    };
+    let b = Bridge::start_with(edit(5)).await;
+    let field = |s: &serde_json::Value, k: &str| {
+        String::from_utf8(
+            base64::engine::general_purpose::STANDARD
+                .decode(s["data"][k].as_str().unwrap())
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    eventually("istiod-tls written", Duration::from_secs(10), || async {
+        fake.secret("istio-system", "istiod-tls").is_some()
+    })
+    .await;
+    let s = fake.secret("istio-system", "istiod-tls").unwrap();
+    assert_eq!(s["type"], "kubernetes.io/tls");
+    let (crt, key, ca) = (
+        field(&s, "tls.crt"),
+        field(&s, "tls.key"),
+        field(&s, "ca.crt"),
+    );
+    assert_eq!(ca, b.root_pem(), "ca.crt is the trust bundle");
+    assert!(!crt.contains("PRIVATE KEY") && key.contains("PRIVATE KEY"));
+    let info = pki::cert_info(&pki::parse_certs_pem(crt.as_bytes()).unwrap()[0]).unwrap();
+    assert_eq!(
+        info.dns_sans,
+        vec!["istiod.istio-system.svc", "istiod-canary.istio-system.svc"]
+    );
+    assert!(!info.is_ca);
+    // An independent verifier: chains to ca.crt for TLS servers, and the key matches.
+    let dir = kdir.path();
+    let (crt_f, key_f, ca_f) = (dir.join("tls.crt"), dir.join("tls.key"), dir.join("ca.crt"));
+    std::fs::write(&crt_f, &crt).unwrap();
+    std::fs::write(&key_f, &key).unwrap();
+    std::fs::write(&ca_f, &ca).unwrap();
+    let p = |x: &std::path::PathBuf| x.display().to_string();
+    let (ok, out) = openssl(&[
+        "verify",
+        "-purpose",
+        "sslserver",
+        "-CAfile",
+        &p(&ca_f),
+        &p(&crt_f),
+    ]);
+    assert!(ok, "{out}");
+    let (_, cert_pub) = openssl(&["x509", "-noout", "-pubkey", "-in", &p(&crt_f)]);
+    let (_, key_pub) = openssl(&["pkey", "-pubout", "-in", &p(&key_f)]);
+    assert_eq!(cert_pub, key_pub, "tls.key belongs to tls.crt");
+
+    // Renewed when less than renewBefore is left (8 s lifetime, 5 s before expiry).
+    let serial = info.serial_hex.clone();
+    eventually("istiod-tls renewed", Duration::from_secs(10), || async {
+        let s = fake.secret("istio-system", "istiod-tls").unwrap();
+        let crt = field(&s, "tls.crt");
+        pki::cert_info(&pki::parse_certs_pem(crt.as_bytes()).unwrap()[0])
+            .unwrap()
+            .serial_hex
+            != serial
+    })
+    .await;
+    assert!(logs().contains("istiod certificate written"));
+    assert!(no_log_contains_key(&key));
+    b.shutdown().await.unwrap();
+
+    // A restart with the same CA keeps a Secret that is still good (no new issuance).
+    let s = fake.secret("istio-system", "istiod-tls").unwrap();
+    let serial = pki::cert_info(&pki::parse_certs_pem(field(&s, "tls.crt").as_bytes()).unwrap()[0])
+        .unwrap()
+        .serial_hex;
+    let applies = fake.count("secrets.apply");
+    let gets = fake.count("secrets.get");
+    let b = Bridge::start_with(edit(1)).await;
+    eventually(
+        "restarted bridge checked the Secret",
+        Duration::from_secs(10),
+        || async { fake.count("secrets.get") > gets },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let s = fake.secret("istio-system", "istiod-tls").unwrap();
+    let now_serial =
+        pki::cert_info(&pki::parse_certs_pem(field(&s, "tls.crt").as_bytes()).unwrap()[0])
+            .unwrap()
+            .serial_hex;
+    assert_eq!(now_serial, serial, "existing certificate kept");
+    assert_eq!(fake.count("secrets.apply"), applies);
+    b.shutdown().await.unwrap();
+}
+
+/// The private key never shows up in what the bridges logged.
+fn no_log_contains_key(key_pem: &str) -> bool {
+    let body: String = key_pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    !logs().contains(&body[..40])
 }

@@ -3,7 +3,7 @@
 //! distributes itself when its CA is on (protocol doc section 9). Proxies trust exactly
 //! these roots, so it carries the whole trust bundle (several roots during a rotation).
 //!
-//! Per cluster, only the Lease holder writes ([`crate::k8s::leader`]). While leading it
+//! Per cluster, only the Lease holder runs this ([`crate::k8s::leader`]). While leading it
 //! watches namespaces and server-side-applies the ConfigMap: into every namespace after
 //! the first list, into each new namespace as it appears, everywhere when the trust
 //! bundle changes, and everywhere again every `resyncInterval` (repairs edits and
@@ -22,7 +22,6 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RootConfigMapConfig;
-use crate::k8s::{Clusters, leader};
 use crate::trust::SharedBundle;
 
 /// Field manager of our server-side applies.
@@ -31,37 +30,8 @@ const KEY: &str = "root-cert.pem";
 /// Failed applies are retried this often.
 const RETRY: Duration = Duration::from_secs(2);
 
-/// Starts the elected publisher of every cluster until `stop`.
-pub fn spawn(
-    clusters: &Clusters,
-    cfg: &RootConfigMapConfig,
-    bundle: watch::Receiver<SharedBundle>,
-    stop: CancellationToken,
-) {
-    for cluster in clusters.all() {
-        let client = cluster.client();
-        let id = cluster.id.clone();
-        let cfg = Arc::new(cfg.clone());
-        let bundle = bundle.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let le = cfg.leader_election.clone();
-            leader::run(client.clone(), &le, &id.clone(), stop, move |token| {
-                publish(
-                    client.clone(),
-                    id.clone(),
-                    cfg.clone(),
-                    bundle.clone(),
-                    token,
-                )
-            })
-            .await;
-        });
-    }
-}
-
 /// While leading: keep the ConfigMap current in every namespace.
-async fn publish(
+pub async fn publish(
     client: kube::Client,
     cluster: String,
     cfg: Arc<RootConfigMapConfig>,

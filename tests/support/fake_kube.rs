@@ -25,6 +25,7 @@
 //! - `PATCH /api/v1/namespaces/{ns}/configmaps/{name}` as server-side apply
 //!   (`application/apply-patch+yaml`, `fieldManager` required): create or update, 404 if the
 //!   namespace does not exist.
+//! - Secrets: GET, and server-side apply like ConfigMaps.
 //! - `coordination.k8s.io/v1` Leases: GET, POST (409 AlreadyExists), PUT with optimistic
 //!   concurrency (409 Conflict unless `metadata.resourceVersion` is the current one).
 //!
@@ -252,6 +253,10 @@ impl FakeKube {
                 axum::routing::patch(apply_configmap),
             )
             .route(
+                "/api/v1/namespaces/{ns}/secrets/{name}",
+                get(get_secret).patch(apply_secret),
+            )
+            .route(
                 "/apis/coordination.k8s.io/v1/namespaces/{ns}/leases",
                 post(create_lease),
             )
@@ -347,7 +352,8 @@ impl FakeKube {
     }
 
     /// Requests seen for an endpoint: `tokenreviews`, `pods.list`, `pods.watch`,
-    /// `pods.get`, `namespaces.list`, `namespaces.watch`, `configmaps.apply`, `leases.get`,
+    /// `pods.get`, `namespaces.list`, `namespaces.watch`, `configmaps.apply`, `secrets.get`,
+    /// `secrets.apply`, `leases.get`,
     /// `leases.create`, `leases.replace`, `unauthorized`, `other`.
     pub fn count(&self, endpoint: &str) -> u64 {
         self.inner
@@ -395,6 +401,10 @@ impl FakeKube {
 
     pub fn configmap(&self, ns: &str, name: &str) -> Option<Value> {
         self.inner.store.lock().unwrap().get("configmaps", ns, name)
+    }
+
+    pub fn secret(&self, ns: &str, name: &str) -> Option<Value> {
+        self.inner.store.lock().unwrap().get("secrets", ns, name)
     }
 
     pub fn lease(&self, ns: &str, name: &str) -> Option<Value> {
@@ -763,8 +773,6 @@ fn watch(
         .unwrap()
 }
 
-/// Server-side apply of a ConfigMap (`PATCH` with `application/apply-patch+yaml`): creates
-/// or updates; the namespace must exist.
 async fn apply_configmap(
     State(inner): State<Arc<Inner>>,
     headers: HeaderMap,
@@ -772,10 +780,69 @@ async fn apply_configmap(
     Query(q): Query<HashMap<String, String>>,
     body: axum::body::Bytes,
 ) -> Response {
+    apply_object(inner, headers, ns, name, q, body, "configmaps", "ConfigMap").await
+}
+
+async fn apply_secret(
+    State(inner): State<Arc<Inner>>,
+    headers: HeaderMap,
+    UrlPath((ns, name)): UrlPath<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+    body: axum::body::Bytes,
+) -> Response {
+    apply_object(inner, headers, ns, name, q, body, "secrets", "Secret").await
+}
+
+async fn get_secret(
+    State(inner): State<Arc<Inner>>,
+    headers: HeaderMap,
+    UrlPath((ns, name)): UrlPath<(String, String)>,
+) -> Response {
     if let Some(r) = unauthorized(&inner, &headers) {
         return r;
     }
-    count(&inner, "configmaps.apply");
+    count(&inner, "secrets.get");
+    let secret = inner.store.lock().unwrap().get("secrets", &ns, &name);
+    match secret {
+        Some(mut s) => {
+            s["kind"] = json!("Secret");
+            s["apiVersion"] = json!("v1");
+            (
+                StatusCode::OK,
+                [("content-type", "application/json")],
+                s.to_string(),
+            )
+                .into_response()
+        }
+        None => status_json(404, "NotFound", &format!("secrets \"{name}\" not found")),
+    }
+}
+
+/// Server-side apply (`PATCH` with `application/apply-patch+yaml`, `fieldManager`
+/// required): creates or updates (labels merged, `data` and `type` taken); the namespace
+/// must exist.
+#[allow(clippy::too_many_arguments)]
+async fn apply_object(
+    inner: Arc<Inner>,
+    headers: HeaderMap,
+    ns: String,
+    name: String,
+    q: HashMap<String, String>,
+    body: axum::body::Bytes,
+    coll: &'static str,
+    kind: &'static str,
+) -> Response {
+    if let Some(r) = unauthorized(&inner, &headers) {
+        return r;
+    }
+    count(
+        &inner,
+        if coll == "secrets" {
+            "secrets.apply"
+        } else {
+            "configmaps.apply"
+        },
+    );
     let ct = headers
         .get("content-type")
         .and_then(|v| v.to_str().ok())
@@ -794,7 +861,7 @@ async fn apply_configmap(
     let Ok(obj) = serde_json::from_slice::<Value>(&body) else {
         return status_json(400, "BadRequest", "cannot parse apply patch");
     };
-    if obj["kind"] != "ConfigMap" || obj["metadata"]["name"] != name.as_str() {
+    if obj["kind"] != kind || obj["metadata"]["name"] != name.as_str() {
         return status_json(400, "BadRequest", "patch does not match the URL");
     }
     let mut store = inner.store.lock().unwrap();
@@ -802,7 +869,7 @@ async fn apply_configmap(
         return status_json(404, "NotFound", &format!("namespaces \"{ns}\" not found"));
     }
     let mut cm = store
-        .get("configmaps", &ns, &name)
+        .get(coll, &ns, &name)
         .unwrap_or_else(|| json!({"metadata": {"name": name, "namespace": ns}}));
     if let Some(labels) = obj["metadata"]["labels"].as_object() {
         for (k, v) in labels {
@@ -810,11 +877,14 @@ async fn apply_configmap(
         }
     }
     cm["data"] = obj["data"].clone();
-    let (rv, ev, cm) = store.put("configmaps", cm);
+    if !obj["type"].is_null() {
+        cm["type"] = obj["type"].clone();
+    }
+    let (rv, ev, cm) = store.put(coll, cm);
     drop(store);
-    let _ = inner.events.send(("configmaps", rv, ev, cm.clone()));
+    let _ = inner.events.send((coll, rv, ev, cm.clone()));
     let mut cm = cm;
-    cm["kind"] = json!("ConfigMap");
+    cm["kind"] = json!(kind);
     cm["apiVersion"] = json!("v1");
     (
         StatusCode::OK,
