@@ -1016,3 +1016,122 @@ fn no_log_contains_key(key_pem: &str) -> bool {
         .collect();
     !logs().contains(&body[..40])
 }
+
+/// The local CA, with a trust bundle the test can change (root rotation, step 1: add the
+/// new root beside the old one).
+struct Rotating {
+    inner: std::sync::Arc<dyn istio_ca_bridge::backend::Signer>,
+    bundle: tokio::sync::watch::Sender<istio_ca_bridge::trust::SharedBundle>,
+}
+
+#[async_trait::async_trait]
+impl istio_ca_bridge::backend::Signer for Rotating {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+    async fn sign(
+        &self,
+        req: &istio_ca_bridge::backend::SignRequest,
+    ) -> Result<istio_ca_bridge::backend::IssuedChain, istio_ca_bridge::backend::SignError> {
+        self.inner.sign(req).await
+    }
+    fn trust_bundle(&self) -> tokio::sync::watch::Receiver<istio_ca_bridge::trust::SharedBundle> {
+        self.bundle.subscribe()
+    }
+    fn health(&self) -> istio_ca_bridge::backend::Health {
+        self.inner.health()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trust_bundle_change_reaches_every_configmap_and_istiod_tls() {
+    use istio_ca_bridge::config::{BackendConfig, LocalBackendConfig};
+    use istio_ca_bridge::trust::TrustBundle;
+    let fake = FakeKube::start_new().await;
+    for ns in ["default", "istio-system"] {
+        fake.put_namespace(ns);
+    }
+    let kdir = tempfile::tempdir().unwrap();
+    let kc = cluster(&fake, kdir.path(), "Kubernetes", None);
+    let inner = istio_ca_bridge::backend::build(
+        &BackendConfig::Local(LocalBackendConfig {
+            state_dir: kdir.path().join("ca"),
+            ..Default::default()
+        }),
+        TD,
+    )
+    .await
+    .unwrap();
+    let old = inner.trust_bundle().borrow().clone();
+    let signer = std::sync::Arc::new(Rotating {
+        inner,
+        bundle: tokio::sync::watch::channel(old.clone()).0,
+    });
+    let b = Bridge::start_opts(
+        |c| {
+            kube_config(c, vec![kc]);
+            c.kubernetes.root_config_map.enabled = true;
+            c.kubernetes.root_config_map.resync_interval = Duration::from_secs(1);
+            c.kubernetes.istiod_cert.enabled = true;
+            let le = &mut c.kubernetes.leader_election;
+            le.lease_duration = Duration::from_secs(2);
+            le.retry_period = Duration::from_millis(500);
+        },
+        istio_ca_bridge::app::Options {
+            signer: Some(signer.clone()),
+        },
+    )
+    .await;
+    const CM: &str = "istio-ca-root-cert";
+    let published = |pem: String| {
+        let fake = &fake;
+        async move {
+            let cms = ["default", "istio-system"].iter().all(|ns| {
+                fake.configmap(ns, CM)
+                    .is_some_and(|cm| cm["data"]["root-cert.pem"].as_str() == Some(pem.as_str()))
+            });
+            let secret = fake.secret("istio-system", "istiod-tls").is_some_and(|s| {
+                base64::engine::general_purpose::STANDARD
+                    .decode(s["data"]["ca.crt"].as_str().unwrap())
+                    .unwrap()
+                    == pem.as_bytes()
+            });
+            cms && secret
+        }
+    };
+    eventually("old bundle published", Duration::from_secs(10), || {
+        published(old.pem().to_string())
+    })
+    .await;
+
+    // Rotation step 1: a new root joins the bundle; every ConfigMap and istiod's ca.crt
+    // must carry both roots.
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut p = rcgen::CertificateParams::new(vec![]).unwrap();
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, "new root");
+    let new_root = p.self_signed(&key).unwrap();
+    let mut roots = old.roots().to_vec();
+    roots.push(new_root.der().clone());
+    let both = TrustBundle::new(roots).unwrap();
+    assert_eq!(both.roots().len(), 2);
+    signer
+        .bundle
+        .send_replace(std::sync::Arc::new(both.clone()));
+    eventually("two-root bundle published", Duration::from_secs(10), || {
+        published(both.pem().to_string())
+    })
+    .await;
+
+    // Someone deletes a ConfigMap: the resync puts it back.
+    fake.delete_configmap("default", CM);
+    assert!(fake.configmap("default", CM).is_none());
+    eventually(
+        "deleted ConfigMap restored",
+        Duration::from_secs(10),
+        || published(both.pem().to_string()),
+    )
+    .await;
+    b.shutdown().await.unwrap();
+}

@@ -5,8 +5,9 @@
 //! it over only once its record (holder, renewTime) has not changed for `leaseDuration`
 //! as observed on their OWN clock (no trust in other machines' clocks). Writes carry the
 //! read `resourceVersion`, so two replicas racing for an expired Lease cannot both win
-//! (the loser gets 409 Conflict). A leader that cannot renew for `leaseDuration` stops
-//! leading before anyone else can take over; on shutdown it releases the Lease.
+//! (the loser gets 409 Conflict). A leader that cannot renew for `leaseDuration` minus one
+//! `retryPeriod` stops leading before anyone else can take over; on shutdown it releases
+//! the Lease.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -166,11 +167,12 @@ pub async fn run<F, Fut>(
                     leading = Some(token);
                 }
             }
-            // Lost it, or could not renew for a whole lease duration (someone else may
-            // take over now): stop writing.
+            // Lost it, or could not renew for (almost) a whole lease duration: stop
+            // writing one retry period before anyone else may take over.
             Some(false) | None
                 if leading.is_some()
-                    && (held == Some(false) || last_renewed.elapsed() >= e.duration) =>
+                    && (held == Some(false)
+                        || last_renewed.elapsed() + cfg.retry_period >= e.duration) =>
             {
                 tracing::warn!(cluster, lease = %e.name, "lost leadership");
                 if let Some(t) = leading.take() {

@@ -403,6 +403,19 @@ impl FakeKube {
         self.inner.store.lock().unwrap().get("configmaps", ns, name)
     }
 
+    /// Someone deletes a ConfigMap.
+    pub fn delete_configmap(&self, ns: &str, name: &str) {
+        let d = self
+            .inner
+            .store
+            .lock()
+            .unwrap()
+            .delete("configmaps", ns, name);
+        if let Some((rv, obj)) = d {
+            let _ = self.inner.events.send(("configmaps", rv, "DELETED", obj));
+        }
+    }
+
     pub fn secret(&self, ns: &str, name: &str) -> Option<Value> {
         self.inner.store.lock().unwrap().get("secrets", ns, name)
     }
