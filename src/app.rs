@@ -127,6 +127,7 @@ impl App {
                         cache_size: k.cache_size,
                         cache_max_ttl: k.cache_max_ttl,
                         jwt_issuers: cfg.authn.jwt.iter().map(|j| j.issuer.clone()).collect(),
+                        metrics: metrics.clone(),
                     },
                 ),
             ));
@@ -213,7 +214,13 @@ impl App {
         if let Some(c) = &self.clusters {
             c.spawn_watchers(stop.clone());
             if self.cfg.kubernetes.writes() {
-                spawn_cluster_writers(c, &self.cfg.kubernetes, self.signer.clone(), stop.clone());
+                spawn_cluster_writers(
+                    c,
+                    &self.cfg.kubernetes,
+                    self.signer.clone(),
+                    &self.metrics,
+                    stop.clone(),
+                );
             }
         }
         serving::spawn_maintainer(
@@ -293,10 +300,14 @@ fn spawn_cluster_writers(
     clusters: &k8s::Clusters,
     cfg: &config::KubernetesConfig,
     signer: Arc<dyn Signer>,
+    metrics: &Metrics,
     stop: CancellationToken,
 ) {
     for cluster in clusters.all() {
         let client = cluster.client();
+        let leader_gauge = metrics
+            .kubernetes_leader
+            .with_label_values(&[cluster.id.as_str()]);
         let id = cluster.id.clone();
         let cfg = Arc::new(cfg.clone());
         let signer = signer.clone();
@@ -304,37 +315,44 @@ fn spawn_cluster_writers(
         tokio::spawn(async move {
             let le = cfg.leader_election.clone();
             let lead_id = id.clone();
-            k8s::leader::run(client.clone(), &le, &lead_id, stop, move |token| {
-                let (client, id, cfg, signer) =
-                    (client.clone(), id.clone(), cfg.clone(), signer.clone());
-                async move {
-                    let roots = async {
-                        if cfg.root_config_map.enabled {
-                            crate::trust::configmap::publish(
-                                client.clone(),
-                                id.clone(),
-                                Arc::new(cfg.root_config_map.clone()),
-                                signer.trust_bundle(),
-                                token.clone(),
-                            )
-                            .await;
-                        }
-                    };
-                    let istiod = async {
-                        if cfg.istiod_cert.enabled {
-                            crate::trust::istiod_cert::maintain(
-                                client.clone(),
-                                id.clone(),
-                                cfg.istiod_cert.clone(),
-                                signer.clone(),
-                                token.clone(),
-                            )
-                            .await;
-                        }
-                    };
-                    tokio::join!(roots, istiod);
-                }
-            })
+            k8s::leader::run(
+                client.clone(),
+                &le,
+                &lead_id,
+                leader_gauge,
+                stop,
+                move |token| {
+                    let (client, id, cfg, signer) =
+                        (client.clone(), id.clone(), cfg.clone(), signer.clone());
+                    async move {
+                        let roots = async {
+                            if cfg.root_config_map.enabled {
+                                crate::trust::configmap::publish(
+                                    client.clone(),
+                                    id.clone(),
+                                    Arc::new(cfg.root_config_map.clone()),
+                                    signer.trust_bundle(),
+                                    token.clone(),
+                                )
+                                .await;
+                            }
+                        };
+                        let istiod = async {
+                            if cfg.istiod_cert.enabled {
+                                crate::trust::istiod_cert::maintain(
+                                    client.clone(),
+                                    id.clone(),
+                                    cfg.istiod_cert.clone(),
+                                    signer.clone(),
+                                    token.clone(),
+                                )
+                                .await;
+                            }
+                        };
+                        tokio::join!(roots, istiod);
+                    }
+                },
+            )
             .await;
         });
     }

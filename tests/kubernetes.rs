@@ -224,6 +224,16 @@ async fn token_review_authenticates_and_one_review_serves_many_calls() {
         metrics.contains("citadel_server_success_cert_issuance_count 16"),
         "{metrics}"
     );
+    assert!(
+        metrics.contains(
+            r#"istio_ca_bridge_token_reviews_total{cluster="Kubernetes",result="authenticated"} 3"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"istio_ca_bridge_token_review_cache_hits_total{cluster="Kubernetes"}"#),
+        "{metrics}"
+    );
     b.shutdown().await.unwrap();
 }
 
@@ -810,6 +820,12 @@ async fn api_server_outage_keeps_cached_identities_and_fails_new_tokens_unavaila
             .contains(r#"istio_ca_bridge_authentication_failures_total{reason="unavailable"} 4"#),
         "{metrics}"
     );
+    assert!(
+        metrics.contains(
+            r#"istio_ca_bridge_token_reviews_total{cluster="Kubernetes",result="error"} 4"#
+        ),
+        "{metrics}"
+    );
     b.shutdown().await.unwrap();
 }
 
@@ -859,6 +875,7 @@ async fn root_configmap_in_every_namespace_written_by_the_lease_holder_only() {
         assert!(fake.configmap(ns, CM).is_none(), "{ns} must be skipped");
     }
     let holder_a = holder().expect("A holds the lease");
+    let leader_metric = r#"istio_ca_bridge_kubernetes_leader{cluster="Kubernetes"}"#;
 
     // Replica B with another root: while A holds the lease, B writes nothing.
     let b = Bridge::start_with(edit).await;
@@ -876,6 +893,18 @@ async fn root_configmap_in_every_namespace_written_by_the_lease_holder_only() {
         assert_eq!(root_of(ns).as_deref(), Some(root_a.as_str()), "{ns}");
     }
     assert_eq!(holder().as_deref(), Some(holder_a.as_str()));
+    assert!(
+        a.admin_get("/metrics")
+            .await
+            .1
+            .contains(&format!("{leader_metric} 1"))
+    );
+    assert!(
+        b.admin_get("/metrics")
+            .await
+            .1
+            .contains(&format!("{leader_metric} 0"))
+    );
 
     // A stops (and releases the lease): B takes over and publishes its bundle.
     a.shutdown().await.unwrap();

@@ -129,6 +129,7 @@ pub async fn run<F, Fut>(
     client: kube::Client,
     cfg: &LeaderElectionConfig,
     cluster: &str,
+    leader_gauge: prometheus::IntGauge,
     stop: CancellationToken,
     mut lead: F,
 ) where
@@ -165,6 +166,7 @@ pub async fn run<F, Fut>(
                     let token = stop.child_token();
                     tokio::spawn(lead(token.clone()));
                     leading = Some(token);
+                    leader_gauge.set(1);
                 }
             }
             // Lost it, or could not renew for (almost) a whole lease duration: stop
@@ -178,11 +180,13 @@ pub async fn run<F, Fut>(
                 if let Some(t) = leading.take() {
                     t.cancel();
                 }
+                leader_gauge.set(0);
             }
             _ => {}
         }
         tokio::select! {
             _ = stop.cancelled() => {
+                leader_gauge.set(0);
                 if let Some(t) = leading.take() {
                     t.cancel();
                     let _ = tokio::time::timeout(cfg.retry_period, e.release()).await;

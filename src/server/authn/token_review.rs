@@ -40,6 +40,7 @@ use sha2::{Digest, Sha256};
 use super::{AuthMethod, Authenticator, AuthnError, Caller, PodRef, RequestContext};
 use crate::identity::{ServiceAccount, SpiffeId};
 use crate::k8s::{Cluster, Clusters};
+use crate::metrics::Metrics;
 
 /// How long a rejected token is answered from memory (a burst of retries with a bad token
 /// costs one review); short, so a token that just became valid is not refused for long.
@@ -108,6 +109,7 @@ struct Inner {
     max_ttl: Duration,
     cache: Mutex<Cache>,
     in_flight: Mutex<HashMap<Key, InFlight>>,
+    metrics: Arc<Metrics>,
 }
 
 pub struct TokenReviewAuthenticator {
@@ -120,6 +122,7 @@ pub struct Settings {
     pub cache_size: usize,
     pub cache_max_ttl: Duration,
     pub jwt_issuers: HashSet<String>,
+    pub metrics: Arc<Metrics>,
 }
 
 #[derive(Deserialize)]
@@ -141,6 +144,7 @@ impl TokenReviewAuthenticator {
                     capacity: settings.cache_size.max(1),
                 }),
                 in_flight: Mutex::new(HashMap::new()),
+                metrics: settings.metrics,
             }),
         }
     }
@@ -253,6 +257,15 @@ impl Inner {
             Ok(status) => judge(&status, &cluster, &self.audiences),
             Err(e) => Err(AuthnError::Unavailable(e.to_string())),
         };
+        let result = match &verdict {
+            Ok(_) => "authenticated",
+            Err(AuthnError::Unavailable(_)) => "error",
+            Err(_) => "refused",
+        };
+        self.metrics
+            .token_reviews
+            .with_label_values(&[cluster.id.as_str(), result])
+            .inc();
         let now = Instant::now();
         let ttl = match &verdict {
             Ok(_) => {
@@ -325,14 +338,22 @@ impl Authenticator for TokenReviewAuthenticator {
             ))
         })?;
         let key = cache_key(&cluster.id, token);
+        let hit = |v: Verdict| {
+            inner
+                .metrics
+                .token_review_cache_hits
+                .with_label_values(&[cluster.id.as_str()])
+                .inc();
+            v.map(Some)
+        };
         if let Some(v) = inner.cache.lock().expect("cache").get(&key, Instant::now()) {
-            return v.map(Some);
+            return hit(v);
         }
         let fut = {
             let mut in_flight = inner.in_flight.lock().expect("in-flight");
             // Re-check under the in-flight lock: a review may have finished meanwhile.
             if let Some(v) = inner.cache.lock().expect("cache").get(&key, Instant::now()) {
-                return v.map(Some);
+                return hit(v);
             }
             in_flight
                 .entry(key)
