@@ -1164,3 +1164,64 @@ async fn trust_bundle_change_reaches_every_configmap_and_istiod_tls() {
     .await;
     b.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_errors_and_the_client_rate_limit_answer_unavailable() {
+    logs();
+    let fake = FakeKube::start_new().await;
+    let kdir = tempfile::tempdir().unwrap();
+    let mut kc = cluster(&fake, kdir.path(), "Kubernetes", None);
+    // One review per 2 s, no burst: the second new token cannot get a slot in time.
+    kc.qps = 0.5;
+    kc.burst = 1;
+    let b = Bridge::start_with(|c| {
+        kube_config(c, vec![kc]);
+        c.authn.kubernetes.as_mut().unwrap().request_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let mut client = b.client().await;
+    let id = spiffe("default", "web");
+    let first = sa_jwt("default", "web", "first");
+    fake.sa_token(&first, "default", "web", None);
+    ask(&mut client, &id, &first, Some("Kubernetes"), None)
+        .await
+        .unwrap();
+
+    // Rate limited: UNAVAILABLE at once (no slot within requestTimeout), no request sent;
+    // the cached token is unaffected.
+    let second = sa_jwt("default", "web", "second");
+    fake.sa_token(&second, "default", "web", None);
+    let t = Instant::now();
+    let e = ask(&mut client, &id, &second, Some("Kubernetes"), None)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(
+        t.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(fake.count("tokenreviews"), 1);
+    assert!(logs().contains("client-side rate limit"));
+    ask(&mut client, &id, &first, Some("Kubernetes"), None)
+        .await
+        .unwrap();
+
+    // The API server refuses the bridge's own call (RBAC) or fails: UNAVAILABLE, never
+    // UNAUTHENTICATED (the caller's token was not judged) and never cached.
+    tokio::time::sleep(Duration::from_millis(2100)).await; // a rate-limit slot again
+    fake.set_review_failure(Some(403));
+    let e = ask(&mut client, &id, &second, Some("Kubernetes"), None)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(logs().contains("cannot create resource"));
+    fake.set_review_failure(None);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    ask(&mut client, &id, &second, Some("Kubernetes"), None)
+        .await
+        .expect("works once RBAC is fixed");
+    assert_eq!(fake.count("tokenreviews"), 3);
+    assert_eq!(b.issued(), 3);
+    b.shutdown().await.unwrap();
+}

@@ -148,6 +148,8 @@ type Change = (&'static str, u64, &'static str, Value);
 struct Inner {
     reviews: Mutex<HashMap<String, Review>>,
     review_delay: Mutex<Duration>,
+    /// When set, TokenReviews get this HTTP status (e.g. 403: the bridge lacks RBAC).
+    review_failure: Mutex<Option<u16>>,
     store: Mutex<Store>,
     events: broadcast::Sender<Change>,
     counts: Mutex<HashMap<&'static str, u64>>,
@@ -222,6 +224,7 @@ impl FakeKube {
             inner: Arc::new(Inner {
                 reviews: Mutex::new(HashMap::new()),
                 review_delay: Mutex::new(Duration::ZERO),
+                review_failure: Mutex::new(None),
                 store: Mutex::new(Store {
                     rv: 1000,
                     ..Default::default()
@@ -345,6 +348,11 @@ impl FakeKube {
                 audiences: vec!["istio-ca".into()],
             },
         );
+    }
+
+    /// Makes TokenReviews fail with `code` (403 Forbidden, 429, 500...), or work again.
+    pub fn set_review_failure(&self, code: Option<u16>) {
+        *self.inner.review_failure.lock().unwrap() = code;
     }
 
     pub fn set_review_delay(&self, d: Duration) {
@@ -493,6 +501,22 @@ async fn token_review(
         return r;
     }
     count(&inner, "tokenreviews");
+    let failure = *inner.review_failure.lock().unwrap();
+    if let Some(code) = failure {
+        return match code {
+            403 => status_json(
+                403,
+                "Forbidden",
+                "tokenreviews.authentication.k8s.io is forbidden: User \"system:serviceaccount:istio-system:istio-ca-bridge\" cannot create resource \"tokenreviews\" in API group \"authentication.k8s.io\" at the cluster scope",
+            ),
+            429 => status_json(
+                429,
+                "TooManyRequests",
+                "too many requests, please try again later",
+            ),
+            c => status_json(c, "InternalError", "Internal error occurred"),
+        };
+    }
     let Ok(req) = serde_json::from_slice::<Value>(&body) else {
         return status_json(400, "BadRequest", "invalid TokenReview");
     };
