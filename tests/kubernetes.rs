@@ -1225,3 +1225,61 @@ async fn api_errors_and_the_client_rate_limit_answer_unavailable() {
     assert_eq!(b.issued(), 3);
     b.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_starting_together_elect_exactly_one_writer() {
+    let fake = FakeKube::start_new().await;
+    for ns in ["default", "istio-system", "shop"] {
+        fake.put_namespace(ns);
+    }
+    let kdir = tempfile::tempdir().unwrap();
+    let kc = cluster(&fake, kdir.path(), "Kubernetes", None);
+    let edit = |c: &mut Config| {
+        kube_config(c, vec![kc.clone()]);
+        c.kubernetes.root_config_map.enabled = true;
+        let le = &mut c.kubernetes.leader_election;
+        le.lease_duration = Duration::from_secs(2);
+        le.retry_period = Duration::from_millis(200);
+    };
+    // Both race to create the Lease (one gets 409 AlreadyExists) and then to renew it.
+    let (a, b) = tokio::join!(Bridge::start_with(edit), Bridge::start_with(edit));
+    let leader_metric = r#"istio_ca_bridge_kubernetes_leader{cluster="Kubernetes"} 1"#;
+    eventually("a leader is elected", Duration::from_secs(10), || async {
+        fake.configmap("shop", "istio-ca-root-cert").is_some()
+    })
+    .await;
+    let holder = fake.lease("istio-system", "istio-ca-bridge").unwrap()["spec"]["holderIdentity"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let leaders = [
+            a.admin_get("/metrics").await.1.contains(leader_metric),
+            b.admin_get("/metrics").await.1.contains(leader_metric),
+        ];
+        assert_eq!(leaders.iter().filter(|l| **l).count(), 1, "{leaders:?}");
+        let now = fake.lease("istio-system", "istio-ca-bridge").unwrap();
+        assert_eq!(
+            now["spec"]["holderIdentity"],
+            holder.as_str(),
+            "leader changed"
+        );
+    }
+    // Every ConfigMap holds the leader's root, not a mix.
+    let winner = if a.admin_get("/metrics").await.1.contains(leader_metric) {
+        a.root_pem()
+    } else {
+        b.root_pem()
+    };
+    for ns in ["default", "istio-system", "shop"] {
+        let cm = fake.configmap(ns, "istio-ca-root-cert").unwrap();
+        assert_eq!(cm["data"]["root-cert.pem"], winner.as_str(), "{ns}");
+    }
+    assert_eq!(
+        fake.lease("istio-system", "istio-ca-bridge").unwrap()["spec"]["leaseTransitions"],
+        0
+    );
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
