@@ -12,7 +12,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState, Readiness};
 use crate::backend::{self, Signer, instrumented::Instrumented};
-use crate::config::{Config, DEV_ISSUER, JwtIssuerConfig};
+use crate::config::{self, Config, DEV_ISSUER, JwtIssuerConfig};
+use crate::k8s;
 use crate::metrics::Metrics;
 use crate::server::authn::{self, Authenticator};
 use crate::server::{self, CaService, authz};
@@ -34,6 +35,8 @@ pub struct App {
     resolver: Arc<server::tls::CertResolver>,
     serving_not_after: i64,
     jwt: Option<Arc<authn::jwt::JwtAuthenticator>>,
+    /// Kubernetes clusters (TokenReview and pod caches), when configured.
+    clusters: Option<Arc<k8s::Clusters>>,
     hard_stop: CancellationToken,
     grpc: TcpListener,
     admin: TcpListener,
@@ -93,19 +96,53 @@ impl App {
                 cfg.trust_domains(),
             )));
         }
+        let trusted_node_accounts = config::parse_accounts(&cfg.authn.trusted_node_accounts)
+            .map_err(|e| anyhow::anyhow!("authn.trustedNodeAccounts: {e}"))?;
+        let clusters = match &cfg.authn.kubernetes {
+            Some(k) => Some(Arc::new(
+                k8s::Clusters::build(k, &cfg.trust_domain, !trusted_node_accounts.is_empty())
+                    .await
+                    .context("building the Kubernetes clients")?,
+            )),
+            None => None,
+        };
         let mut jwt = None;
         if !cfg.authn.jwt.is_empty() {
             let j = Arc::new(
                 authn::jwt::JwtAuthenticator::new(&cfg.authn.jwt, &cfg.trust_domain)
                     .await
-                    .context("loading JWT issuers")?,
+                    .context("loading JWT issuers")?
+                    .defer_unknown_issuers(clusters.is_some()),
             );
             chain.push(j.clone());
             jwt = Some(j);
         }
+        let mut node_authorizer: Option<Arc<dyn authz::NodeAuthorizer>> = None;
+        if let (Some(k), Some(clusters)) = (&cfg.authn.kubernetes, &clusters) {
+            // After the JWT issuers: a token they know never costs a TokenReview.
+            chain.push(Arc::new(
+                authn::token_review::TokenReviewAuthenticator::new(
+                    clusters.clone(),
+                    authn::token_review::Settings {
+                        audiences: k.audiences.clone(),
+                        cache_size: k.cache_size,
+                        cache_max_ttl: k.cache_max_ttl,
+                        jwt_issuers: cfg.authn.jwt.iter().map(|j| j.issuer.clone()).collect(),
+                        metrics: metrics.clone(),
+                    },
+                ),
+            ));
+            if !trusted_node_accounts.is_empty() {
+                node_authorizer = Some(Arc::new(k8s::node_authz::KubeNodeAuthorizer::new(
+                    clusters.clone(),
+                    k.pod_sync_wait,
+                )));
+            }
+            tracing::info!(clusters = ?clusters.ids(), impersonation = node_authorizer.is_some(), "Kubernetes TokenReview enabled");
+        }
         let authn = authn::Chain::new(chain);
         tracing::info!(authenticators = ?authn.names(), "authentication chain");
-        let authz = authz::Authorizer::new(authz::Authorizer::default_accounts(), None);
+        let authz = authz::Authorizer::new(trusted_node_accounts, node_authorizer);
 
         let hard_stop = CancellationToken::new();
         let service = CaService::new(
@@ -141,6 +178,7 @@ impl App {
             resolver,
             serving_not_after,
             jwt,
+            clusters,
             hard_stop,
             grpc,
             admin,
@@ -173,6 +211,18 @@ impl App {
 
         if let Some(j) = &self.jwt {
             j.spawn_refresh(stop.clone());
+        }
+        if let Some(c) = &self.clusters {
+            c.spawn_watchers(stop.clone());
+            if self.cfg.kubernetes.writes() {
+                spawn_cluster_writers(
+                    c,
+                    &self.cfg.kubernetes,
+                    self.signer.clone(),
+                    &self.metrics,
+                    stop.clone(),
+                );
+            }
         }
         serving::spawn_maintainer(
             self.cfg.server.tls.clone(),
@@ -242,6 +292,70 @@ impl App {
                 Ok(())
             }
         }
+    }
+}
+
+/// Per cluster: while this replica holds the Lease, the root ConfigMaps and the istiod
+/// Secret (whichever are enabled) are kept current.
+fn spawn_cluster_writers(
+    clusters: &k8s::Clusters,
+    cfg: &config::KubernetesConfig,
+    signer: Arc<dyn Signer>,
+    metrics: &Metrics,
+    stop: CancellationToken,
+) {
+    for cluster in clusters.all() {
+        let client = cluster.client();
+        let leader_gauge = metrics
+            .kubernetes_leader
+            .with_label_values(&[cluster.id.as_str()]);
+        let id = cluster.id.clone();
+        let cfg = Arc::new(cfg.clone());
+        let signer = signer.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let le = cfg.leader_election.clone();
+            let lead_id = id.clone();
+            k8s::leader::run(
+                client.clone(),
+                &le,
+                &lead_id,
+                leader_gauge,
+                stop,
+                move |token| {
+                    let (client, id, cfg, signer) =
+                        (client.clone(), id.clone(), cfg.clone(), signer.clone());
+                    async move {
+                        let roots = async {
+                            if cfg.root_config_map.enabled {
+                                crate::trust::configmap::publish(
+                                    client.clone(),
+                                    id.clone(),
+                                    Arc::new(cfg.root_config_map.clone()),
+                                    signer.trust_bundle(),
+                                    token.clone(),
+                                )
+                                .await;
+                            }
+                        };
+                        let istiod = async {
+                            if cfg.istiod_cert.enabled {
+                                crate::trust::istiod_cert::maintain(
+                                    client.clone(),
+                                    id.clone(),
+                                    cfg.istiod_cert.clone(),
+                                    signer.clone(),
+                                    token.clone(),
+                                )
+                                .await;
+                            }
+                        };
+                        tokio::join!(roots, istiod);
+                    }
+                },
+            )
+            .await;
+        });
     }
 }
 

@@ -58,6 +58,9 @@ pub struct Config {
     pub policy: PolicyConfig,
     pub backend: BackendConfig,
     pub metrics: MetricsConfig,
+    /// What the bridge maintains in the clusters of `authn.kubernetes` (istiod's duties
+    /// when its CA is off).
+    pub kubernetes: KubernetesConfig,
 }
 
 impl Default for Config {
@@ -70,6 +73,7 @@ impl Default for Config {
             policy: PolicyConfig::default(),
             backend: BackendConfig::default(),
             metrics: MetricsConfig::default(),
+            kubernetes: KubernetesConfig::default(),
         }
     }
 }
@@ -188,6 +192,13 @@ pub struct AuthnConfig {
     /// Development only: a local token issuer whose key lives in `dir`; mint tokens with
     /// `istio-ca-bridge dev-token`. Never enable in production.
     pub dev_issuer: Option<DevIssuerConfig>,
+    /// Kubernetes TokenReview against each cluster's API server (tried after `jwt`), and
+    /// the pod caches that authorize ztunnel impersonation.
+    pub kubernetes: Option<KubernetesAuthnConfig>,
+    /// `<namespace>/<service-account>` of node agents that may ask for the identity of
+    /// another pod on their node (istiod's CA_TRUSTED_NODE_ACCOUNTS). Empty disables
+    /// impersonation; it also needs `kubernetes` (the check is against the pods on the node).
+    pub trusted_node_accounts: Vec<String>,
 }
 
 impl Default for AuthnConfig {
@@ -196,8 +207,79 @@ impl Default for AuthnConfig {
             client_cert: true,
             jwt: Vec::new(),
             dev_issuer: None,
+            kubernetes: None,
+            trusted_node_accounts: vec!["istio-system/ztunnel".into()],
         }
     }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct KubernetesAuthnConfig {
+    /// The clusters whose tokens are reviewed. The FIRST is the local cluster: requests
+    /// without a `clusterid` header (or with an empty one) go there.
+    pub clusters: Vec<KubeClusterConfig>,
+    /// Sent as the TokenReview's `spec.audiences`; the review must confirm one of them.
+    pub audiences: Vec<String>,
+    /// Successful reviews remembered (keyed by a SHA-256 of the token, never the token).
+    pub cache_size: usize,
+    /// A successful review is reused until the token's `exp`, but at most this long
+    /// (bounds how long a revoked token keeps working).
+    #[serde(with = "humantime_serde")]
+    pub cache_max_ttl: Duration,
+    /// Bound on every Kubernetes API call made while handling a request (TokenReview,
+    /// including waiting for the client rate limiter). Keep it below server.requestTimeout.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Impersonation checks wait at most this long for a cluster's first pod list after
+    /// start (then they are denied until it arrives).
+    #[serde(with = "humantime_serde")]
+    pub pod_sync_wait: Duration,
+}
+
+impl Default for KubernetesAuthnConfig {
+    fn default() -> Self {
+        Self {
+            clusters: Vec::new(),
+            audiences: default_audiences(),
+            cache_size: 10_000,
+            cache_max_ttl: Duration::from_secs(600),
+            request_timeout: Duration::from_secs(5),
+            pod_sync_wait: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KubeClusterConfig {
+    /// The cluster's name as Istio's clients send it in the `clusterid` header
+    /// (istio-agent's CLUSTER_ID, `Kubernetes` unless the mesh sets one).
+    pub id: String,
+    /// kubeconfig file for this cluster's API server (its current context is used).
+    #[serde(default)]
+    pub kubeconfig: Option<PathBuf>,
+    /// Use the pod's own service account and the API server of the cluster the bridge
+    /// runs in.
+    #[serde(default)]
+    pub in_cluster: bool,
+    /// Trust domain of this cluster's identities (default: the top-level trustDomain).
+    #[serde(default)]
+    pub trust_domain: Option<String>,
+    /// Client-side rate limit for TokenReviews to this cluster (requests per second and
+    /// burst). A request that cannot get a slot within `requestTimeout` is answered
+    /// UNAVAILABLE rather than queued for long; cached tokens need no slot.
+    #[serde(default = "default_kube_qps")]
+    pub qps: f64,
+    #[serde(default = "default_kube_burst")]
+    pub burst: u32,
+}
+
+fn default_kube_qps() -> f64 {
+    50.0
+}
+fn default_kube_burst() -> u32 {
+    100
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -620,6 +702,126 @@ fn default_jwt_mount() -> String {
     "jwt".into()
 }
 
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct KubernetesConfig {
+    pub root_config_map: RootConfigMapConfig,
+    pub istiod_cert: IstiodCertConfig,
+    /// Only the holder of this Lease (per cluster) writes ConfigMaps and Secrets, so
+    /// several replicas can run.
+    pub leader_election: LeaderElectionConfig,
+}
+
+impl KubernetesConfig {
+    /// True if the bridge writes anything into the clusters.
+    pub fn writes(&self) -> bool {
+        self.root_config_map.enabled || self.istiod_cert.enabled
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct IstiodCertConfig {
+    /// Keep istiod's serving certificate in a `kubernetes.io/tls` Secret (istiod with
+    /// ENABLE_CA_SERVER=false has none): `tls.crt` (leaf + intermediates), `tls.key`,
+    /// `ca.crt` (the trust bundle). Written into every cluster of `authn.kubernetes`.
+    pub enabled: bool,
+    /// istiod's namespace.
+    pub namespace: String,
+    pub secret_name: String,
+    /// DNS names of the certificate. Default: `istiod.<namespace>.svc` plus
+    /// `istiod-<revision>.<namespace>.svc` for each of `revisions`.
+    pub dns_names: Vec<String>,
+    pub revisions: Vec<String>,
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// Re-issued when less than this is left (and whenever the trust bundle changes).
+    #[serde(with = "humantime_serde")]
+    pub renew_before: Duration,
+}
+
+impl Default for IstiodCertConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            namespace: "istio-system".into(),
+            secret_name: "istiod-tls".into(),
+            dns_names: Vec::new(),
+            revisions: Vec::new(),
+            ttl: Duration::from_secs(24 * 3600),
+            renew_before: Duration::from_secs(8 * 3600),
+        }
+    }
+}
+
+impl IstiodCertConfig {
+    /// The names the certificate carries.
+    pub fn effective_dns_names(&self) -> Vec<String> {
+        if !self.dns_names.is_empty() {
+            return self.dns_names.clone();
+        }
+        let ns = &self.namespace;
+        let mut names = vec![format!("istiod.{ns}.svc")];
+        names.extend(
+            self.revisions
+                .iter()
+                .map(|r| format!("istiod-{r}.{ns}.svc")),
+        );
+        names
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct RootConfigMapConfig {
+    /// Publish the trust bundle as a ConfigMap in every namespace of every cluster in
+    /// `authn.kubernetes` (with ENABLE_CA_SERVER=false istiod does not).
+    pub enabled: bool,
+    /// istiod's PILOT_CA_CERT_CONFIGMAP / Helm `global.trustBundleName`.
+    pub name: String,
+    /// Namespaces that never get the ConfigMap.
+    pub exclude_namespaces: Vec<String>,
+    /// Every ConfigMap is re-applied this often (repairs edits and deletions).
+    #[serde(with = "humantime_serde")]
+    pub resync_interval: Duration,
+}
+
+impl Default for RootConfigMapConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            name: "istio-ca-root-cert".into(),
+            exclude_namespaces: vec!["kube-public".into(), "kube-node-lease".into()],
+            resync_interval: Duration::from_secs(600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct LeaderElectionConfig {
+    /// Where the `coordination.k8s.io/v1` Lease lives (the bridge's own namespace).
+    pub namespace: String,
+    pub lease_name: String,
+    /// A leader that has not renewed for this long is replaced.
+    #[serde(with = "humantime_serde")]
+    pub lease_duration: Duration,
+    /// How often the lease is renewed, or tried for by non-leaders.
+    #[serde(with = "humantime_serde")]
+    pub retry_period: Duration,
+}
+
+impl Default for LeaderElectionConfig {
+    fn default() -> Self {
+        Self {
+            namespace: "istio-system".into(),
+            lease_name: "istio-ca-bridge".into(),
+            lease_duration: Duration::from_secs(15),
+            retry_period: Duration::from_secs(2),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct MetricsConfig {
@@ -746,12 +948,73 @@ impl Config {
             }
         }
         let a = &self.authn;
-        if !a.client_cert && a.jwt.is_empty() && a.dev_issuer.is_none() {
+        if !a.client_cert && a.jwt.is_empty() && a.dev_issuer.is_none() && a.kubernetes.is_none() {
             err(
                 "authn",
-                "no authenticator enabled: configure authn.jwt, authn.clientCert or authn.devIssuer"
+                "no authenticator enabled: configure authn.jwt, authn.kubernetes, authn.clientCert or authn.devIssuer"
                     .into(),
             );
+        }
+        for (i, s) in a.trusted_node_accounts.iter().enumerate() {
+            if let Err(e) = parse_accounts(std::slice::from_ref(s)) {
+                err(&format!("authn.trustedNodeAccounts[{i}]"), e);
+            }
+        }
+        if let Some(k) = &a.kubernetes {
+            if k.clusters.is_empty() {
+                err(
+                    "authn.kubernetes.clusters",
+                    "list at least one cluster".into(),
+                );
+            }
+            if k.audiences.is_empty() || k.audiences.iter().any(|a| a.is_empty()) {
+                err(
+                    "authn.kubernetes.audiences",
+                    "must list at least one non-empty audience".into(),
+                );
+            }
+            if k.cache_size == 0 {
+                err("authn.kubernetes.cacheSize", "must be > 0".into());
+            }
+            if k.cache_max_ttl.is_zero() {
+                err("authn.kubernetes.cacheMaxTtl", "must be > 0".into());
+            }
+            if k.request_timeout.is_zero() {
+                err("authn.kubernetes.requestTimeout", "must be > 0".into());
+            } else if k.request_timeout >= s.request_timeout {
+                err(
+                    "authn.kubernetes.requestTimeout",
+                    "must be less than server.requestTimeout (a slow API server must not use up the whole call)"
+                        .into(),
+                );
+            }
+            let mut ids = std::collections::HashSet::new();
+            for (i, c) in k.clusters.iter().enumerate() {
+                let f = |name: &str| format!("authn.kubernetes.clusters[{i}].{name}");
+                if c.id.is_empty() {
+                    err(&f("id"), "must not be empty".into());
+                } else if !ids.insert(c.id.clone()) {
+                    err(&f("id"), format!("cluster {:?} configured twice", c.id));
+                }
+                match (&c.kubeconfig, c.in_cluster) {
+                    (Some(_), true) | (None, false) => err(
+                        &f("kubeconfig"),
+                        "set exactly one of kubeconfig or inCluster: true".into(),
+                    ),
+                    _ => {}
+                }
+                if let Some(td) = &c.trust_domain
+                    && let Err(e) = check_trust_domain(td)
+                {
+                    err(&f("trustDomain"), e);
+                }
+                if !(c.qps.is_finite() && c.qps > 0.0) {
+                    err(&f("qps"), "must be a number > 0".into());
+                }
+                if c.burst == 0 {
+                    err(&f("burst"), "must be > 0".into());
+                }
+            }
         }
         let mut seen = std::collections::HashSet::new();
         for (i, j) in a.jwt.iter().enumerate() {
@@ -792,6 +1055,85 @@ impl Config {
             }
             if j.refresh_interval < Duration::from_secs(1) {
                 err(&f("refreshInterval"), "must be at least 1s".into());
+            }
+        }
+        let k = &self.kubernetes;
+        if k.writes() && a.kubernetes.is_none() {
+            err(
+                if k.root_config_map.enabled {
+                    "kubernetes.rootConfigMap.enabled"
+                } else {
+                    "kubernetes.istiodCert.enabled"
+                },
+                "needs authn.kubernetes (the clusters to write to)".into(),
+            );
+        }
+        let r = &k.root_config_map;
+        if r.enabled {
+            if !valid_dns_or_ip(&r.name) || r.name.parse::<std::net::IpAddr>().is_ok() {
+                err(
+                    "kubernetes.rootConfigMap.name",
+                    format!("{:?} is not a valid ConfigMap name", r.name),
+                );
+            }
+            if r.resync_interval < Duration::from_secs(1) {
+                err(
+                    "kubernetes.rootConfigMap.resyncInterval",
+                    "must be at least 1s".into(),
+                );
+            }
+        }
+        let ic = &k.istiod_cert;
+        if ic.enabled {
+            if ic.namespace.is_empty() {
+                err(
+                    "kubernetes.istiodCert.namespace",
+                    "must not be empty".into(),
+                );
+            }
+            if ic.secret_name.is_empty() {
+                err(
+                    "kubernetes.istiodCert.secretName",
+                    "must not be empty".into(),
+                );
+            }
+            for (i, n) in ic.dns_names.iter().enumerate() {
+                if !valid_dns_or_ip(n) {
+                    err(
+                        &format!("kubernetes.istiodCert.dnsNames[{i}]"),
+                        format!("{n:?} is neither a DNS name nor an IP address"),
+                    );
+                }
+            }
+            if ic.ttl < Duration::from_secs(2) {
+                err("kubernetes.istiodCert.ttl", "must be at least 2s".into());
+            }
+            if ic.renew_before.is_zero() || ic.renew_before >= ic.ttl {
+                err(
+                    "kubernetes.istiodCert.renewBefore",
+                    "must be > 0 and less than kubernetes.istiodCert.ttl".into(),
+                );
+            }
+        }
+        if k.writes() {
+            let le = &k.leader_election;
+            if le.namespace.is_empty() {
+                err(
+                    "kubernetes.leaderElection.namespace",
+                    "must not be empty".into(),
+                );
+            }
+            if le.lease_name.is_empty() {
+                err(
+                    "kubernetes.leaderElection.leaseName",
+                    "must not be empty".into(),
+                );
+            }
+            if le.retry_period.is_zero() || le.lease_duration < le.retry_period * 2 {
+                err(
+                    "kubernetes.leaderElection.leaseDuration",
+                    "must be at least twice retryPeriod (and retryPeriod > 0)".into(),
+                );
             }
         }
         let p = &self.policy;
@@ -845,8 +1187,19 @@ impl Config {
     /// Trust domains this bridge certifies: the top-level one plus each issuer's.
     pub fn trust_domains(&self) -> Vec<String> {
         let mut tds = vec![self.trust_domain.clone()];
-        for j in &self.authn.jwt {
-            if let Some(td) = &j.trust_domain
+        let kube_tds = self
+            .authn
+            .kubernetes
+            .iter()
+            .flat_map(|k| k.clusters.iter().map(|c| &c.trust_domain));
+        for td in self
+            .authn
+            .jwt
+            .iter()
+            .map(|j| &j.trust_domain)
+            .chain(kube_tds)
+        {
+            if let Some(td) = td
                 && !tds.contains(td)
             {
                 tds.push(td.clone());
@@ -1039,7 +1392,7 @@ impl Serialize for Secret {
     }
 }
 
-/// Parses `<ns>/<sa>` entries (used by later authorization config).
+/// Parses `<ns>/<sa>` entries (`authn.trustedNodeAccounts`).
 pub fn parse_accounts(list: &[String]) -> Result<Vec<ServiceAccount>, String> {
     list.iter()
         .map(|s| ServiceAccount::from_slash(s).map_err(|e| e.to_string()))
@@ -1221,6 +1574,72 @@ mod tests {
         assert!(
             errs[0].message.contains("server.requestTimeout"),
             "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn kubernetes_validation_names_fields() {
+        let cfg = Config::parse(
+            "authn:\n  trustedNodeAccounts: [ztunnel]\n  kubernetes:\n    requestTimeout: 30s\n    audiences: []\n    clusters:\n      - id: a\n        inCluster: true\n        kubeconfig: /x\n        qps: 0\n      - id: a\n        trustDomain: Bad\n",
+        )
+        .unwrap();
+        let errs = cfg.validate().unwrap_err();
+        let fields: Vec<_> = errs.iter().map(|e| e.field.as_str()).collect();
+        for f in [
+            "authn.trustedNodeAccounts[0]",
+            "authn.kubernetes.requestTimeout",
+            "authn.kubernetes.audiences",
+            "authn.kubernetes.clusters[0].kubeconfig",
+            "authn.kubernetes.clusters[0].qps",
+            "authn.kubernetes.clusters[1].id",
+            "authn.kubernetes.clusters[1].kubeconfig",
+            "authn.kubernetes.clusters[1].trustDomain",
+        ] {
+            assert!(fields.contains(&f), "{f} missing from {fields:?}");
+        }
+        let (field, _) = Config::parse(
+            "authn:\n  kubernetes:\n    clusters:\n      - id: a\n        inClustr: true\n",
+        )
+        .unwrap_err();
+        assert!(field.starts_with("authn.kubernetes.clusters"), "{field}");
+        let ok = Config::parse(
+            "authn:\n  kubernetes:\n    clusters:\n      - id: a\n        inCluster: true\n        trustDomain: a.example\n",
+        )
+        .unwrap();
+        ok.validate().unwrap();
+        assert_eq!(ok.trust_domains(), vec!["cluster.local", "a.example"]);
+        assert_eq!(
+            parse_accounts(&ok.authn.trusted_node_accounts).unwrap(),
+            vec![ServiceAccount::new("istio-system", "ztunnel").unwrap()]
+        );
+    }
+
+    #[test]
+    fn cluster_writers_validation_names_fields() {
+        let cfg = Config::parse(
+            "kubernetes:\n  rootConfigMap:\n    enabled: true\n    name: Bad_Name\n  istiodCert:\n    enabled: true\n    dnsNames: [bad_name]\n    ttl: 1h\n    renewBefore: 2h\n  leaderElection:\n    leaseDuration: 3s\n    retryPeriod: 2s\n",
+        )
+        .unwrap();
+        let errs = cfg.validate().unwrap_err();
+        let fields: Vec<_> = errs.iter().map(|e| e.field.as_str()).collect();
+        for f in [
+            "kubernetes.rootConfigMap.enabled",
+            "kubernetes.rootConfigMap.name",
+            "kubernetes.istiodCert.dnsNames[0]",
+            "kubernetes.istiodCert.renewBefore",
+            "kubernetes.leaderElection.leaseDuration",
+        ] {
+            assert!(fields.contains(&f), "{f} missing from {fields:?}");
+        }
+        // Disabled (the default), nothing is checked.
+        assert!(Config::parse("").unwrap().validate().is_ok());
+        let ic = IstiodCertConfig {
+            revisions: vec!["canary".into()],
+            ..Default::default()
+        };
+        assert_eq!(
+            ic.effective_dns_names(),
+            vec!["istiod.istio-system.svc", "istiod-canary.istio-system.svc"]
         );
     }
 

@@ -9,6 +9,8 @@
 //!   [`server::policy`] (TTL), [`server::chain`] (verify and lay out the answer),
 //!   [`server::tls`] (listener TLS).
 //! - [`backend`]: the [`backend::Signer`] seam, the local CA and decorators.
+//! - [`k8s`]: Kubernetes API clients per cluster, TokenReview calls and the pod caches
+//!   behind the impersonation check.
 //! - [`trust`]: the trust bundle and the serving certificate.
 //! - [`admin`], [`metrics`]: the operator's port.
 //! - [`cli`]: the `request`, `check-config` and `dev-token` subcommands.
@@ -21,6 +23,7 @@ pub mod cli;
 pub mod config;
 pub mod dev;
 pub mod identity;
+pub mod k8s;
 pub mod metrics;
 pub mod pki;
 pub mod server;

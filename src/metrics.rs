@@ -36,6 +36,9 @@ pub struct Metrics {
     pub serving_cert_expiry: Gauge,
     pub serving_cert_rotations: IntCounter,
     pub serving_cert_errors: IntCounter,
+    pub token_reviews: IntCounterVec,
+    pub token_review_cache_hits: IntCounterVec,
+    pub kubernetes_leader: IntGaugeVec,
     pub build_info: IntGaugeVec,
     // Remote backends (rate limits, quotas, what came back).
     pub backend_throttles: IntCounterVec,
@@ -250,6 +253,33 @@ impl Metrics {
                     "istio_ca_bridge_serving_cert_errors_total",
                     "Failed attempts to issue or reload the serving certificate."
                 ),
+                true
+            ),
+            token_reviews: new!(
+                IntCounterVec,
+                Opts::new(
+                    "istio_ca_bridge_token_reviews_total",
+                    "Kubernetes TokenReviews sent, by cluster and result (authenticated, refused, error)."
+                ),
+                &["cluster", "result"],
+                true
+            ),
+            token_review_cache_hits: new!(
+                IntCounterVec,
+                Opts::new(
+                    "istio_ca_bridge_token_review_cache_hits_total",
+                    "Bearer tokens answered from the TokenReview cache, by cluster."
+                ),
+                &["cluster"],
+                true
+            ),
+            kubernetes_leader: new!(
+                IntGaugeVec,
+                Opts::new(
+                    "istio_ca_bridge_kubernetes_leader",
+                    "1 while this replica holds the cluster's Lease (writes root ConfigMaps and istiod-tls)."
+                ),
+                &["cluster"],
                 true
             ),
             build_info: new!(

@@ -1,8 +1,12 @@
 //! Trust material: the bundle of roots clients must trust, published to every reader
 //! (response builder, client-certificate authenticator, expiry gauges) through a
 //! `tokio::sync::watch` so that a rotation is seen everywhere at once without locks on
-//! the hot path. The serving certificate lives in [`serving`].
+//! the hot path. The serving certificate lives in [`serving`]; [`configmap`] publishes the
+//! bundle as Istio's root ConfigMap in Kubernetes and [`istiod_cert`] keeps istiod's
+//! serving certificate Secret.
 
+pub mod configmap;
+pub mod istiod_cert;
 pub mod serving;
 
 use std::sync::Arc;

@@ -1,14 +1,15 @@
 //! Caller authentication: who is calling, as a SPIFFE identity.
 //!
 //! Each way of proving identity is an [`Authenticator`]; a [`Chain`] tries them in order
-//! (client certificate, then bearer-token issuers; Kubernetes TokenReview slots in after
-//! them) and the first that yields a [`Caller`] wins. An authenticator answers `Ok(None)`
+//! (client certificate, then JWT issuers, then Kubernetes TokenReview, which leaves the
+//! configured issuers' tokens to them) and the first that yields a [`Caller`] wins. An authenticator answers `Ok(None)`
 //! when the request carries no credential of its kind, and an error when it does but the
 //! credential is invalid; the chain still tries the others (like istiod), and reports all
 //! reasons if none succeeds.
 
 pub mod client_cert;
 pub mod jwt;
+pub mod token_review;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

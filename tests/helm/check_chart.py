@@ -446,7 +446,8 @@ def check_schema(chart):
     # The schema's config subtree and the binary's config know exactly the same keys. A config
     # using every optional section makes check-config print every key it has.
     full = {
-        "authn": {"jwt": [{"issuer": "https://issuer.example", "jwksFile": "/jwks.json"}], "devIssuer": {"dir": "/dev"}},
+        "authn": {"jwt": [{"issuer": "https://issuer.example", "jwksFile": "/jwks.json"}], "devIssuer": {"dir": "/dev"},
+                  "kubernetes": {"clusters": [{"id": "Kubernetes", "kubeconfig": "/kubeconfig"}]}},
         "backend": {"type": "local"},
     }
     eff = chart.check_config(json.dumps(full), "every section")

@@ -3,6 +3,8 @@
 //! CSRs, and a TLS gRPC client. Black-box: everything goes through the real listener.
 #![allow(dead_code)]
 
+pub mod fake_kube;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;

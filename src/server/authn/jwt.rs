@@ -230,6 +230,9 @@ struct Verified {
 pub struct JwtAuthenticator {
     issuers: HashMap<String, Arc<Issuer>>,
     verified: std::sync::Mutex<HashMap<[u8; 32], Verified>>,
+    /// When Kubernetes TokenReview follows in the chain, a token from an issuer not
+    /// configured here is "not mine" (the API server may know it) instead of invalid.
+    defer_unknown_issuers: bool,
 }
 
 impl JwtAuthenticator {
@@ -276,6 +279,7 @@ impl JwtAuthenticator {
         Ok(Self {
             issuers,
             verified: std::sync::Mutex::new(HashMap::new()),
+            defer_unknown_issuers: false,
         })
     }
 
@@ -318,6 +322,13 @@ impl JwtAuthenticator {
                 until: now + left,
             },
         );
+    }
+
+    /// Leave tokens of unknown issuers to a later authenticator (TokenReview) instead of
+    /// refusing them.
+    pub fn defer_unknown_issuers(mut self, defer: bool) -> Self {
+        self.defer_unknown_issuers = defer;
+        self
     }
 
     /// Periodic JWKS refresh for every issuer until `shutdown` resolves.
@@ -525,6 +536,12 @@ impl Authenticator for JwtAuthenticator {
         };
         if token.len() > 16 * 1024 {
             return Err(AuthnError::Malformed("token too large".into()));
+        }
+        if self.defer_unknown_issuers
+            && let Ok(iss) = unverified_issuer(token)
+            && !self.issuers.contains_key(&iss)
+        {
+            return Ok(None);
         }
         self.verify(token, ctx).await.map(Some)
     }
