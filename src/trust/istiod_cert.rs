@@ -17,8 +17,8 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams};
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{SignRequest, Signer, Subject};
-use crate::config::{IstiodCertConfig, KeyType};
+use crate::backend::Signer;
+use crate::config::IstiodCertConfig;
 use crate::pki;
 use crate::server::chain::verify_path;
 use crate::trust::TrustBundle;
@@ -78,38 +78,18 @@ fn still_good(
 }
 
 async fn issue(signer: &dyn Signer, names: &[String], ttl: Duration) -> Result<Material, String> {
-    let key = pki::generate_key(KeyType::EcdsaP256).map_err(|e| e.to_string())?;
-    let params = rcgen::CertificateParams::new(names.to_vec()).map_err(|e| e.to_string())?;
-    let csr = params.serialize_request(&key).map_err(|e| e.to_string())?;
-    let req = SignRequest {
-        subject: Subject::Server {
-            dns_names: names.to_vec(),
-        },
-        public_key_der: rcgen::PublicKeyData::subject_public_key_info(&key),
-        csr_der: csr.der().to_vec(),
-        ttl,
-    };
-    let issued = signer.sign(&req).await.map_err(|e| e.to_string())?;
-    let bundle = signer.trust_bundle().borrow().clone();
-    verify_path(
-        &issued.leaf,
-        &issued.intermediates,
-        &bundle,
-        webpki::KeyUsage::server_auth(),
-        SystemTime::now(),
-    )?;
-    let not_after = pki::cert_info(&issued.leaf)
-        .map_err(|e| e.to_string())?
-        .not_after;
-    let mut cert_chain = pki::cert_pem(&issued.leaf);
-    for c in &issued.intermediates {
-        cert_chain.push_str(&pki::cert_pem(c));
+    let c = crate::trust::serving::issue_server_cert(signer, names, ttl)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut cert_chain = pki::cert_pem(&c.leaf);
+    for i in &c.intermediates {
+        cert_chain.push_str(&pki::cert_pem(i));
     }
     Ok(Material {
         cert_chain,
-        key: key.serialize_pem(),
-        ca: bundle.pem().to_string(),
-        not_after,
+        key: c.key.serialize_pem(),
+        ca: c.bundle.pem().to_string(),
+        not_after: c.not_after,
     })
 }
 

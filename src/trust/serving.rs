@@ -42,13 +42,23 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
-/// Generates a key, asks `signer` for a serving certificate and checks it chains to the
-/// signer's trust bundle for server authentication.
-pub async fn issue(
+/// A server certificate the backend issued for a key generated here, already checked to
+/// chain to the signer's trust bundle for server authentication.
+pub struct IssuedServerCert {
+    pub key: rcgen::KeyPair,
+    pub leaf: CertificateDer<'static>,
+    pub intermediates: Vec<CertificateDer<'static>>,
+    pub bundle: crate::trust::SharedBundle,
+    pub not_after: i64,
+}
+
+/// Generates a P-256 key and a CSR for `dns_names`, has `signer` issue a server certificate
+/// and verifies it (used for the bridge's own serving certificate and istiod's).
+pub async fn issue_server_cert(
     signer: &dyn Signer,
     dns_names: &[String],
     ttl: Duration,
-) -> Result<Loaded, ServingError> {
+) -> Result<IssuedServerCert, ServingError> {
     let key =
         pki::generate_key(KeyType::EcdsaP256).map_err(|e| ServingError::Key(e.to_string()))?;
     let mut params =
@@ -82,14 +92,30 @@ pub async fn issue(
     let not_after = pki::cert_info(&issued.leaf)
         .map_err(|e| ServingError::Verify(e.to_string()))?
         .not_after;
-    let mut chain = vec![issued.leaf];
-    chain.extend(issued.intermediates);
-    let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    Ok(IssuedServerCert {
+        key,
+        leaf: issued.leaf,
+        intermediates: issued.intermediates,
+        bundle,
+        not_after,
+    })
+}
+
+/// Issues the bridge's serving certificate, ready to install.
+pub async fn issue(
+    signer: &dyn Signer,
+    dns_names: &[String],
+    ttl: Duration,
+) -> Result<Loaded, ServingError> {
+    let c = issue_server_cert(signer, dns_names, ttl).await?;
+    let mut chain = vec![c.leaf];
+    chain.extend(c.intermediates);
+    let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(c.key.serialize_der()));
     let certified = CertifiedKey::from_der(chain, key_der, &provider())
         .map_err(|e| ServingError::Verify(e.to_string()))?;
     Ok(Loaded {
         key: Arc::new(certified),
-        not_after,
+        not_after: c.not_after,
     })
 }
 
