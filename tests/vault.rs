@@ -1139,16 +1139,30 @@ async fn short_lived_tokens_are_renewed_and_replaced_and_bad_credentials_recover
         json!({}),
     )
     .await;
-    let err = issue(
-        &b_approle,
-        "default",
-        "app",
-        KeyType::EcdsaP256,
-        CsrShape::Ztunnel,
-        600,
-    )
-    .await
-    .unwrap_err();
+    // Revocation can take effect a moment after the API call returns: the first call that
+    // fails must fail UNAVAILABLE, and one must fail within a bounded time.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let err = loop {
+        match issue(
+            &b_approle,
+            "default",
+            "app",
+            KeyType::EcdsaP256,
+            CsrShape::Ztunnel,
+            600,
+        )
+        .await
+        {
+            Err(e) => break e,
+            Ok(_) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "revoked credentials kept working"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     let (code, body) = ready(&b_approle).await;
     assert_eq!(code, 503);

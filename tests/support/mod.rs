@@ -198,6 +198,19 @@ impl Bridge {
         let task = tokio::spawn(app.run(async {
             let _ = rx.await;
         }));
+        // `run` starts the admin server and marks the gRPC listener serving in one step, so
+        // once /healthz answers, readiness reflects only the backend (no start-up race).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while reqwest::get(format!("http://{admin}/healthz"))
+            .await
+            .is_err()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "admin port never answered"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         Bridge {
             dir,
             cfg,
