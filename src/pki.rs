@@ -223,3 +223,18 @@ pub fn workload_csr(key: &KeyPair, uri: &str, shape: CsrShape) -> Result<String,
         .map_err(|e| PkiError::Generate(e.to_string()))?;
     csr.pem().map_err(|e| PkiError::Generate(e.to_string()))
 }
+
+/// True if `names` contains `wanted` as a DNS name (case-insensitive) or, when `wanted` is an
+/// IP literal, as an IP address SAN.
+pub fn names_include<'a, 'b: 'a>(
+    names: impl IntoIterator<Item = &'a GeneralName<'b>>,
+    wanted: &str,
+) -> bool {
+    let ip = wanted.parse::<std::net::IpAddr>().ok();
+    names.into_iter().any(|g| match (g, ip) {
+        (GeneralName::DNSName(d), _) => d.eq_ignore_ascii_case(wanted),
+        (GeneralName::IPAddress(got), Some(std::net::IpAddr::V4(v4))) => *got == v4.octets(),
+        (GeneralName::IPAddress(got), Some(std::net::IpAddr::V6(v6))) => *got == v6.octets(),
+        _ => false,
+    })
+}

@@ -967,17 +967,7 @@ impl VaultSigner {
             }
             Subject::Server { dns_names } => {
                 for n in dns_names {
-                    let present = names.iter().any(|g| match g {
-                        GeneralName::DNSName(d) => d.eq_ignore_ascii_case(n),
-                        GeneralName::IPAddress(ip) => n
-                            .parse::<std::net::IpAddr>()
-                            .ok()
-                            .is_some_and(|want| match want {
-                                std::net::IpAddr::V4(v4) => *ip == v4.octets(),
-                                std::net::IpAddr::V6(v6) => *ip == v6.octets(),
-                            }),
-                        _ => false,
-                    });
+                    let present = pki::names_include(names.iter().copied(), n);
                     if !present {
                         return Err(bad(format!("{n} missing from subjectAltName")));
                     }

@@ -140,18 +140,7 @@ fn check_leaf(leaf: &X509Certificate<'_>, subject: &Subject) -> Result<(), Chain
         }
         Subject::Server { dns_names } => {
             for n in dns_names {
-                let present = san.value.general_names.iter().any(|g| match g {
-                    GeneralName::DNSName(d) => d.eq_ignore_ascii_case(n),
-                    GeneralName::IPAddress(ip) => {
-                        n.parse::<std::net::IpAddr>()
-                            .ok()
-                            .is_some_and(|want| match want {
-                                std::net::IpAddr::V4(v4) => *ip == v4.octets(),
-                                std::net::IpAddr::V6(v6) => *ip == v6.octets(),
-                            })
-                    }
-                    _ => false,
-                });
+                let present = pki::names_include(&san.value.general_names, n);
                 if !present {
                     return Err(ChainError::WrongNames(format!("{n} missing")));
                 }
