@@ -76,6 +76,9 @@ pub fn to_status(e: &RequestError) -> Status {
             Status::unavailable("authentication temporarily unavailable, retry later")
         }
         RequestError::Authn(_) => Status::unauthenticated("authentication failed"),
+        RequestError::Authz(a) if a.is_transient() => {
+            Status::unavailable("impersonation cannot be checked yet, retry later")
+        }
         RequestError::Authz(_) => {
             Status::unauthenticated("not authorized for the requested identity")
         }
@@ -307,11 +310,14 @@ impl IstioCertificateService for CaService {
                             .with_label_values(&[a.reason()])
                             .inc();
                     }
-                    RequestError::Authz(_) => {
+                    RequestError::Authz(a) => {
                         m.authn_failures.inc();
-                        m.authn_failure_reasons
-                            .with_label_values(&["impersonation_denied"])
-                            .inc();
+                        let reason = if a.is_transient() {
+                            "unavailable"
+                        } else {
+                            "impersonation_denied"
+                        };
+                        m.authn_failure_reasons.with_label_values(&[reason]).inc();
                     }
                     RequestError::Csr(c) if c.is_identity_mismatch() => {
                         m.authn_failures.inc();

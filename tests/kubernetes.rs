@@ -1286,3 +1286,72 @@ async fn replicas_starting_together_elect_exactly_one_writer() {
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
 }
+
+/// Impersonation before the pod cache has synced cannot be decided: it is a transient
+/// UNAVAILABLE (ztunnel retries), not an authentication failure, and it issues nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn impersonation_before_the_pod_cache_syncs_is_unavailable_then_works() {
+    logs();
+    let fake = FakeKube::start_new().await;
+    populate(&fake);
+    fake.set_pods_failure(Some(403));
+    let kdir = tempfile::tempdir().unwrap();
+    let kc = cluster(&fake, kdir.path(), "Kubernetes", None);
+    let b = Bridge::start_with(|c| kube_config(c, vec![kc])).await;
+    let mut client = b.client().await;
+    eventually("pod list refused", Duration::from_secs(10), || async {
+        fake.count("pods.failed") >= 1
+    })
+    .await;
+
+    let zt = sa_jwt("istio-system", "ztunnel", "zt1");
+    fake.sa_token(
+        &zt,
+        "istio-system",
+        "ztunnel",
+        Some(("ztunnel-n1", "uid-zt1")),
+    );
+    let web = spiffe("default", "web");
+    for _ in 0..2 {
+        let e = ask(&mut client, &web, &zt, Some("Kubernetes"), Some(&web))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    }
+    assert_eq!(b.issued(), 0);
+    // ztunnel's own identity needs no pod facts.
+    ask(
+        &mut client,
+        &spiffe("istio-system", "ztunnel"),
+        &zt,
+        Some("Kubernetes"),
+        None,
+    )
+    .await
+    .unwrap();
+    let metrics = b.admin_get("/metrics").await.1;
+    assert!(
+        metrics
+            .contains(r#"istio_ca_bridge_authentication_failures_total{reason="unavailable"} 2"#),
+        "{metrics}"
+    );
+
+    // Pods become listable: the same request now succeeds.
+    fake.set_pods_failure(None);
+    let c2 = client.clone();
+    eventually(
+        "impersonation allowed once pods are listed",
+        Duration::from_secs(45),
+        || {
+            let (web, zt) = (web.clone(), zt.clone());
+            let mut c = c2.clone();
+            async move {
+                ask(&mut c, &web, &zt, Some("Kubernetes"), Some(&web))
+                    .await
+                    .is_ok()
+            }
+        },
+    )
+    .await;
+    b.shutdown().await.unwrap();
+}

@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use super::Clusters;
 use crate::identity::SpiffeId;
 use crate::server::authn::Caller;
-use crate::server::authz::NodeAuthorizer;
+use crate::server::authz::{NodeAuthorizer, NodeDenial};
 
 pub struct KubeNodeAuthorizer {
     clusters: Arc<Clusters>,
@@ -35,7 +35,7 @@ impl KubeNodeAuthorizer {
 
 #[async_trait]
 impl NodeAuthorizer for KubeNodeAuthorizer {
-    async fn authorize(&self, caller: &Caller, target: &SpiffeId) -> Result<(), String> {
+    async fn authorize(&self, caller: &Caller, target: &SpiffeId) -> Result<(), NodeDenial> {
         let cluster = self
             .clusters
             .select(caller.cluster.as_deref())
@@ -49,22 +49,24 @@ impl NodeAuthorizer for KubeNodeAuthorizer {
             .as_ref()
             .ok_or("the caller's credential names no pod (a pod-bound token reviewed by Kubernetes is required)")?;
         if !pods.wait_synced(self.sync_wait).await {
-            return Err(format!(
+            return Err(NodeDenial::NotReady(format!(
                 "pods of cluster {} are not listed yet (API server unreachable?)",
                 cluster.id
-            ));
+            )));
         }
-        let pod = pods.get(&pod_ref.uid).ok_or_else(|| {
+        let pod = pods.get(&pod_ref.uid).ok_or_else(|| -> NodeDenial {
             format!(
                 "caller pod {} (uid {}) not found in cluster {}",
                 pod_ref.name, pod_ref.uid, cluster.id
             )
+            .into()
         })?;
         if pod.name != pod_ref.name {
             return Err(format!(
                 "caller pod uid {} belongs to pod {}/{}, not {}",
                 pod_ref.uid, pod.namespace, pod.name, pod_ref.name
-            ));
+            )
+            .into());
         }
         if pod.namespace != caller.identity.namespace()
             || pod.service_account != caller.identity.service_account()
@@ -72,7 +74,8 @@ impl NodeAuthorizer for KubeNodeAuthorizer {
             return Err(format!(
                 "caller pod {}/{} runs as {}/{}, not as the caller's service account",
                 pod.namespace, pod.name, pod.namespace, pod.service_account
-            ));
+            )
+            .into());
         }
         if !pod.is_live() {
             return Err(format!(
@@ -80,20 +83,23 @@ impl NodeAuthorizer for KubeNodeAuthorizer {
                 pod.namespace,
                 pod.name,
                 pod.phase.as_deref().unwrap_or("terminated")
-            ));
+            )
+            .into());
         }
-        let node = pod.node.as_deref().ok_or_else(|| {
+        let node = pod.node.as_deref().ok_or_else(|| -> NodeDenial {
             format!(
                 "caller pod {}/{} is not scheduled on a node",
                 pod.namespace, pod.name
             )
+            .into()
         })?;
         if !pods.has_live_pod_on_node(target.namespace(), target.service_account(), node) {
             return Err(format!(
                 "no live pod with service account {}/{} on node {node}",
                 target.namespace(),
                 target.service_account()
-            ));
+            )
+            .into());
         }
         Ok(())
     }

@@ -26,12 +26,44 @@ pub enum AuthzError {
     NotEnabled,
     #[error("impersonation of {target} denied: {reason}")]
     Denied { target: String, reason: String },
+    /// The node check cannot be made yet (pod cache not synced, API server unreachable):
+    /// the caller should retry, so this is not an authentication failure.
+    #[error("impersonation of {target} cannot be checked yet: {reason}")]
+    NotReady { target: String, reason: String },
+}
+
+impl AuthzError {
+    /// Transient: the same request may succeed later.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, AuthzError::NotReady { .. })
+    }
+}
+
+/// Why a [`NodeAuthorizer`] said no.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeDenial {
+    /// The facts say no (other node, dead pod, uid mismatch...).
+    Denied(String),
+    /// The facts are not known yet; retrying later may succeed.
+    NotReady(String),
+}
+
+impl From<String> for NodeDenial {
+    fn from(reason: String) -> Self {
+        NodeDenial::Denied(reason)
+    }
+}
+
+impl From<&str> for NodeDenial {
+    fn from(reason: &str) -> Self {
+        NodeDenial::Denied(reason.to_string())
+    }
 }
 
 /// Checks that a trusted node agent may act for `target` (pods on the same node).
 #[async_trait]
 pub trait NodeAuthorizer: Send + Sync + 'static {
-    async fn authorize(&self, caller: &Caller, target: &SpiffeId) -> Result<(), String>;
+    async fn authorize(&self, caller: &Caller, target: &SpiffeId) -> Result<(), NodeDenial>;
 }
 
 pub struct Authorizer {
@@ -83,9 +115,15 @@ impl Authorizer {
         };
         node.authorize(caller, &target)
             .await
-            .map_err(|reason| AuthzError::Denied {
-                target: target.to_string(),
-                reason,
+            .map_err(|denial| match denial {
+                NodeDenial::Denied(reason) => AuthzError::Denied {
+                    target: target.to_string(),
+                    reason,
+                },
+                NodeDenial::NotReady(reason) => AuthzError::NotReady {
+                    target: target.to_string(),
+                    reason,
+                },
             })?;
         Ok(target)
     }

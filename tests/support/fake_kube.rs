@@ -150,6 +150,8 @@ struct Inner {
     review_delay: Mutex<Duration>,
     /// When set, TokenReviews get this HTTP status (e.g. 403: the bridge lacks RBAC).
     review_failure: Mutex<Option<u16>>,
+    /// When set, pod lists and watches get this HTTP status (the pod cache cannot sync).
+    pods_failure: Mutex<Option<u16>>,
     store: Mutex<Store>,
     events: broadcast::Sender<Change>,
     counts: Mutex<HashMap<&'static str, u64>>,
@@ -225,6 +227,7 @@ impl FakeKube {
                 reviews: Mutex::new(HashMap::new()),
                 review_delay: Mutex::new(Duration::ZERO),
                 review_failure: Mutex::new(None),
+                pods_failure: Mutex::new(None),
                 store: Mutex::new(Store {
                     rv: 1000,
                     ..Default::default()
@@ -353,6 +356,11 @@ impl FakeKube {
     /// Makes TokenReviews fail with `code` (403 Forbidden, 429, 500...), or work again.
     pub fn set_review_failure(&self, code: Option<u16>) {
         *self.inner.review_failure.lock().unwrap() = code;
+    }
+
+    /// Makes pod lists and watches fail with `code` (e.g. 403: no RBAC for pods), or work.
+    pub fn set_pods_failure(&self, code: Option<u16>) {
+        *self.inner.pods_failure.lock().unwrap() = code;
     }
 
     pub fn set_review_delay(&self, d: Duration) {
@@ -654,6 +662,12 @@ async fn list_or_watch(
 ) -> Response {
     if let Some(r) = unauthorized(&inner, &headers) {
         return r;
+    }
+    if coll == "pods"
+        && let Some(code) = *inner.pods_failure.lock().unwrap()
+    {
+        count(&inner, "pods.failed");
+        return status_json(code, "Forbidden", "injected failure");
     }
     if coll == "pods" {
         inner
