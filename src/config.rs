@@ -740,8 +740,7 @@ impl DigicertBackendConfig {
         if modes.iter().filter(|m| **m).count() != 1 {
             err(
                 "auth",
-                "set exactly one of apiKeyFile, apiKeyEnv or clientCertFile + clientKeyFile"
-                    .into(),
+                "set exactly one of apiKeyFile, apiKeyEnv or clientCertFile + clientKeyFile".into(),
             );
         }
         if a.client_cert_file.is_some() != a.client_key_file.is_some() {
@@ -759,7 +758,10 @@ impl DigicertBackendConfig {
             );
         }
         if self.profile_id.trim().is_empty() {
-            err("profileId", "required: the certificate profile to enroll with".into());
+            err(
+                "profileId",
+                "required: the certificate profile to enroll with".into(),
+            );
         }
         match self.seat.strategy {
             DigicertSeatStrategy::Fixed if self.seat.id.trim().is_empty() => {

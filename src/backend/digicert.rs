@@ -80,8 +80,9 @@ impl ApiKey {
             ApiKey::File(p) => {
                 std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?
             }
-            ApiKey::Env(name) => std::env::var(name)
-                .map_err(|e| format!("environment variable {name}: {e}"))?,
+            ApiKey::Env(name) => {
+                std::env::var(name).map_err(|e| format!("environment variable {name}: {e}"))?
+            }
         };
         let key = raw.trim();
         if key.is_empty() {
@@ -153,12 +154,19 @@ fn error_text(body: &str) -> String {
 
 /// `Retry-After`: delay-seconds or an HTTP date.
 fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
-    let v = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    let v = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
     if let Ok(secs) = v.parse::<u64>() {
         return Some(Duration::from_secs(secs));
     }
     let at = httpdate::parse_http_date(v).ok()?;
-    Some(at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
+    Some(
+        at.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
 }
 
 /// How one failed API call should be handled.
@@ -291,7 +299,11 @@ impl Shared {
         *self.denied.lock().unwrap_or_else(|e| e.into_inner()) = why;
     }
 
-    fn request(&self, method: reqwest::Method, path: &str) -> Result<reqwest::RequestBuilder, SignError> {
+    fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+    ) -> Result<reqwest::RequestBuilder, SignError> {
         let mut rb = self
             .http
             .request(method, format!("{}/{path}", self.api))
@@ -377,9 +389,9 @@ impl Shared {
                 self.set_denied(Some(format!("{why} ({message})")));
                 Failure::Final(SignError::Unavailable(message))
             }
-            StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT => {
-                Failure::Transient(message)
-            }
+            StatusCode::BAD_GATEWAY
+            | StatusCode::SERVICE_UNAVAILABLE
+            | StatusCode::GATEWAY_TIMEOUT => Failure::Transient(message),
             s if s.is_server_error() && idempotent => Failure::Transient(message),
             s if s.is_server_error() => Failure::Final(SignError::Unavailable(message)),
             _ => {
@@ -632,12 +644,13 @@ impl Shared {
 }
 
 /// The certificate PEM of an answer, or the request id to poll.
-fn ready_or_pending(
-    op: &str,
-    e: Enrollment,
-) -> Result<Result<String, String>, SignError> {
+fn ready_or_pending(op: &str, e: Enrollment) -> Result<Result<String, String>, SignError> {
     if let Some(pem) = e.certificate.filter(|c| !c.trim().is_empty()) {
-        tracing::debug!(backend = KIND, serial = e.serial_number.as_deref().unwrap_or("?"), "DigiCert issued");
+        tracing::debug!(
+            backend = KIND,
+            serial = e.serial_number.as_deref().unwrap_or("?"),
+            "DigiCert issued"
+        );
         return Ok(Ok(pem));
     }
     let status = e.status.unwrap_or_default();
@@ -676,7 +689,11 @@ fn spawn_denied_probe(me: Weak<Shared>) {
         loop {
             tokio::time::sleep(DENIED_PROBE_INTERVAL).await;
             let Some(sh) = me.upgrade() else { return };
-            let denied = sh.denied.lock().unwrap_or_else(|e| e.into_inner()).is_some();
+            let denied = sh
+                .denied
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some();
             if denied && sh.probe().await {
                 tracing::info!(backend = KIND, "DigiCert accepts the credentials again");
                 sh.set_denied(None);
@@ -749,7 +766,10 @@ mod tests {
             httpdate::fmt_http_date(later).parse().unwrap(),
         );
         let d = retry_after(&h).unwrap();
-        assert!(d > Duration::from_secs(27) && d <= Duration::from_secs(30), "{d:?}");
+        assert!(
+            d > Duration::from_secs(27) && d <= Duration::from_secs(30),
+            "{d:?}"
+        );
         h.insert(
             reqwest::header::RETRY_AFTER,
             "Sun, 06 Nov 1994 08:49:37 GMT".parse().unwrap(),
