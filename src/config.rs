@@ -1833,6 +1833,114 @@ mod tests {
     }
 
     #[test]
+    fn digicert_backend_defaults_and_validation_names_fields() {
+        let ok = "backend:\n  type: digicert\n  auth: {apiKeyFile: /k}\n  profileId: p1\n  trustBundleFile: /r.pem\n";
+        let cfg = Config::parse(ok).unwrap();
+        let BackendConfig::Digicert(d) = &cfg.backend else {
+            panic!("not digicert")
+        };
+        assert_eq!(d.base_url, DIGICERT_DEFAULT_BASE_URL);
+        assert_eq!(d.api_url(), "https://one.digicert.com/mpki/api/v1");
+        assert_eq!(d.seat.strategy, DigicertSeatStrategy::SpiffeId);
+        assert_eq!(d.validity_unit, DigicertValidityUnit::Hours);
+        assert_eq!(d.request_timeout, Duration::from_secs(5));
+        assert_eq!(d.poll_initial_interval, Duration::from_millis(250));
+        assert_eq!((d.rate_limit, d.rate_burst), (10.0, 20));
+        assert!(cfg.validate().is_ok(), "{:?}", cfg.validate());
+        // Empty strings (what a chart renders for unset values) mean unset.
+        let cfg = Config::parse(&format!(
+            "{ok}  intermediatesFile: \"\"\n  caFile: \"\"\n  seat: {{strategy: spiffeId, id: \"\"}}\n"
+        ))
+        .unwrap();
+        let BackendConfig::Digicert(d) = &cfg.backend else {
+            panic!()
+        };
+        assert!(d.intermediates_file.is_none() && d.ca_file.is_none());
+        assert!(cfg.validate().is_ok());
+
+        let (field, msg) =
+            Config::parse("backend:\n  type: digicert\n  profileID: x\n").unwrap_err();
+        assert!(field.starts_with("backend"), "{field}");
+        assert!(msg.contains("profileID"), "{msg}");
+
+        let fields = |yaml: &str| -> Vec<String> {
+            Config::parse(yaml)
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .into_iter()
+                .map(|e| e.field)
+                .collect()
+        };
+        // Missing profileId and trust bundle; both apiKeyFile and apiKeyEnv.
+        let f = fields("backend:\n  type: digicert\n  auth: {apiKeyFile: /k, apiKeyEnv: K}\n");
+        for want in [
+            "backend.profileId",
+            "backend.trustBundleFile",
+            "backend.auth",
+        ] {
+            assert!(f.iter().any(|x| x == want), "{want} missing from {f:?}");
+        }
+        // No credentials at all; half a client certificate.
+        let f = fields(&ok.replace("auth: {apiKeyFile: /k}", "auth: {}"));
+        assert_eq!(f, ["backend.auth"]);
+        let f = fields(&ok.replace("auth: {apiKeyFile: /k}", "auth: {clientCertFile: /c}"));
+        assert_eq!(f, ["backend.auth.clientKeyFile"]);
+        // mTLS alone is fine.
+        let cfg = Config::parse(&ok.replace(
+            "auth: {apiKeyFile: /k}",
+            "auth: {clientCertFile: /c, clientKeyFile: /k}\n  baseUrl: https://clientauth.one.digicert.com",
+        ))
+        .unwrap();
+        assert!(cfg.validate().is_ok());
+        // Seats.
+        assert_eq!(
+            fields(&format!("{ok}  seat: {{strategy: fixed}}\n")),
+            ["backend.seat.id"]
+        );
+        assert_eq!(
+            fields(&format!("{ok}  seat: {{id: s1}}\n")),
+            ["backend.seat.id"]
+        );
+        assert!(
+            Config::parse(&format!("{ok}  seat: {{strategy: fixed, id: s1}}\n"))
+                .unwrap()
+                .validate()
+                .is_ok()
+        );
+        assert!(Config::parse(&format!("{ok}  seat: {{strategy: perNode}}\n")).is_err());
+        assert!(Config::parse(&format!("{ok}  validityUnit: weeks\n")).is_err());
+        // Timeouts, polling, limits, URL.
+        let f = fields(&format!(
+            "{ok}  requestTimeout: 10s\n  pollInitialInterval: 3s\n  pollMaxInterval: 1s\n  rateLimit: 0\n  rateBurst: 0\n  baseUrl: http://one.digicert.com/mpki/api/v1\n"
+        ));
+        for want in [
+            "backend.requestTimeout",
+            "backend.pollMaxInterval",
+            "backend.rateLimit",
+            "backend.rateBurst",
+            "backend.baseUrl",
+        ] {
+            assert!(f.iter().any(|x| x == want), "{want} missing from {f:?}");
+        }
+        let errs = Config::parse(&format!("{ok}  requestTimeout: 10s\n"))
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(
+            errs[0].message.contains("server.requestTimeout"),
+            "{errs:?}"
+        );
+        assert_eq!(
+            fields(&format!(
+                "{ok}  baseUrl: https://one.digicert.com/mpki/api/v1\n"
+            )),
+            ["backend.baseUrl"]
+        );
+    }
+
+    #[test]
     fn kubernetes_validation_names_fields() {
         let cfg = Config::parse(
             "authn:\n  trustedNodeAccounts: [ztunnel]\n  kubernetes:\n    requestTimeout: 30s\n    audiences: []\n    clusters:\n      - id: a\n        inCluster: true\n        kubeconfig: /x\n        qps: 0\n      - id: a\n        trustDomain: Bad\n",
