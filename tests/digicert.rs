@@ -180,23 +180,24 @@ async fn immediate_issue_chains_to_the_digicert_root() {
         );
         openssl_verifies(files.dir.path(), &chain, &fake.root_pem);
     }
-    let st = fake.stats();
-    assert_eq!(
-        st.seats[1..],
-        [
-            spiffe("default", "ztunnel-ec"),
-            spiffe("default", "agent-ec"),
-            spiffe("default", "agent-rsa")
-        ],
-        "strategy spiffeId: one seat per identity"
-    );
-    assert!(
-        st.validities[1..]
-            .iter()
-            .all(|v| *v == ("hours".to_string(), 1))
-    );
-    assert_eq!((st.issued, st.pickups, st.throttled), (4, 0, 0));
-    drop(st);
+    {
+        let st = fake.stats();
+        assert_eq!(
+            st.seats[1..],
+            [
+                spiffe("default", "ztunnel-ec"),
+                spiffe("default", "agent-ec"),
+                spiffe("default", "agent-rsa")
+            ],
+            "strategy spiffeId: one seat per identity"
+        );
+        assert!(
+            st.validities[1..]
+                .iter()
+                .all(|v| *v == ("hours".to_string(), 1))
+        );
+        assert_eq!((st.issued, st.pickups, st.throttled), (4, 0, 0));
+    }
     fake.assert_no_drift();
     assert_eq!(b.issued(), 3);
     b.shutdown().await.unwrap();
