@@ -8,7 +8,9 @@
 //! coalescing later) are decorators over any `Signer`, see [`instrumented`].
 
 pub mod aws_pca;
+pub mod digicert;
 pub mod instrumented;
+pub mod limit;
 pub mod local;
 pub mod vault;
 
@@ -136,6 +138,8 @@ pub enum BuildError {
     AwsPca(#[from] aws_pca::AwsPcaError),
     #[error("vault")]
     Vault(#[from] vault::VaultError),
+    #[error("DigiCert")]
+    Digicert(#[from] digicert::DigicertError),
 }
 
 /// Builds the configured backend. Remote backends log in and fetch their trust bundle
@@ -149,5 +153,6 @@ pub async fn build(
         BackendConfig::Local(l) => Ok(Arc::new(local::LocalCa::load_or_create(l, trust_domain)?)),
         BackendConfig::AwsPca(a) => Ok(aws_pca::AwsPca::connect(a, metrics).await?),
         BackendConfig::Vault(v) => Ok(Arc::new(vault::VaultSigner::connect(v, metrics).await?)),
+        BackendConfig::Digicert(d) => Ok(Arc::new(digicert::Digicert::connect(d, metrics)?)),
     }
 }

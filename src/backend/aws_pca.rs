@@ -32,6 +32,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::limit::{TokenBucket, backoff};
 use super::{Health, IssuedChain, SignError, SignRequest, Signer, SigningCaInfo, Subject};
 use crate::config::AwsPcaBackendConfig;
 use crate::metrics::Metrics;
@@ -50,47 +51,6 @@ pub enum AwsPcaError {
     ExtraRoots { path: PathBuf, message: String },
     #[error("the CA answered an unusable certificate: {0}")]
     BadCaCertificate(String),
-}
-
-/// Client-side rate limit: a token bucket that hands out reservations, so concurrent
-/// callers are served in arrival order at `rate` per second after an initial `burst`.
-pub struct TokenBucket {
-    rate: f64,
-    burst: f64,
-    /// (tokens, last refill). Tokens go negative: that is the queue of reservations.
-    state: Mutex<(f64, Instant)>,
-}
-
-impl TokenBucket {
-    pub fn new(rate: f64, burst: u32) -> Self {
-        let burst = f64::from(burst.max(1));
-        Self {
-            rate,
-            burst,
-            state: Mutex::new((burst, Instant::now())),
-        }
-    }
-
-    /// Reserves one call. Returns how long the caller must wait before making it, or, when
-    /// that would exceed `max_wait`, the wait it would have needed (nothing is reserved).
-    pub fn reserve(&self, max_wait: Duration) -> Result<Duration, Duration> {
-        let mut st = self.state.lock().expect("token bucket lock");
-        let now = Instant::now();
-        let refill = now.duration_since(st.1).as_secs_f64() * self.rate;
-        st.0 = (st.0 + refill).min(self.burst);
-        st.1 = now;
-        let after = st.0 - 1.0;
-        let wait = if after >= 0.0 {
-            Duration::ZERO
-        } else {
-            Duration::from_secs_f64(-after / self.rate)
-        };
-        if wait > max_wait {
-            return Err(wait);
-        }
-        st.0 = after;
-        Ok(wait)
-    }
 }
 
 /// How one failed API call should be handled.
@@ -172,15 +132,6 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
-}
-
-/// Exponential backoff with full jitter: a random delay in [base/2, base] for attempt n.
-fn backoff(attempt: u32, first: Duration, cap: Duration) -> Duration {
-    let base = first
-        .saturating_mul(2u32.saturating_pow(attempt.min(16)))
-        .min(cap);
-    let jitter: f64 = rand::random::<f64>() * 0.5 + 0.5;
-    base.mul_f64(jitter)
 }
 
 /// IdempotencyToken for a request: the same CSR for the same subject and lifetime maps to
@@ -315,35 +266,13 @@ impl AwsPca {
             .inc();
     }
 
-    /// Waits for a token of the bucket, or fails with `Throttled` at once if none comes in
-    /// time. A slot is only taken if it leaves room for the calls themselves (a quarter of
-    /// `issueTimeout`, at most 2 s): a caller refused now can retry elsewhere, a caller whose
-    /// slot comes too late would just time out after using up quota.
+    /// Waits for a slot of the bucket (see [`TokenBucket::acquire`]), keeping a quarter of
+    /// `issueTimeout`, at most 2 s, for the calls themselves.
     async fn rate_limit(&self, deadline: Instant) -> Result<(), SignError> {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let call_budget = (self.cfg.issue_timeout / 4).min(Duration::from_secs(2));
-        match self.bucket.reserve(left.saturating_sub(call_budget)) {
-            Ok(wait) => {
-                self.metrics
-                    .backend_rate_limit_wait
-                    .with_label_values(&[KIND])
-                    .observe(wait.as_secs_f64());
-                if !wait.is_zero() {
-                    tokio::time::sleep(wait).await;
-                }
-                Ok(())
-            }
-            Err(wait) => {
-                self.count_throttle("local");
-                Err(SignError::Throttled {
-                    reason: format!(
-                        "client-side rate limit of {}/s: next slot in {wait:?}",
-                        self.cfg.rate_limit
-                    ),
-                    retry_after: Some(wait),
-                })
-            }
-        }
+        let keep = (self.cfg.issue_timeout / 4).min(Duration::from_secs(2));
+        self.bucket
+            .acquire(deadline, keep, KIND, &self.metrics)
+            .await
     }
 
     /// IssueCertificate with retries; returns the certificate ARN.
@@ -645,27 +574,6 @@ impl Signer for AwsPca {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[tokio::test]
-    async fn bucket_allows_burst_then_rate() {
-        let b = TokenBucket::new(10.0, 5);
-        for _ in 0..5 {
-            assert_eq!(b.reserve(Duration::ZERO), Ok(Duration::ZERO));
-        }
-        // The sixth waits 1/rate; the seventh 2/rate (reservations queue up).
-        let w6 = b.reserve(Duration::from_secs(1)).unwrap();
-        let w7 = b.reserve(Duration::from_secs(1)).unwrap();
-        assert!((w6.as_secs_f64() - 0.1).abs() < 0.01, "{w6:?}");
-        assert!((w7.as_secs_f64() - 0.2).abs() < 0.01, "{w7:?}");
-        // A caller that cannot wait that long reserves nothing.
-        assert!(b.reserve(Duration::from_millis(50)).is_err());
-        tokio::time::sleep(Duration::from_millis(1300)).await;
-        // Refilled, but never above the burst.
-        for _ in 0..5 {
-            assert_eq!(b.reserve(Duration::ZERO), Ok(Duration::ZERO));
-        }
-        assert!(b.reserve(Duration::ZERO).is_err());
-    }
 
     #[test]
     fn idempotency_token_is_stable_short_and_request_specific() {
