@@ -8,7 +8,10 @@
 //!   rendered ConfigMap's config passes `istio-ca-bridge check-config`.
 //! - `structure`: Service, container and probe ports equal the rendered config's listen ports;
 //!   probe paths; terminationGracePeriodSeconds above shutdownGrace; hardened securityContext;
-//!   selectors; every file the config names comes from a mount; no RBAC (and none granting `*`).
+//!   selectors; every file the config names comes from a mount; RBAC equals the API calls the
+//!   binary's effective config makes (none without `kubernetes.enabled`), never a wildcard.
+//! - `rbac`: per feature combination (TokenReview, impersonation, root ConfigMaps, istiod-tls,
+//!   leader election, renamed objects) the exact grants, written out literally.
 //! - `failures`: unsafe values (several replicas each generating its own root, ...) fail
 //!   rendering with a message naming the fix.
 //! - `schema`: values.schema.json rejects wrong types naming the field, and knows exactly the
@@ -107,6 +110,11 @@ fn every_ci_values_file_renders_parseable_manifests_whose_config_the_binary_acce
 #[test]
 fn rendered_objects_agree_with_the_rendered_config_and_are_hardened() {
     chart_check("structure");
+}
+
+#[test]
+fn rbac_grants_exactly_the_api_calls_of_each_feature_combination() {
+    chart_check("rbac");
 }
 
 #[test]

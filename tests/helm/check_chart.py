@@ -4,7 +4,7 @@ istio-ca-bridge binary. Driven by tests/helm.rs (`cargo test --test helm`), one 
 
     check_chart.py CHECK --chart DIR --bin PATH
 
-CHECK is one of: lint, render, structure, failures, schema, alerts, live. Each prints what it
+CHECK is one of: lint, render, structure, rbac, failures, schema, alerts, live. Each prints what it
 proved ("ok: ...") and exits 0, or prints the reason and exits 1. Nothing is mocked: templates
 are rendered by Helm's Go engine, every rendered config is validated by `istio-ca-bridge
 check-config`, rules by `promtool`, and `live` runs the binary exactly as the rendered
@@ -211,6 +211,13 @@ def variants(chart):
             },
         )
     )
+    out.append(
+        (
+            "Kubernetes integration with a CA Secret, 2 replicas",
+            {**CA_SECRET, "kubernetes": {"enabled": True, "clusterId": "primary"},
+             "config": {"kubernetes": {"istiodCert": {"revisions": ["canary"]}}}},
+        )
+    )
     return out
 
 
@@ -303,7 +310,10 @@ def check_structure(chart):
         check(sc.get("seccompProfile", {}).get("type") == "RuntimeDefault", f"{label}: seccompProfile {sc.get('seccompProfile')}")
         check(psc.get("runAsNonRoot") is True and psc.get("seccompProfile", {}).get("type") == "RuntimeDefault",
               f"{label}: pod securityContext {psc}")
-        check(pod.get("automountServiceAccountToken") is False, f"{label}: a Kubernetes API token is mounted")
+        kube_on = eff["authn"].get("kubernetes") is not None
+        check(pod.get("automountServiceAccountToken") is kube_on,
+              f"{label}: automountServiceAccountToken {pod.get('automountServiceAccountToken')!r}, but the bridge "
+              f"{'calls' if kube_on else 'does not call'} the Kubernetes API")
         check(c.get("resources", {}).get("requests"), f"{label}: no resource requests")
         # Selectors: Service, PDB and spread constraints pick exactly these pods.
         labels = pod_t["metadata"]["labels"]
@@ -345,16 +355,14 @@ def check_structure(chart):
         if eff["server"]["tls"]["mode"] == "issued":
             host = f"{svc['metadata']['name']}.{svc['metadata']['namespace']}.svc"
             check(host in eff["server"]["tls"]["dnsNames"], f"{label}: {host} not in dnsNames {eff['server']['tls']['dnsNames']}")
-        # RBAC: none today; none granting "*" ever.
-        rbac = [o for o in objects(docs) if o["apiVersion"].startswith("rbac.authorization.k8s.io/")]
-        for o in rbac:
-            for rule in o.get("rules", []):
-                for field in ("verbs", "resources", "apiGroups"):
-                    check("*" not in rule.get(field, []), f"{label}: {o['kind']} {o['metadata']['name']} grants * in {field}")
-        check(not rbac, f"{label}: RBAC objects rendered although the bridge needs no API access: "
-              + ", ".join(f"{o['kind']}/{o['metadata']['name']}" for o in rbac))
+        # RBAC: exactly what the binary's effective config makes it call, nothing like "*".
+        grants = rbac_grants(docs, label)
+        check(grants == expected_grants(eff), f"{label}: RBAC differs from the calls the config makes:\n"
+              f"  granted, not needed: {sorted(grants - expected_grants(eff))}\n"
+              f"  needed, not granted: {sorted(expected_grants(eff) - grants)}")
         ok(f"{label}: ports grpc={grpc} admin={admin} agree (Service, container, config); probes /healthz,/readyz; "
-           f"terminationGracePeriodSeconds {tgps} > shutdownGrace {grace}s; hardened; selectors; mounts; no RBAC")
+           f"terminationGracePeriodSeconds {tgps} > shutdownGrace {grace}s; hardened; selectors; mounts; "
+           f"RBAC = the config's API calls ({len(grants)} grants)")
     # The config checksum follows the config, so a values change rolls the pods.
     a = one(chart.render({"replicaCount": 1}), "Deployment")
     b = one(chart.render({"replicaCount": 1, "config": {"policy": {"maxTtl": "48h"}}}), "Deployment")
@@ -364,12 +372,155 @@ def check_structure(chart):
     ok("checksum/config changes with the config")
 
 
+# ---------------------------------------------------------------- RBAC
+
+RBAC_API = "rbac.authorization.k8s.io/v1"
+
+
+def rbac_grants(docs, label):
+    """Every (scope, apiGroup, resource, resourceName|None, verb) the rendered RBAC grants to the
+    bridge's service account; scope is "cluster" or the Role's namespace. Checks on the way that
+    nothing is a wildcard, that Secrets are never granted cluster-wide, and that every binding
+    binds a rendered role to the chart's service account and every role is bound."""
+    sa = one(docs, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"]
+    roles = {}
+    bound = set()
+    for o in objects(docs):
+        if not o["apiVersion"].startswith("rbac.authorization.k8s.io/"):
+            continue
+        check(o["apiVersion"] == RBAC_API, f"{label}: {o['kind']} uses {o['apiVersion']}")
+        kind, name, ns = o["kind"], o["metadata"]["name"], o["metadata"].get("namespace")
+        if kind in ("ClusterRole", "Role"):
+            check((kind == "Role") == (ns is not None), f"{label}: {kind} {name} namespace {ns!r}")
+            check("aggregationRule" not in o, f"{label}: {kind} {name} aggregates other roles")
+            for r in o["rules"]:
+                for field in ("verbs", "resources", "apiGroups", "resourceNames"):
+                    check("*" not in r.get(field, []) and all("*" not in x for x in r.get(field, [])),
+                          f"{label}: {kind} {name} grants a wildcard in {field}: {r}")
+                check("nonResourceURLs" not in r, f"{label}: {kind} {name} grants non-resource URLs")
+            roles[(kind, ns, name)] = o["rules"]
+        elif kind in ("ClusterRoleBinding", "RoleBinding"):
+            ref = o["roleRef"]
+            check(ref["apiGroup"] == "rbac.authorization.k8s.io", f"{label}: {kind} {name} roleRef {ref}")
+            target = (ref["kind"], ns if ref["kind"] == "Role" else None, ref["name"])
+            check(target in roles or any(k == target for k in roles),
+                  f"{label}: {kind} {name} binds {ref['kind']} {ref['name']}, which the chart does not render")
+            check(o["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": NAMESPACE}],
+                  f"{label}: {kind} {name} subjects {o['subjects']}, want only ServiceAccount {NAMESPACE}/{sa}")
+            check(kind == "RoleBinding" or ref["kind"] == "ClusterRole", f"{label}: {kind} {name} -> {ref}")
+            bound.add(target)
+        else:
+            raise CheckFailed(f"{label}: unexpected RBAC kind {kind}")
+    check(bound == set(roles), f"{label}: roles without binding: {sorted(set(roles) - bound)}; "
+          f"bindings to nothing: {sorted(bound - set(roles))}")
+    out = set()
+    for (kind, ns, name), rules in roles.items():
+        scope = "cluster" if kind == "ClusterRole" else ns
+        for r in rules:
+            for g in r["apiGroups"]:
+                for res in r["resources"]:
+                    check(not (scope == "cluster" and res == "secrets"), f"{label}: {name} grants Secrets cluster-wide")
+                    for rn in r.get("resourceNames") or [None]:
+                        for v in r["verbs"]:
+                            out.add((scope, g, res, rn, v))
+    return out
+
+
+def expected_grants(eff):
+    """The API calls the bridge makes for an effective config (check-config's output), written
+    down from src/k8s.rs, src/k8s/{pods,leader}.rs and src/trust/{configmap,istiod_cert}.rs:
+    TokenReview create; the pod watch (LIST+WATCH) for impersonation; the namespace watch and a
+    server-side apply of the root ConfigMap (PATCH, authorized as `create` too, with the name,
+    when it creates the object); the Lease get / create (POST: no name to restrict) / replace;
+    istiod-tls get + server-side apply."""
+    kube = eff["authn"].get("kubernetes")
+    if kube is None:
+        return set()
+    want = {("cluster", "authentication.k8s.io", "tokenreviews", None, "create")}
+    if eff["authn"]["trustedNodeAccounts"]:
+        want |= {("cluster", "", "pods", None, v) for v in ("list", "watch")}
+    k = eff["kubernetes"]
+    rc, ic, le = k["rootConfigMap"], k["istiodCert"], k["leaderElection"]
+    if rc["enabled"]:
+        want |= {("cluster", "", "namespaces", None, v) for v in ("list", "watch")}
+        want |= {("cluster", "", "configmaps", rc["name"], v) for v in ("create", "patch")}
+    if ic["enabled"]:
+        want |= {(ic["namespace"], "", "secrets", ic["secretName"], v) for v in ("get", "create", "patch")}
+    if rc["enabled"] or ic["enabled"]:
+        want.add((le["namespace"], "coordination.k8s.io", "leases", None, "create"))
+        want |= {(le["namespace"], "coordination.k8s.io", "leases", le["leaseName"], v) for v in ("get", "update")}
+    return want
+
+
+def check_rbac(chart):
+    """Per feature combination, the exact grants, written out literally (not derived), and the
+    rendered config of each passes check-config."""
+    tr = {("cluster", "authentication.k8s.io", "tokenreviews", None, "create")}
+    pods = {("cluster", "", "pods", None, "list"), ("cluster", "", "pods", None, "watch")}
+
+    def roots(name="istio-ca-root-cert"):
+        return {("cluster", "", "namespaces", None, "list"), ("cluster", "", "namespaces", None, "watch"),
+                ("cluster", "", "configmaps", name, "create"), ("cluster", "", "configmaps", name, "patch")}
+
+    def istiod(ns=NAMESPACE, name="istiod-tls"):
+        return {(ns, "", "secrets", name, v) for v in ("get", "create", "patch")}
+
+    def lease(ns=NAMESPACE, name=RELEASE):
+        return {(ns, "coordination.k8s.io", "leases", None, "create"),
+                (ns, "coordination.k8s.io", "leases", name, "get"), (ns, "coordination.k8s.io", "leases", name, "update")}
+
+    on = {"replicaCount": 1, "kubernetes": {"enabled": True}}
+
+    def cfg(**c):
+        return {**on, "config": c}
+
+    cases = [
+        ("kubernetes.enabled false", {"replicaCount": 1}, set()),
+        ("kubernetes.enabled, defaults (TokenReview, impersonation, root ConfigMaps, istiod-tls)", on,
+         tr | pods | roots() | istiod() | lease()),
+        ("no impersonation (trustedNodeAccounts: [])", cfg(authn={"trustedNodeAccounts": []}),
+         tr | roots() | istiod() | lease()),
+        ("root ConfigMaps off", cfg(kubernetes={"rootConfigMap": {"enabled": False}}), tr | pods | istiod() | lease()),
+        ("istiod-tls off", cfg(kubernetes={"istiodCert": {"enabled": False}}), tr | pods | roots() | lease()),
+        ("authentication only (no writers, no impersonation)",
+         cfg(authn={"trustedNodeAccounts": []}, kubernetes={"rootConfigMap": {"enabled": False}, "istiodCert": {"enabled": False}}), tr),
+        ("renamed objects, istiod and the Lease elsewhere",
+         cfg(kubernetes={"rootConfigMap": {"name": "mesh-roots"}, "istiodCert": {"namespace": "istiod-ns", "secretName": "istiod-cert"},
+                         "leaderElection": {"namespace": "bridge-leases", "leaseName": "bridge-writer"}}),
+         tr | pods | roots("mesh-roots") | istiod("istiod-ns", "istiod-cert") | lease("bridge-leases", "bridge-writer")),
+    ]
+    for label, values, want in cases:
+        docs = chart.render(values)
+        eff = chart.check_config(rendered_config(docs), label)
+        got = rbac_grants(docs, label)
+        check(got == want, f"{label}: grants differ\n  extra: {sorted(got - want)}\n  missing: {sorted(want - got)}")
+        check(expected_grants(eff) == want, f"{label}: the derivation from the effective config disagrees with the table")
+        dep = one(docs, "Deployment")
+        check(dep["spec"]["template"]["spec"]["automountServiceAccountToken"] is bool(want),
+              f"{label}: automountServiceAccountToken")
+        kinds = sorted(f"{o['kind']}/{o['metadata'].get('namespace', '-')}/{o['metadata']['name']}" for o in objects(docs)
+                       if o["apiVersion"] == RBAC_API)
+        ok(f"{label}: exactly {len(want)} grants; {', '.join(kinds) or 'no RBAC objects'}; check-config accepts the config")
+    # The rendered authn.kubernetes: this cluster, in-cluster credentials, audience istio-ca.
+    eff = chart.check_config(rendered_config(chart.render({**on, "kubernetes": {"enabled": True, "clusterId": "east"}})), "clusterId")
+    check(eff["authn"]["kubernetes"]["clusters"] == [{"id": "east", "inCluster": True, "kubeconfig": None, "trustDomain": None,
+                                                       "qps": 50.0, "burst": 100}]
+          and eff["authn"]["kubernetes"]["audiences"] == ["istio-ca"],
+          f"authn.kubernetes rendered as {eff['authn']['kubernetes']}")
+    ok("kubernetes.clusterId east -> authn.kubernetes.clusters [{id: east, inCluster: true}], audiences [istio-ca]")
+
+
 def check_failures(chart):
     cases = [
         ("defaults (2 replicas, generated root)", {},
          ["replicaCount is 2", "generate its own root", "backends.local.caSecret.name", "replicaCount: 1"]),
         ("3 replicas, generated root", {"replicaCount": 3}, ["replicaCount is 3", "backends.local.caSecret.name"]),
-        ("kubernetes.enabled", {"replicaCount": 1, "kubernetes": {"enabled": True}}, ["kubernetes.enabled", "not available"]),
+        ("authn.kubernetes without kubernetes.enabled",
+         {"replicaCount": 1, "config": {"authn": {"kubernetes": {"clusters": [{"id": "Kubernetes", "inCluster": True}]}}}},
+         ["config.authn.kubernetes", "kubernetes.enabled: true", "RBAC"]),
+        ("a cluster writer without kubernetes.enabled",
+         {"replicaCount": 1, "config": {"kubernetes": {"istiodCert": {"enabled": True}}}},
+         ["config.kubernetes.istiodCert.enabled", "kubernetes.enabled: true"]),
         ("loopback listener", {"replicaCount": 1, "config": {"server": {"listen": "127.0.0.1:15012"}}}, None),
         ("same port twice", {"replicaCount": 1, "config": {"admin": {"listen": "0.0.0.0:15012"}}},
          ["config.admin.listen", "different port"]),
@@ -842,6 +993,7 @@ CHECKS = {
     "failures": check_failures,
     "schema": check_schema,
     "alerts": check_alerts,
+    "rbac": check_rbac,
     "live": check_live,
 }
 

@@ -154,8 +154,16 @@ Chart-level invariants that the bridge's own validation cannot see (it does not 
 replicas or Secrets). Rendered (as nothing) from the Deployment, so every install checks them.
 */}}
 {{- define "istio-ca-bridge.validate" -}}
-{{- if .Values.kubernetes.enabled }}
-{{- fail "kubernetes.enabled: the Kubernetes integration (TokenReview, root ConfigMaps, istiod-tls) and the RBAC it needs are not available in this chart version yet; leave it false" }}
+{{- $userCfg := .Values.config | default dict }}
+{{- if not .Values.kubernetes.enabled }}
+{{- if dig "authn" "kubernetes" nil $userCfg }}
+{{- fail "config.authn.kubernetes is set but kubernetes.enabled is false: set kubernetes.enabled: true so the chart grants the RBAC and mounts the API token the bridge needs" }}
+{{- end }}
+{{- range $f := list "rootConfigMap" "istiodCert" }}
+{{- if dig "kubernetes" $f "enabled" false $userCfg }}
+{{- fail (printf "config.kubernetes.%s.enabled needs kubernetes.enabled: true (the bridge writes through the Kubernetes API; the chart then grants the RBAC)" $f) }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- $backend := include "istio-ca-bridge.backendType" . }}
 {{- if ne $backend "local" }}
@@ -225,5 +233,62 @@ owns (mounted Secrets, the state dir) and the default serving-cert names.
 {{- end }}
 {{- end }}
 {{- end }}
+{{- if .Values.kubernetes.enabled }}
+{{- /* authn.kubernetes: this cluster through the pod's own service account, unless clusters are given. */}}
+{{- $authn := $cfg.authn | default dict }}
+{{- $_ := set $cfg "authn" $authn }}
+{{- $ka := $authn.kubernetes | default dict }}
+{{- $_ := set $authn "kubernetes" $ka }}
+{{- if not $ka.clusters }}
+{{- $_ := set $ka "clusters" (list (dict "id" .Values.kubernetes.clusterId "inCluster" true)) }}
+{{- end }}
+{{- if not (hasKey $ka "audiences") }}
+{{- $_ := set $ka "audiences" (list "istio-ca") }}
+{{- end }}
+{{- /* What the bridge writes (istiod's duties with ENABLE_CA_SERVER=false): on unless switched off. Names
+     are written out, so the RBAC below reads them from the same rendered config. */}}
+{{- $k := $cfg.kubernetes | default dict }}
+{{- $_ := set $cfg "kubernetes" $k }}
+{{- $rc := $k.rootConfigMap | default dict }}
+{{- $_ := set $k "rootConfigMap" $rc }}
+{{- if not (hasKey $rc "enabled") }}{{ $_ := set $rc "enabled" true }}{{ end }}
+{{- if not $rc.name }}{{ $_ := set $rc "name" "istio-ca-root-cert" }}{{ end }}
+{{- $ic := $k.istiodCert | default dict }}
+{{- $_ := set $k "istiodCert" $ic }}
+{{- if not (hasKey $ic "enabled") }}{{ $_ := set $ic "enabled" true }}{{ end }}
+{{- if not $ic.namespace }}{{ $_ := set $ic "namespace" .Release.Namespace }}{{ end }}
+{{- if not $ic.secretName }}{{ $_ := set $ic "secretName" "istiod-tls" }}{{ end }}
+{{- $le := $k.leaderElection | default dict }}
+{{- $_ := set $k "leaderElection" $le }}
+{{- if not $le.namespace }}{{ $_ := set $le "namespace" .Release.Namespace }}{{ end }}
+{{- if not $le.leaseName }}{{ $_ := set $le "leaseName" (include "istio-ca-bridge.fullname" .) }}{{ end }}
+{{- end }}
 {{- toYaml $cfg }}
+{{- end }}
+
+{{/*
+What the rendered config makes the bridge do through the Kubernetes API, as a dict of booleans
+and names; RBAC is derived from it (templates/rbac.yaml), so the two cannot disagree.
+*/}}
+{{- define "istio-ca-bridge.kubeAccess" -}}
+{{- $cfg := include "istio-ca-bridge.config" . | fromYaml }}
+{{- $ka := dig "authn" "kubernetes" nil $cfg }}
+{{- $nodeAccounts := dig "authn" "trustedNodeAccounts" (list "istio-system/ztunnel") $cfg }}
+{{- $rc := dig "kubernetes" "rootConfigMap" dict $cfg }}
+{{- $ic := dig "kubernetes" "istiodCert" dict $cfg }}
+{{- $le := dig "kubernetes" "leaderElection" dict $cfg }}
+{{- $on := not (empty $ka) }}
+{{- $roots := and $on ($rc.enabled | default false) }}
+{{- $istiod := and $on ($ic.enabled | default false) }}
+{{- toYaml (dict
+  "tokenReview" $on
+  "pods" (and $on (not (empty $nodeAccounts)))
+  "rootConfigMap" $roots
+  "rootConfigMapName" ($rc.name | default "")
+  "istiodCert" $istiod
+  "istiodNamespace" ($ic.namespace | default "")
+  "istiodSecretName" ($ic.secretName | default "")
+  "leases" (or $roots $istiod)
+  "leaseNamespace" ($le.namespace | default "")
+  "leaseName" ($le.leaseName | default "")) }}
 {{- end }}
