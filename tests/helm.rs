@@ -15,11 +15,13 @@
 //! - `failures`: unsafe values (several replicas each generating its own root, ...) fail
 //!   rendering with a message naming the fix.
 //! - `schema`: values.schema.json rejects wrong types naming the field, and knows exactly the
-//!   config keys the binary knows.
+//!   config keys the binary knows, per backend type (`BACKEND_CONFIGS` in check_chart.py).
 //! - `alerts`: the PrometheusRule passes `promtool check rules` and `promtool test rules`.
-//! - `live`: each `ci/` install's pod is run for real (its args, env and mounted files): probes
-//!   answer, a Kubernetes-shaped token gets a certificate over TLS to the Service's name, SIGTERM
-//!   exits within the grace period, and every metric the alerts and dashboard use is exported.
+//! - `live`: each `ci/` install that can run on this machine (local backend, no Kubernetes API:
+//!   the others need the install's own API server, Vault or AWS account) is run for real (its
+//!   args, env and mounted files): probes answer, a Kubernetes-shaped token gets a certificate
+//!   over TLS to the Service's name, SIGTERM exits within the grace period, and every metric the
+//!   alerts and dashboard use is exported. The installs not run are named in the output.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
