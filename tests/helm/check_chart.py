@@ -857,14 +857,39 @@ def check_alerts(chart):
                     {"eval_time": "40m", "alertname": "IstioCABridgeDown", "exp_alerts": [{"exp_labels": {"severity": "critical"}}]},
                 ],
             },
+            {   # Intermediate mode (8 h intermediates, alert below 25 % = 2 h): pod a's renewal fails,
+                # so its intermediate (3 h left at t=0) crosses 2 h at 60m and the alert fires after
+                # `for` (5m); pod b renews every 2 h and never comes close.
+                "interval": "1m",
+                "input_series": [
+                    {"series": f'istio_ca_bridge_intermediate_expiry_timestamp_seconds{{{sel},pod="a",backend="vault"}}',
+                     "values": f"{3 * 3600}x120"},
+                    {"series": f'istio_ca_bridge_intermediate_expiry_timestamp_seconds{{{sel},pod="b",backend="vault"}}',
+                     "values": f"{8 * 3600}x119 {10 * 3600}"},
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "50m", "alertname": "IstioCABridgeIntermediateExpiringSoon", "exp_alerts": []},
+                    # Condition true since 60m, still pending within `for`.
+                    {"eval_time": "63m", "alertname": "IstioCABridgeIntermediateExpiringSoon", "exp_alerts": []},
+                    {"eval_time": "70m", "alertname": "IstioCABridgeIntermediateExpiringSoon",
+                     "exp_alerts": [{"exp_labels": {"severity": "critical", "namespace": NAMESPACE, "pod": "a", "backend": "vault"}}]},
+                ],
+            },
         ],
     }
     tests_file = os.path.join(work, "tests.yaml")
     with open(tests_file, "w") as f:
         json.dump(tests, f)
     run([promtool, "test", "rules", tests_file], "promtool test rules")
-    ok("promtool test rules: issuance errors, rejections, backend failing, root/signing-CA/serving-cert expiry, "
-       "rotation errors and down fire on synthetic series and stay quiet on a healthy bridge")
+    ok("promtool test rules: issuance errors, rejections, backend failing, root/signing-CA/serving-cert/intermediate "
+       "expiry, rotation errors and down fire on synthetic series and stay quiet on a healthy bridge")
+    # The intermediate threshold follows its values: 0.5 of 4 h = 7200 s.
+    rule = one(chart.render({**values, "prometheusRule": {**values.get("prometheusRule", {}), "intermediateLifetimeHours": 4,
+                                                          "intermediateRemainingFraction": 0.5, "intermediateExpiryFor": "15m"}}),
+               "PrometheusRule")
+    r = next(r for g in rule["spec"]["groups"] for r in g["rules"] if r.get("alert") == "IstioCABridgeIntermediateExpiringSoon")
+    check(re.search(r"<\s*7200\s*$", r["expr"]) and r["for"] == "15m", f"intermediate alert ignores its values: {r}")
+    ok("the intermediate alert's threshold and `for` follow prometheusRule.intermediate* values")
 
 
 # ---------------------------------------------------------------- live: run what the chart renders
@@ -979,6 +1004,13 @@ def _varint(n):
 
 def metric_names_in(expr):
     return set(OWN_METRIC.findall(expr))
+
+
+# Metrics alerted on before this branch's binary exports them (their feature is built on another
+# branch); the promtool tests cover their alerts. Delete an entry once the binary has the metric.
+NOT_YET_EXPORTED = {
+    "istio_ca_bridge_intermediate_expiry_timestamp_seconds": "intermediate mode, being built on another branch",
+}
 
 
 def live_unrunnable(cfg):
@@ -1145,11 +1177,19 @@ def check_live(chart):
 
     check(len(ran) >= 2, f"only {ran} could be run for real")
     check(referenced, "no PrometheusRule or dashboard was rendered by any ci/ file run for real")
-    unknown = {where: sorted(n for n in names if family(n) not in exported) for where, names in referenced.items()}
+    unknown = {where: sorted(n for n in names if family(n) not in exported and n not in NOT_YET_EXPORTED)
+               for where, names in referenced.items()}
+    for n, why in NOT_YET_EXPORTED.items():
+        if n in exported:
+            print(f"note: {n} is exported now; remove it from NOT_YET_EXPORTED", flush=True)
+        else:
+            print(f"not checked against the binary: {n} ({why})", flush=True)
     unknown = {k: v for k, v in unknown.items() if v}
     check(not unknown, f"metric names the bridge does not export: {unknown}\nexported: {sorted(exported)}")
     used = set().union(*referenced.values())
-    ok(f"all {len(used)} metric names used by {len(referenced)} alerts/panels are exported by the running bridge")
+    used -= set(NOT_YET_EXPORTED)
+    ok(f"all {len(used)} metric names used by {len(referenced)} alerts/panels are exported by the running bridge "
+       f"(besides {len(NOT_YET_EXPORTED)} not yet exported, listed above)")
 
 
 CHECKS = {
