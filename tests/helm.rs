@@ -12,6 +12,8 @@
 //!   binary's effective config makes (none without `kubernetes.enabled`), never a wildcard.
 //! - `rbac`: per feature combination (TokenReview, impersonation, root ConfigMaps, istiod-tls,
 //!   leader election, renamed objects) the exact grants, written out literally.
+//! - `image`: the Deployment runs the Dockerfile's ENTRYPOINT as its USER with its EXPOSEd ports
+//!   (the image itself is not built: no container runtime on the test machines).
 //! - `failures`: unsafe values (several replicas each generating its own root, ...) fail
 //!   rendering with a message naming the fix.
 //! - `schema`: values.schema.json rejects wrong types naming the field, and knows exactly the
@@ -117,6 +119,11 @@ fn rendered_objects_agree_with_the_rendered_config_and_are_hardened() {
 #[test]
 fn rbac_grants_exactly_the_api_calls_of_each_feature_combination() {
     chart_check("rbac");
+}
+
+#[test]
+fn chart_runs_the_dockerfiles_entrypoint_as_its_user() {
+    chart_check("image");
 }
 
 #[test]

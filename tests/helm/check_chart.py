@@ -4,7 +4,7 @@ istio-ca-bridge binary. Driven by tests/helm.rs (`cargo test --test helm`), one 
 
     check_chart.py CHECK --chart DIR --bin PATH
 
-CHECK is one of: lint, render, structure, rbac, failures, schema, alerts, live. Each prints what it
+CHECK is one of: lint, render, structure, rbac, image, failures, schema, alerts, live. Each prints what it
 proved ("ok: ...") and exits 0, or prints the reason and exits 1. Nothing is mocked: templates
 are rendered by Helm's Go engine, every rendered config is validated by `istio-ca-bridge
 check-config`, rules by `promtool`, and `live` runs the binary exactly as the rendered
@@ -331,8 +331,9 @@ def check_structure(chart):
             port = cports.get(g["port"], g["port"])
             check(g["path"] == path and port == admin,
                   f"{label}: {probe} {g} should be GET {path} on the admin port {admin}")
-        # Args and config mount.
-        check(c["args"] == ["serve", "--config", CONFIG_PATH], f"{label}: args {c['args']}")
+        # Command (= the image's ENTRYPOINT, checked in `image`) and config mount.
+        check(c["command"] == ["istio-ca-bridge", "serve", "--config", CONFIG_PATH] and "args" not in c,
+              f"{label}: command {c.get('command')} args {c.get('args')}")
         # Grace period derived from the config's shutdownGrace.
         grace = seconds(eff["server"]["shutdownGrace"])
         tgps = pod["terminationGracePeriodSeconds"]
@@ -518,6 +519,65 @@ def expected_grants(eff):
         want.add((le["namespace"], "coordination.k8s.io", "leases", None, "create"))
         want |= {(le["namespace"], "coordination.k8s.io", "leases", le["leaseName"], v) for v in ("get", "update")}
     return want
+
+
+def dockerfile_runtime(path):
+    """(USER uid, gid, ENTRYPOINT list, binary destination, EXPOSE ports) of the Dockerfile's last
+    stage."""
+    with open(path) as f:
+        lines = f.read().replace("\\\n", " ").splitlines()
+    stages = [i for i, ln in enumerate(lines) if re.match(r"(?i)^FROM\s", ln)]
+    check(stages, f"{path}: no FROM")
+    final = [ln.strip() for ln in lines[stages[-1]:] if ln.strip() and not ln.lstrip().startswith("#")]
+    user = entry = dest = None
+    ports = []
+    for ln in final:
+        word, _, rest = ln.partition(" ")
+        word = word.upper()
+        if word == "USER":
+            user = rest.strip()
+        elif word == "ENTRYPOINT":
+            entry = json.loads(rest)
+        elif word == "COPY" and "istio-ca-bridge" in rest:
+            dest = rest.split()[-1]
+        elif word == "EXPOSE":
+            ports += [int(p.split("/")[0]) for p in rest.split()]
+    check(user and re.fullmatch(r"[0-9]+:[0-9]+", user), f"{path}: final stage USER {user!r} is not a numeric uid:gid")
+    check(isinstance(entry, list), f"{path}: ENTRYPOINT must be exec (JSON) form, got {entry!r}")
+    uid, gid = (int(x) for x in user.split(":"))
+    return uid, gid, entry, dest, ports
+
+
+def check_image(chart):
+    """The chart's defaults run the image the Dockerfile builds: the same command, uid and gid,
+    ports. (No container runtime here to build it; this keeps the two from drifting.)"""
+    path = os.path.join(chart.dir, "..", "..", "Dockerfile")
+    uid, gid, entry, dest, ports = dockerfile_runtime(path)
+    with open(path) as f:
+        text = f.read()
+    froms = re.findall(r"(?im)^FROM\s+(\S+)", text)
+    check(len(froms) >= 2 and froms[0].startswith("rust:1.95"), f"builder stage {froms[:1]} is not rust:1.95")
+    check(froms[-1] in ("gcr.io/distroless/cc-debian12:nonroot", "debian:bookworm-slim"), f"runtime base {froms[-1]}")
+    check("cargo build --release --locked" in text, "the Dockerfile does not build with --release --locked")
+    check(dest == "/usr/local/bin/istio-ca-bridge", f"binary copied to {dest}")
+    check(entry[0] in ("istio-ca-bridge", dest), f"ENTRYPOINT runs {entry[0]}")
+    for label, values in [("default values", {"replicaCount": 1})] + [
+            (os.path.relpath(p, chart.dir), chart.values_file(p)) for p in chart.ci_files()]:
+        docs = chart.render(values)
+        pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+        c = pod["containers"][0]
+        cmd = c.get("command", entry) + c.get("args", [])
+        check(cmd == entry, f"{label}: the container runs {cmd}, the image's ENTRYPOINT is {entry}")
+        sc, psc = c["securityContext"], pod["securityContext"]
+        check(sc["runAsUser"] == psc["runAsUser"] == uid and sc["runAsGroup"] == psc["runAsGroup"] == gid,
+              f"{label}: runs as {sc['runAsUser']}:{sc['runAsGroup']}, the image's USER is {uid}:{gid}")
+        eff = chart.check_config(rendered_config(docs), label)
+        if label == "default values":
+            cports = sorted(p["containerPort"] for p in c["ports"])
+            check(cports == sorted(ports), f"default container ports {cports} != Dockerfile EXPOSE {ports}")
+        check(eff["server"]["listen"] and eff["admin"]["listen"], label)
+    ok(f"Dockerfile: builder rust:1.95, binary at {dest}, USER {uid}:{gid}, ENTRYPOINT {entry}, EXPOSE {ports}; "
+       "the default and every ci/ Deployment run exactly that command as that user")
 
 
 def check_rbac(chart):
@@ -1092,7 +1152,7 @@ def check_live(chart):
                 raise CheckFailed(f"{label}: no way to materialise volume {v}")
         env = dict(os.environ)
         env.update({e["name"]: e["value"] for e in c.get("env", []) if "value" in e})
-        args = [at(a) if a == CONFIG_PATH else a for a in c["args"]]
+        args = [at(a) if a == CONFIG_PATH else a for a in c["command"][1:] + c.get("args", [])]
         log = open(os.path.join(root, "bridge.log"), "w+")
         proc = subprocess.Popen([chart.bin] + args, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -1200,6 +1260,7 @@ CHECKS = {
     "schema": check_schema,
     "alerts": check_alerts,
     "rbac": check_rbac,
+    "image": check_image,
     "live": check_live,
 }
 
