@@ -8,15 +8,22 @@
 //!   rendered ConfigMap's config passes `istio-ca-bridge check-config`.
 //! - `structure`: Service, container and probe ports equal the rendered config's listen ports;
 //!   probe paths; terminationGracePeriodSeconds above shutdownGrace; hardened securityContext;
-//!   selectors; every file the config names comes from a mount; no RBAC (and none granting `*`).
+//!   selectors; every file the config names comes from a mount; RBAC equals the API calls the
+//!   binary's effective config makes (none without `kubernetes.enabled`), never a wildcard.
+//! - `rbac`: per feature combination (TokenReview, impersonation, root ConfigMaps, istiod-tls,
+//!   leader election, renamed objects) the exact grants, written out literally.
+//! - `image`: the Deployment runs the Dockerfile's ENTRYPOINT as its USER with its EXPOSEd ports
+//!   (the image itself is not built: no container runtime on the test machines).
 //! - `failures`: unsafe values (several replicas each generating its own root, ...) fail
 //!   rendering with a message naming the fix.
 //! - `schema`: values.schema.json rejects wrong types naming the field, and knows exactly the
-//!   config keys the binary knows.
+//!   config keys the binary knows, per backend type (`BACKEND_CONFIGS` in check_chart.py).
 //! - `alerts`: the PrometheusRule passes `promtool check rules` and `promtool test rules`.
-//! - `live`: each `ci/` install's pod is run for real (its args, env and mounted files): probes
-//!   answer, a Kubernetes-shaped token gets a certificate over TLS to the Service's name, SIGTERM
-//!   exits within the grace period, and every metric the alerts and dashboard use is exported.
+//! - `live`: each `ci/` install that can run on this machine (local backend, no Kubernetes API:
+//!   the others need the install's own API server, Vault or AWS account) is run for real (its
+//!   args, env and mounted files): probes answer, a Kubernetes-shaped token gets a certificate
+//!   over TLS to the Service's name, SIGTERM exits within the grace period, and every metric the
+//!   alerts and dashboard use is exported. The installs not run are named in the output.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -107,6 +114,16 @@ fn every_ci_values_file_renders_parseable_manifests_whose_config_the_binary_acce
 #[test]
 fn rendered_objects_agree_with_the_rendered_config_and_are_hardened() {
     chart_check("structure");
+}
+
+#[test]
+fn rbac_grants_exactly_the_api_calls_of_each_feature_combination() {
+    chart_check("rbac");
+}
+
+#[test]
+fn chart_runs_the_dockerfiles_entrypoint_as_its_user() {
+    chart_check("image");
 }
 
 #[test]

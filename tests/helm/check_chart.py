@@ -4,7 +4,7 @@ istio-ca-bridge binary. Driven by tests/helm.rs (`cargo test --test helm`), one 
 
     check_chart.py CHECK --chart DIR --bin PATH
 
-CHECK is one of: lint, render, structure, failures, schema, alerts, live. Each prints what it
+CHECK is one of: lint, render, structure, rbac, image, failures, schema, alerts, live. Each prints what it
 proved ("ok: ...") and exits 0, or prints the reason and exits 1. Nothing is mocked: templates
 are rendered by Helm's Go engine, every rendered config is validated by `istio-ca-bridge
 check-config`, rules by `promtool`, and `live` runs the binary exactly as the rendered
@@ -211,6 +211,29 @@ def variants(chart):
             },
         )
     )
+    vault = {"type": "vault", "address": "https://vault.example:8200", "role": "istio"}
+    out.append(("Vault token from a Secret, Vault CA from a Secret, JWT authn",
+                {"backends": {"vault": {"authSecret": {"name": "vault-token", "tokenKey": "vault-token"},
+                                        "caBundle": {"secretName": "vault-tls"}}},
+                 "jwksConfigMaps": [{"name": "jwks"}],
+                 "config": {"backend": {**vault, "auth": {"method": "token"}},
+                            "authn": {"jwt": [{"issuer": "https://k8s.example", "jwksFile": "/etc/istio-ca-bridge/jwks/jwks/jwks.json"}]}}}))
+    out.append(("Vault JWT login with its own audience, extra roots ConfigMap",
+                {"replicaCount": 1, "kubernetes": {"enabled": True},
+                 "backends": {"vault": {"serviceAccountToken": {"audience": "https://vault.example"},
+                                        "rootBundleConfigMap": {"name": "next-root"}}},
+                 "config": {"backend": {**vault, "rootsFromMount": False, "auth": {"method": "jwt", "role": "bridge"}}}}))
+    out.append(("AWS Private CA with extra roots, no Kubernetes API",
+                {"backends": {"awsPca": {"extraRootsConfigMap": {"name": "next-root", "key": "r.pem"}}},
+                 "config": {"authn": {"jwt": [{"issuer": "https://k8s.example", "jwksUri": "https://k8s.example/jwks"}]},
+                            "backend": {"type": "awsPca", "caArn": "arn:aws:acm-pca:us-east-1:111122223333:certificate-authority/x"}}}))
+    out.append(
+        (
+            "Kubernetes integration with a CA Secret, 2 replicas",
+            {**CA_SECRET, "kubernetes": {"enabled": True, "clusterId": "primary"},
+             "config": {"kubernetes": {"istiodCert": {"revisions": ["canary"]}}}},
+        )
+    )
     return out
 
 
@@ -255,8 +278,29 @@ def check_render(chart):
             check(board.get("panels"), f"{label}: dashboard has no panels")
             check(eff["backend"]["caCertFile"] and eff["backend"]["caKeyFile"], f"{label}: CA files not set")
             ok(f"{label}: dashboard JSON parses ({len(board['panels'])} panels); CA from the Secret")
+        if eff["backend"]["type"] == "awsPca":
+            # IRSA: the role ARN is on the ServiceAccount the pod runs as.
+            sa = one(docs, "ServiceAccount")
+            arn = sa["metadata"].get("annotations", {}).get("eks.amazonaws.com/role-arn", "")
+            check(re.fullmatch(r"arn:aws:iam::[0-9]{12}:role/.+", arn), f"{label}: no IRSA role ARN on the ServiceAccount")
+            check(one(docs, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == sa["metadata"]["name"],
+                  f"{label}: the pod does not run as the annotated ServiceAccount")
+            ok(f"{label}: IRSA role {arn} on ServiceAccount {sa['metadata']['name']}; CA {eff['backend']['caArn']}")
         missing = want - set(kinds)
         check(not missing, f"{label}: missing {sorted(missing)}")
+
+
+def backend_files(be):
+    """Files a backend's effective config reads (each must come from a read-only mount)."""
+    if be["type"] == "local":
+        return [be.get(k) for k in ("caCertFile", "caKeyFile", "chainFile", "rootBundleFile")]
+    if be["type"] == "vault":
+        a = be["auth"]
+        return [be["tls"].get(k) for k in ("caFile", "clientCertFile", "clientKeyFile")] + [be.get("rootBundleFile")] + \
+            [a.get(k) for k in ("tokenFile", "roleIdFile", "secretIdFile")]
+    if be["type"] == "awsPca":
+        return [be.get("extraRootsFile")]
+    raise CheckFailed(f"backend type {be['type']} unknown to this test: add its files to backend_files")
 
 
 def check_structure(chart):
@@ -287,8 +331,9 @@ def check_structure(chart):
             port = cports.get(g["port"], g["port"])
             check(g["path"] == path and port == admin,
                   f"{label}: {probe} {g} should be GET {path} on the admin port {admin}")
-        # Args and config mount.
-        check(c["args"] == ["serve", "--config", CONFIG_PATH], f"{label}: args {c['args']}")
+        # Command (= the image's ENTRYPOINT, checked in `image`) and config mount.
+        check(c["command"] == ["istio-ca-bridge", "serve", "--config", CONFIG_PATH] and "args" not in c,
+              f"{label}: command {c.get('command')} args {c.get('args')}")
         # Grace period derived from the config's shutdownGrace.
         grace = seconds(eff["server"]["shutdownGrace"])
         tgps = pod["terminationGracePeriodSeconds"]
@@ -303,7 +348,10 @@ def check_structure(chart):
         check(sc.get("seccompProfile", {}).get("type") == "RuntimeDefault", f"{label}: seccompProfile {sc.get('seccompProfile')}")
         check(psc.get("runAsNonRoot") is True and psc.get("seccompProfile", {}).get("type") == "RuntimeDefault",
               f"{label}: pod securityContext {psc}")
-        check(pod.get("automountServiceAccountToken") is False, f"{label}: a Kubernetes API token is mounted")
+        kube_on = eff["authn"].get("kubernetes") is not None
+        check(pod.get("automountServiceAccountToken") is kube_on,
+              f"{label}: automountServiceAccountToken {pod.get('automountServiceAccountToken')!r}, but the bridge "
+              f"{'calls' if kube_on else 'does not call'} the Kubernetes API")
         check(c.get("resources", {}).get("requests"), f"{label}: no resource requests")
         # Selectors: Service, PDB and spread constraints pick exactly these pods.
         labels = pod_t["metadata"]["labels"]
@@ -325,18 +373,49 @@ def check_structure(chart):
             check(best is not None, f"{label}: {path} (from the config) is not under any volumeMount")
             return mounts[best], vols[mounts[best]["name"]]
 
-        m, v = mount_for(eff["backend"]["stateDir"])
-        check(not m.get("readOnly") and ("emptyDir" in v or "persistentVolumeClaim" in v),
-              f"{label}: backend.stateDir is not on a writable volume: {m} {v}")
-        files = [eff["backend"].get(k) for k in ("caCertFile", "caKeyFile", "chainFile", "rootBundleFile")]
+        be = eff["backend"]
+        if be["type"] == "local":
+            m, v = mount_for(be["stateDir"])
+            check(not m.get("readOnly") and ("emptyDir" in v or "persistentVolumeClaim" in v),
+                  f"{label}: backend.stateDir is not on a writable volume: {m} {v}")
+        else:
+            check(not any("emptyDir" in v or "persistentVolumeClaim" in v for v in vols.values()),
+                  f"{label}: a {be['type']} backend keeps no state, but a writable volume is mounted")
+        files = backend_files(be)
         files += [eff["server"]["tls"].get(k) for k in ("certFile", "keyFile")]
         files += [j.get("jwksFile") for j in eff["authn"]["jwt"]]
         for f in filter(None, files):
             m, v = mount_for(f)
-            src = v.get("secret") or v.get("configMap")
-            check(src is not None and m.get("readOnly"), f"{label}: {f} should come from a read-only Secret/ConfigMap mount")
+            src = v.get("secret") or v.get("configMap") or v.get("projected")
+            check(src is not None and m.get("readOnly"),
+                  f"{label}: {f} should come from a read-only Secret/ConfigMap/projected mount")
             key = os.path.relpath(f, m["mountPath"])
             check("/" not in key, f"{label}: {f} is nested below its mount")
+            if "projected" in v:  # only ever the Vault login token: a short-lived token for Vault's audience
+                src = v["projected"]["sources"]
+                want_aud = values.get("backends", {}).get("vault", {}).get("serviceAccountToken", {}).get("audience", "vault")
+                check(be["type"] == "vault" and f == be["auth"].get("tokenFile") and len(src) == 1
+                      and src[0]["serviceAccountToken"]["audience"] == want_aud and src[0]["serviceAccountToken"]["path"] == key,
+                      f"{label}: projected volume {v} for {f}")
+        # Named Secrets and ConfigMaps are the ones the values name (never inlined: the chart
+        # renders no Secret at all).
+        check(not list(objects(docs, "Secret")), f"{label}: the chart rendered a Secret")
+        vw = values.get("backends", {}).get("vault", {})
+        for field, want_name, kind in (
+            (be.get("auth", {}).get("tokenFile") if be["type"] == "vault" and be["auth"]["method"] == "token" else None,
+             vw.get("authSecret", {}).get("name"), "secret"),
+            (be.get("auth", {}).get("roleIdFile") if be["type"] == "vault" else None, vw.get("authSecret", {}).get("name"), "secret"),
+            (be.get("tls", {}).get("caFile") if be["type"] == "vault" else None,
+             vw.get("caBundle", {}).get("secretName") or vw.get("caBundle", {}).get("configMapName"),
+             "secret" if vw.get("caBundle", {}).get("secretName") else "configMap"),
+            (be.get("rootBundleFile") if be["type"] == "vault" else None, vw.get("rootBundleConfigMap", {}).get("name"), "configMap"),
+            (be.get("extraRootsFile") if be["type"] == "awsPca" else None,
+             values.get("backends", {}).get("awsPca", {}).get("extraRootsConfigMap", {}).get("name"), "configMap"),
+        ):
+            if field and want_name:
+                _, v = mount_for(field)
+                got = v.get(kind, {}).get("secretName" if kind == "secret" else "name")
+                check(got == want_name, f"{label}: {field} mounted from {v}, want {kind} {want_name}")
         if "caSecret" in values.get("backends", {}).get("local", {}):
             _, v = mount_for(eff["backend"]["caCertFile"])
             check(v["secret"]["secretName"] == values["backends"]["local"]["caSecret"]["name"],
@@ -345,16 +424,14 @@ def check_structure(chart):
         if eff["server"]["tls"]["mode"] == "issued":
             host = f"{svc['metadata']['name']}.{svc['metadata']['namespace']}.svc"
             check(host in eff["server"]["tls"]["dnsNames"], f"{label}: {host} not in dnsNames {eff['server']['tls']['dnsNames']}")
-        # RBAC: none today; none granting "*" ever.
-        rbac = [o for o in objects(docs) if o["apiVersion"].startswith("rbac.authorization.k8s.io/")]
-        for o in rbac:
-            for rule in o.get("rules", []):
-                for field in ("verbs", "resources", "apiGroups"):
-                    check("*" not in rule.get(field, []), f"{label}: {o['kind']} {o['metadata']['name']} grants * in {field}")
-        check(not rbac, f"{label}: RBAC objects rendered although the bridge needs no API access: "
-              + ", ".join(f"{o['kind']}/{o['metadata']['name']}" for o in rbac))
+        # RBAC: exactly what the binary's effective config makes it call, nothing like "*".
+        grants = rbac_grants(docs, label)
+        check(grants == expected_grants(eff), f"{label}: RBAC differs from the calls the config makes:\n"
+              f"  granted, not needed: {sorted(grants - expected_grants(eff))}\n"
+              f"  needed, not granted: {sorted(expected_grants(eff) - grants)}")
         ok(f"{label}: ports grpc={grpc} admin={admin} agree (Service, container, config); probes /healthz,/readyz; "
-           f"terminationGracePeriodSeconds {tgps} > shutdownGrace {grace}s; hardened; selectors; mounts; no RBAC")
+           f"terminationGracePeriodSeconds {tgps} > shutdownGrace {grace}s; hardened; selectors; mounts; "
+           f"RBAC = the config's API calls ({len(grants)} grants)")
     # The config checksum follows the config, so a values change rolls the pods.
     a = one(chart.render({"replicaCount": 1}), "Deployment")
     b = one(chart.render({"replicaCount": 1, "config": {"policy": {"maxTtl": "48h"}}}), "Deployment")
@@ -364,17 +441,236 @@ def check_structure(chart):
     ok("checksum/config changes with the config")
 
 
+# ---------------------------------------------------------------- RBAC
+
+RBAC_API = "rbac.authorization.k8s.io/v1"
+
+
+def rbac_grants(docs, label):
+    """Every (scope, apiGroup, resource, resourceName|None, verb) the rendered RBAC grants to the
+    bridge's service account; scope is "cluster" or the Role's namespace. Checks on the way that
+    nothing is a wildcard, that Secrets are never granted cluster-wide, and that every binding
+    binds a rendered role to the chart's service account and every role is bound."""
+    sa = one(docs, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"]
+    roles = {}
+    bound = set()
+    for o in objects(docs):
+        if not o["apiVersion"].startswith("rbac.authorization.k8s.io/"):
+            continue
+        check(o["apiVersion"] == RBAC_API, f"{label}: {o['kind']} uses {o['apiVersion']}")
+        kind, name, ns = o["kind"], o["metadata"]["name"], o["metadata"].get("namespace")
+        if kind in ("ClusterRole", "Role"):
+            check((kind == "Role") == (ns is not None), f"{label}: {kind} {name} namespace {ns!r}")
+            check("aggregationRule" not in o, f"{label}: {kind} {name} aggregates other roles")
+            for r in o["rules"]:
+                for field in ("verbs", "resources", "apiGroups", "resourceNames"):
+                    check("*" not in r.get(field, []) and all("*" not in x for x in r.get(field, [])),
+                          f"{label}: {kind} {name} grants a wildcard in {field}: {r}")
+                check("nonResourceURLs" not in r, f"{label}: {kind} {name} grants non-resource URLs")
+            roles[(kind, ns, name)] = o["rules"]
+        elif kind in ("ClusterRoleBinding", "RoleBinding"):
+            ref = o["roleRef"]
+            check(ref["apiGroup"] == "rbac.authorization.k8s.io", f"{label}: {kind} {name} roleRef {ref}")
+            target = (ref["kind"], ns if ref["kind"] == "Role" else None, ref["name"])
+            check(target in roles or any(k == target for k in roles),
+                  f"{label}: {kind} {name} binds {ref['kind']} {ref['name']}, which the chart does not render")
+            check(o["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": NAMESPACE}],
+                  f"{label}: {kind} {name} subjects {o['subjects']}, want only ServiceAccount {NAMESPACE}/{sa}")
+            check(kind == "RoleBinding" or ref["kind"] == "ClusterRole", f"{label}: {kind} {name} -> {ref}")
+            bound.add(target)
+        else:
+            raise CheckFailed(f"{label}: unexpected RBAC kind {kind}")
+    check(bound == set(roles), f"{label}: roles without binding: {sorted(set(roles) - bound)}; "
+          f"bindings to nothing: {sorted(bound - set(roles))}")
+    out = set()
+    for (kind, ns, name), rules in roles.items():
+        scope = "cluster" if kind == "ClusterRole" else ns
+        for r in rules:
+            for g in r["apiGroups"]:
+                for res in r["resources"]:
+                    check(not (scope == "cluster" and res == "secrets"), f"{label}: {name} grants Secrets cluster-wide")
+                    for rn in r.get("resourceNames") or [None]:
+                        for v in r["verbs"]:
+                            out.add((scope, g, res, rn, v))
+    return out
+
+
+def expected_grants(eff):
+    """The API calls the bridge makes for an effective config (check-config's output), written
+    down from src/k8s.rs, src/k8s/{pods,leader}.rs and src/trust/{configmap,istiod_cert}.rs:
+    TokenReview create; the pod watch (LIST+WATCH) for impersonation; the namespace watch and a
+    server-side apply of the root ConfigMap (PATCH, authorized as `create` too, with the name,
+    when it creates the object); the Lease get / create (POST: no name to restrict) / replace;
+    istiod-tls get + server-side apply."""
+    kube = eff["authn"].get("kubernetes")
+    if kube is None:
+        return set()
+    want = {("cluster", "authentication.k8s.io", "tokenreviews", None, "create")}
+    if eff["authn"]["trustedNodeAccounts"]:
+        want |= {("cluster", "", "pods", None, v) for v in ("list", "watch")}
+    k = eff["kubernetes"]
+    rc, ic, le = k["rootConfigMap"], k["istiodCert"], k["leaderElection"]
+    if rc["enabled"]:
+        want |= {("cluster", "", "namespaces", None, v) for v in ("list", "watch")}
+        want |= {("cluster", "", "configmaps", rc["name"], v) for v in ("create", "patch")}
+    if ic["enabled"]:
+        want |= {(ic["namespace"], "", "secrets", ic["secretName"], v) for v in ("get", "create", "patch")}
+    if rc["enabled"] or ic["enabled"]:
+        want.add((le["namespace"], "coordination.k8s.io", "leases", None, "create"))
+        want |= {(le["namespace"], "coordination.k8s.io", "leases", le["leaseName"], v) for v in ("get", "update")}
+    return want
+
+
+def dockerfile_runtime(path):
+    """(USER uid, gid, ENTRYPOINT list, binary destination, EXPOSE ports) of the Dockerfile's last
+    stage."""
+    with open(path) as f:
+        lines = f.read().replace("\\\n", " ").splitlines()
+    stages = [i for i, ln in enumerate(lines) if re.match(r"(?i)^FROM\s", ln)]
+    check(stages, f"{path}: no FROM")
+    final = [ln.strip() for ln in lines[stages[-1]:] if ln.strip() and not ln.lstrip().startswith("#")]
+    user = entry = dest = None
+    ports = []
+    for ln in final:
+        word, _, rest = ln.partition(" ")
+        word = word.upper()
+        if word == "USER":
+            user = rest.strip()
+        elif word == "ENTRYPOINT":
+            entry = json.loads(rest)
+        elif word == "COPY" and "istio-ca-bridge" in rest:
+            dest = rest.split()[-1]
+        elif word == "EXPOSE":
+            ports += [int(p.split("/")[0]) for p in rest.split()]
+    check(user and re.fullmatch(r"[0-9]+:[0-9]+", user), f"{path}: final stage USER {user!r} is not a numeric uid:gid")
+    check(isinstance(entry, list), f"{path}: ENTRYPOINT must be exec (JSON) form, got {entry!r}")
+    uid, gid = (int(x) for x in user.split(":"))
+    return uid, gid, entry, dest, ports
+
+
+def check_image(chart):
+    """The chart's defaults run the image the Dockerfile builds: the same command, uid and gid,
+    ports. (No container runtime here to build it; this keeps the two from drifting.)"""
+    path = os.path.join(chart.dir, "..", "..", "Dockerfile")
+    uid, gid, entry, dest, ports = dockerfile_runtime(path)
+    with open(path) as f:
+        text = f.read()
+    froms = re.findall(r"(?im)^FROM\s+(\S+)", text)
+    check(len(froms) >= 2 and froms[0].startswith("rust:1.95"), f"builder stage {froms[:1]} is not rust:1.95")
+    check(froms[-1] in ("gcr.io/distroless/cc-debian12:nonroot", "debian:bookworm-slim"), f"runtime base {froms[-1]}")
+    check("cargo build --release --locked" in text, "the Dockerfile does not build with --release --locked")
+    check(dest == "/usr/local/bin/istio-ca-bridge", f"binary copied to {dest}")
+    check(entry[0] in ("istio-ca-bridge", dest), f"ENTRYPOINT runs {entry[0]}")
+    for label, values in [("default values", {"replicaCount": 1})] + [
+            (os.path.relpath(p, chart.dir), chart.values_file(p)) for p in chart.ci_files()]:
+        docs = chart.render(values)
+        pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+        c = pod["containers"][0]
+        cmd = c.get("command", entry) + c.get("args", [])
+        check(cmd == entry, f"{label}: the container runs {cmd}, the image's ENTRYPOINT is {entry}")
+        sc, psc = c["securityContext"], pod["securityContext"]
+        check(sc["runAsUser"] == psc["runAsUser"] == uid and sc["runAsGroup"] == psc["runAsGroup"] == gid,
+              f"{label}: runs as {sc['runAsUser']}:{sc['runAsGroup']}, the image's USER is {uid}:{gid}")
+        eff = chart.check_config(rendered_config(docs), label)
+        if label == "default values":
+            cports = sorted(p["containerPort"] for p in c["ports"])
+            check(cports == sorted(ports), f"default container ports {cports} != Dockerfile EXPOSE {ports}")
+        check(eff["server"]["listen"] and eff["admin"]["listen"], label)
+    ok(f"Dockerfile: builder rust:1.95, binary at {dest}, USER {uid}:{gid}, ENTRYPOINT {entry}, EXPOSE {ports}; "
+       "the default and every ci/ Deployment run exactly that command as that user")
+
+
+def check_rbac(chart):
+    """Per feature combination, the exact grants, written out literally (not derived), and the
+    rendered config of each passes check-config."""
+    tr = {("cluster", "authentication.k8s.io", "tokenreviews", None, "create")}
+    pods = {("cluster", "", "pods", None, "list"), ("cluster", "", "pods", None, "watch")}
+
+    def roots(name="istio-ca-root-cert"):
+        return {("cluster", "", "namespaces", None, "list"), ("cluster", "", "namespaces", None, "watch"),
+                ("cluster", "", "configmaps", name, "create"), ("cluster", "", "configmaps", name, "patch")}
+
+    def istiod(ns=NAMESPACE, name="istiod-tls"):
+        return {(ns, "", "secrets", name, v) for v in ("get", "create", "patch")}
+
+    def lease(ns=NAMESPACE, name=RELEASE):
+        return {(ns, "coordination.k8s.io", "leases", None, "create"),
+                (ns, "coordination.k8s.io", "leases", name, "get"), (ns, "coordination.k8s.io", "leases", name, "update")}
+
+    on = {"replicaCount": 1, "kubernetes": {"enabled": True}}
+
+    def cfg(**c):
+        return {**on, "config": c}
+
+    cases = [
+        ("kubernetes.enabled false", {"replicaCount": 1}, set()),
+        ("kubernetes.enabled, defaults (TokenReview, impersonation, root ConfigMaps, istiod-tls)", on,
+         tr | pods | roots() | istiod() | lease()),
+        ("no impersonation (trustedNodeAccounts: [])", cfg(authn={"trustedNodeAccounts": []}),
+         tr | roots() | istiod() | lease()),
+        ("root ConfigMaps off", cfg(kubernetes={"rootConfigMap": {"enabled": False}}), tr | pods | istiod() | lease()),
+        ("istiod-tls off", cfg(kubernetes={"istiodCert": {"enabled": False}}), tr | pods | roots() | lease()),
+        ("authentication only (no writers, no impersonation)",
+         cfg(authn={"trustedNodeAccounts": []}, kubernetes={"rootConfigMap": {"enabled": False}, "istiodCert": {"enabled": False}}), tr),
+        ("renamed objects, istiod and the Lease elsewhere",
+         cfg(kubernetes={"rootConfigMap": {"name": "mesh-roots"}, "istiodCert": {"namespace": "istiod-ns", "secretName": "istiod-cert"},
+                         "leaderElection": {"namespace": "bridge-leases", "leaseName": "bridge-writer"}}),
+         tr | pods | roots("mesh-roots") | istiod("istiod-ns", "istiod-cert") | lease("bridge-leases", "bridge-writer")),
+    ]
+    for label, values, want in cases:
+        docs = chart.render(values)
+        eff = chart.check_config(rendered_config(docs), label)
+        got = rbac_grants(docs, label)
+        check(got == want, f"{label}: grants differ\n  extra: {sorted(got - want)}\n  missing: {sorted(want - got)}")
+        check(expected_grants(eff) == want, f"{label}: the derivation from the effective config disagrees with the table")
+        dep = one(docs, "Deployment")
+        check(dep["spec"]["template"]["spec"]["automountServiceAccountToken"] is bool(want),
+              f"{label}: automountServiceAccountToken")
+        kinds = sorted(f"{o['kind']}/{o['metadata'].get('namespace', '-')}/{o['metadata']['name']}" for o in objects(docs)
+                       if o["apiVersion"] == RBAC_API)
+        ok(f"{label}: exactly {len(want)} grants; {', '.join(kinds) or 'no RBAC objects'}; check-config accepts the config")
+    # The rendered authn.kubernetes: this cluster, in-cluster credentials, audience istio-ca.
+    eff = chart.check_config(rendered_config(chart.render({**on, "kubernetes": {"enabled": True, "clusterId": "east"}})), "clusterId")
+    check(eff["authn"]["kubernetes"]["clusters"] == [{"id": "east", "inCluster": True, "kubeconfig": None, "trustDomain": None,
+                                                       "qps": 50.0, "burst": 100}]
+          and eff["authn"]["kubernetes"]["audiences"] == ["istio-ca"],
+          f"authn.kubernetes rendered as {eff['authn']['kubernetes']}")
+    ok("kubernetes.clusterId east -> authn.kubernetes.clusters [{id: east, inCluster: true}], audiences [istio-ca]")
+
+
 def check_failures(chart):
     cases = [
         ("defaults (2 replicas, generated root)", {},
          ["replicaCount is 2", "generate its own root", "backends.local.caSecret.name", "replicaCount: 1"]),
         ("3 replicas, generated root", {"replicaCount": 3}, ["replicaCount is 3", "backends.local.caSecret.name"]),
-        ("kubernetes.enabled", {"replicaCount": 1, "kubernetes": {"enabled": True}}, ["kubernetes.enabled", "not available"]),
+        ("authn.kubernetes without kubernetes.enabled",
+         {"replicaCount": 1, "config": {"authn": {"kubernetes": {"clusters": [{"id": "Kubernetes", "inCluster": True}]}}}},
+         ["config.authn.kubernetes", "kubernetes.enabled: true", "RBAC"]),
+        ("a cluster writer without kubernetes.enabled",
+         {"replicaCount": 1, "config": {"kubernetes": {"istiodCert": {"enabled": True}}}},
+         ["config.kubernetes.istiodCert.enabled", "kubernetes.enabled: true"]),
         ("loopback listener", {"replicaCount": 1, "config": {"server": {"listen": "127.0.0.1:15012"}}}, None),
         ("same port twice", {"replicaCount": 1, "config": {"admin": {"listen": "0.0.0.0:15012"}}},
          ["config.admin.listen", "different port"]),
         ("CA Secret and explicit CA paths", {**CA_SECRET, "config": {"backend": {"type": "local", "caCertFile": "/x", "caKeyFile": "/y"}}},
          ["caSecret.name is set"]),
+        ("Vault token login without the token", {"replicaCount": 1, "config": {"backend": {
+            "type": "vault", "address": "https://v:8200", "role": "r", "auth": {"method": "token"}}}},
+         ["auth.method token", "backends.vault.authSecret.name"]),
+        ("Vault AppRole login without the Secret", {"replicaCount": 1, "config": {"backend": {
+            "type": "vault", "address": "https://v:8200", "role": "r", "auth": {"method": "approle"}}}},
+         ["approle", "backends.vault.authSecret.name"]),
+        ("a login Secret for the Kubernetes auth method", {"replicaCount": 1, "backends": {"vault": {"authSecret": {"name": "s"}}},
+                                                          "config": {"backend": {"type": "vault", "address": "https://v:8200", "role": "r",
+                                                                                 "auth": {"method": "kubernetes", "role": "b"}}}},
+         ["authSecret", "projected service-account token"]),
+        ("Vault CA from a Secret and a ConfigMap", {"replicaCount": 1,
+                                                    "backends": {"vault": {"authSecret": {"name": "s"}, "caBundle": {"secretName": "a", "configMapName": "b"}}},
+                                                    "config": {"backend": {"type": "vault", "address": "https://v:8200", "role": "r",
+                                                                           "auth": {"method": "token"}}}},
+         ["caBundle", "not both"]),
+        ("another backend's wiring", {"replicaCount": 1, "backends": {"vault": {"authSecret": {"name": "s"}}}},
+         ["backends.vault is set", "config.backend.type is \"local\""]),
         ("serving Secret without files mode", {"replicaCount": 1, "servingCert": {"secretName": "s"}}, ["config.server.tls.mode: files"]),
     ]
     for label, values, want in cases:
@@ -397,6 +693,8 @@ def schema_paths(schema, node, prefix, out):
         node = schema["$defs"][node["$ref"].split("/")[-1]]
     for branch in node.get("oneOf", []) + node.get("allOf", []):
         schema_paths(schema, branch, prefix, out)
+    if "then" in node:
+        schema_paths(schema, node["then"], prefix, out)
     for k, sub in node.get("properties", {}).items():
         p = f"{prefix}.{k}" if prefix else k
         out.add(p)
@@ -418,6 +716,29 @@ def value_paths(v, prefix, out):
     return out
 
 
+# One full config per backend type (several where a type has variants whose keys differ, like
+# Vault's login methods): check-config prints all of the type's keys with their defaults.
+# Adding a backend is one entry here (the schema test fails until it is added).
+BACKEND_CONFIGS = {
+    "local": [{"type": "local", "caCertFile": "/ca.pem", "caKeyFile": "/ca.key", "chainFile": "/chain.pem",
+               "rootBundleFile": "/roots.pem"}],
+    "vault": [
+        {"type": "vault", "address": "https://vault.example:8200", "role": "istio", "namespace": "ns",
+         "serverRole": "server", "issuerRef": "current", "rootBundleFile": "/roots.pem",
+         "tls": {"caFile": "/ca.pem", "clientCertFile": "/c.pem", "clientKeyFile": "/c.key"},
+         "auth": {"method": "token", "tokenFile": "/token"}},
+        {"type": "vault", "address": "https://vault.example:8200", "role": "istio", "auth": {"method": "kubernetes", "role": "r"}},
+        {"type": "vault", "address": "https://vault.example:8200", "role": "istio",
+         "auth": {"method": "approle", "roleIdFile": "/id", "secretIdFile": "/secret"}},
+        {"type": "vault", "address": "https://vault.example:8200", "role": "istio", "auth": {"method": "jwt", "tokenFile": "/jwt"}},
+    ],
+    "awsPca": [{"type": "awsPca", "caArn": "arn:aws:acm-pca:us-east-1:111122223333:certificate-authority/x",
+                "region": "us-east-1", "endpoint": "https://acm-pca.us-east-1.amazonaws.com",
+                "assumeRoleArn": "arn:aws:iam::111122223333:role/r", "signingAlgorithm": "SHA256WITHECDSA",
+                "extraRootsFile": "/roots.pem"}],
+}
+
+
 def check_schema(chart):
     c = chart.chart
     for label, values, field in (
@@ -427,7 +748,17 @@ def check_schema(chart):
         ("bad enum", {"config": {"policy": {"overMax": "sometimes"}}}, "overMax"),
         ("bad duration", {"config": {"policy": {"maxTtl": "forever"}}}, "maxTtl"),
         ("grace the chart cannot compute with", {"config": {"server": {"shutdownGrace": "1 min"}}}, "shutdownGrace"),
-        ("unsupported backend", {"config": {"backend": {"type": "vault"}}}, "backend"),
+        ("unknown backend type", {"config": {"backend": {"type": "digicert"}}}, "/config/backend/type"),
+        ("vault without its required keys", {"config": {"backend": {"type": "vault"}}}, "'address', 'role', 'auth'"),
+        ("wrong type in a vault login", {"config": {"backend": {"type": "vault", "address": "https://v:8200", "role": "r",
+                                                                "auth": {"method": "token", "tokenFile": 5}}}},
+         "/config/backend/auth/tokenFile"),
+        ("unknown vault login method", {"config": {"backend": {"type": "vault", "address": "https://v:8200", "role": "r",
+                                                               "auth": {"method": "userpass"}}}}, "/config/backend/auth/method"),
+        ("wrong type for awsPca", {"config": {"backend": {"type": "awsPca", "caArn": "arn:aws:acm-pca:us-east-1:1:certificate-authority/x",
+                                                          "rateLimit": "fast"}}}, "/config/backend/rateLimit"),
+        ("another backend's key", {"config": {"backend": {"type": "awsPca", "caArn": "arn:aws:acm-pca:us-east-1:1:certificate-authority/x",
+                                                          "role": "r"}}}, "'role' not allowed"),
     ):
         try:
             c.validate_schema(values)
@@ -443,24 +774,46 @@ def check_schema(chart):
         c.validate_schema(chart.values_file(p))
     ok("every ci/ values file satisfies the schema")
 
-    # The schema's config subtree and the binary's config know exactly the same keys. A config
-    # using every optional section makes check-config print every key it has.
+    # The schema's config subtree and the binary's config know exactly the same keys: every
+    # section but the backend from one config using every optional section, then each backend
+    # type on its own (check-config prints every key a config has, defaults included).
+    schema = c.schema if isinstance(c.schema, dict) else json.loads(c.schema)
     full = {
         "authn": {"jwt": [{"issuer": "https://issuer.example", "jwksFile": "/jwks.json"}], "devIssuer": {"dir": "/dev"},
                   "kubernetes": {"clusters": [{"id": "Kubernetes", "kubeconfig": "/kubeconfig"}]}},
         "backend": {"type": "local"},
     }
     eff = chart.check_config(json.dumps(full), "every section")
-    binary = value_paths(eff, "", set())
-    schema = c.schema if isinstance(c.schema, dict) else json.loads(c.schema)
-    chart_paths = schema_paths(schema, schema["properties"]["config"], "", set())
+    not_backend = lambda paths: {p for p in paths if p != "backend" and not p.startswith("backend.")}
+    binary = not_backend(value_paths(eff, "", set()))
+    chart_paths = not_backend(schema_paths(schema, schema["properties"]["config"], "", set()))
     check(binary == chart_paths,
           "values.schema.json's config and the binary's config disagree:\n"
           f"  only in the binary: {sorted(binary - chart_paths)}\n  only in the schema: {sorted(chart_paths - binary)}")
-    ok(f"schema config keys == the binary's config keys ({len(binary)} paths)")
-    # ... and the schema accepts what the binary prints (its defaults, its duration syntax).
+    ok(f"schema config keys == the binary's config keys outside backend ({len(binary)} paths)")
     c.validate_schema({"replicaCount": 1, "config": eff})
     ok("the binary's effective config (all defaults, humantime durations) satisfies the schema")
+
+    backend_node = schema["properties"]["config"]["properties"]["backend"]
+    branches = {}
+    for rule in backend_node["allOf"]:
+        branches[rule["if"]["properties"]["type"]["const"]] = rule["then"]
+    check(set(branches) == set(backend_node["properties"]["type"]["enum"]) == set(BACKEND_CONFIGS),
+          f"backend types: schema branches {sorted(branches)}, schema enum {backend_node['properties']['type']['enum']}, "
+          f"tested here {sorted(BACKEND_CONFIGS)}")
+    for btype, configs in BACKEND_CONFIGS.items():
+        binary = set()
+        for i, b in enumerate(configs):
+            eff = chart.check_config(json.dumps({"backend": b}), f"backend {btype} #{i}")
+            check(eff["backend"]["type"] == btype, f"backend {btype} #{i}: check-config says type {eff['backend']['type']}")
+            binary |= value_paths(eff["backend"], "", set())
+            c.validate_schema({"replicaCount": 1, "config": eff})
+        branch = schema_paths(schema, branches[btype], "", set())
+        check(binary == branch,
+              f"backend {btype}: the schema branch and the binary disagree:\n"
+              f"  only in the binary: {sorted(binary - branch)}\n  only in the schema: {sorted(branch - binary)}")
+        ok(f"backend {btype}: schema branch keys == the binary's ({len(branch)} paths from {len(configs)} full configs); "
+           "the binary's effective config with its defaults satisfies the schema")
 
     # The chart README documents every value the schema allows.
     every = schema_paths(schema, schema, "", set())
@@ -564,14 +917,39 @@ def check_alerts(chart):
                     {"eval_time": "40m", "alertname": "IstioCABridgeDown", "exp_alerts": [{"exp_labels": {"severity": "critical"}}]},
                 ],
             },
+            {   # Intermediate mode (8 h intermediates, alert below 25 % = 2 h): pod a's renewal fails,
+                # so its intermediate (3 h left at t=0) crosses 2 h at 60m and the alert fires after
+                # `for` (5m); pod b renews every 2 h and never comes close.
+                "interval": "1m",
+                "input_series": [
+                    {"series": f'istio_ca_bridge_intermediate_expiry_timestamp_seconds{{{sel},pod="a",backend="vault"}}',
+                     "values": f"{3 * 3600}x120"},
+                    {"series": f'istio_ca_bridge_intermediate_expiry_timestamp_seconds{{{sel},pod="b",backend="vault"}}',
+                     "values": f"{8 * 3600}x119 {10 * 3600}"},
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "50m", "alertname": "IstioCABridgeIntermediateExpiringSoon", "exp_alerts": []},
+                    # Condition true since 60m, still pending within `for`.
+                    {"eval_time": "63m", "alertname": "IstioCABridgeIntermediateExpiringSoon", "exp_alerts": []},
+                    {"eval_time": "70m", "alertname": "IstioCABridgeIntermediateExpiringSoon",
+                     "exp_alerts": [{"exp_labels": {"severity": "critical", "namespace": NAMESPACE, "pod": "a", "backend": "vault"}}]},
+                ],
+            },
         ],
     }
     tests_file = os.path.join(work, "tests.yaml")
     with open(tests_file, "w") as f:
         json.dump(tests, f)
     run([promtool, "test", "rules", tests_file], "promtool test rules")
-    ok("promtool test rules: issuance errors, rejections, backend failing, root/signing-CA/serving-cert expiry, "
-       "rotation errors and down fire on synthetic series and stay quiet on a healthy bridge")
+    ok("promtool test rules: issuance errors, rejections, backend failing, root/signing-CA/serving-cert/intermediate "
+       "expiry, rotation errors and down fire on synthetic series and stay quiet on a healthy bridge")
+    # The intermediate threshold follows its values: 0.5 of 4 h = 7200 s.
+    rule = one(chart.render({**values, "prometheusRule": {**values.get("prometheusRule", {}), "intermediateLifetimeHours": 4,
+                                                          "intermediateRemainingFraction": 0.5, "intermediateExpiryFor": "15m"}}),
+               "PrometheusRule")
+    r = next(r for g in rule["spec"]["groups"] for r in g["rules"] if r.get("alert") == "IstioCABridgeIntermediateExpiringSoon")
+    check(re.search(r"<\s*7200\s*$", r["expr"]) and r["for"] == "15m", f"intermediate alert ignores its values: {r}")
+    ok("the intermediate alert's threshold and `for` follow prometheusRule.intermediate* values")
 
 
 # ---------------------------------------------------------------- live: run what the chart renders
@@ -688,6 +1066,29 @@ def metric_names_in(expr):
     return set(OWN_METRIC.findall(expr))
 
 
+# Metrics alerted on before this branch's binary exports them (their feature is built on another
+# branch); the promtool tests cover their alerts. Delete an entry once the binary has the metric.
+NOT_YET_EXPORTED = {
+    "istio_ca_bridge_intermediate_expiry_timestamp_seconds": "intermediate mode, being built on another branch",
+}
+
+
+def live_unrunnable(cfg):
+    """Why a rendered install cannot be run on this machine as its pod would run, or None. The
+    pod's own environment is what is missing, not the binary's abilities: in-cluster Kubernetes
+    credentials live at fixed paths (/var/run/secrets/kubernetes.io/serviceaccount) with
+    KUBERNETES_SERVICE_HOST, Vault must be the one at the install's address, AWS Private CA needs
+    the install's real CA ARN and IRSA credentials. (tests/kubernetes.rs, tests/vault.rs and
+    tests/aws_pca.rs drive those code paths against a fake API server, OpenBao and moto.)"""
+    if cfg["authn"].get("kubernetes"):
+        return "kubernetes.enabled needs the in-cluster API server and service-account token"
+    if cfg["backend"]["type"] == "vault":
+        return f"the Vault at {cfg['backend']['address']}"
+    if cfg["backend"]["type"] == "awsPca":
+        return f"the AWS Private CA {cfg['backend']['caArn']} and IRSA credentials"
+    return None
+
+
 def check_live(chart):
     """Runs the binary the way each ci/ install's Deployment would: its args and env, its config
     file from the rendered ConfigMap, every Secret/ConfigMap/emptyDir volume materialised under
@@ -695,10 +1096,17 @@ def check_live(chart):
     pki = TestPki()
     exported = set()
     referenced = {}
+    ran = []
     for path in chart.ci_files():
         label = os.path.relpath(path, chart.dir)
         values = chart.values_file(path)
         docs = chart.render(values)
+        why_not = live_unrunnable(helm.values_from_yaml(rendered_config(docs)))
+        if why_not:
+            print(f"not run for real: {label}: {why_not} (rendered, check-config'd and structurally checked by "
+                  "render/structure/rbac instead)", flush=True)
+            continue
+        ran.append(label)
         dep = one(docs, "Deployment")
         svc = one(docs, "Service")
         pod = dep["spec"]["template"]["spec"]
@@ -744,7 +1152,7 @@ def check_live(chart):
                 raise CheckFailed(f"{label}: no way to materialise volume {v}")
         env = dict(os.environ)
         env.update({e["name"]: e["value"] for e in c.get("env", []) if "value" in e})
-        args = [at(a) if a == CONFIG_PATH else a for a in c["args"]]
+        args = [at(a) if a == CONFIG_PATH else a for a in c["command"][1:] + c.get("args", [])]
         log = open(os.path.join(root, "bridge.log"), "w+")
         proc = subprocess.Popen([chart.bin] + args, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -827,12 +1235,21 @@ def check_live(chart):
                 return name[: -len(suffix)]
         return name
 
-    check(referenced, "no PrometheusRule or dashboard was rendered by any ci/ file")
-    unknown = {where: sorted(n for n in names if family(n) not in exported) for where, names in referenced.items()}
+    check(len(ran) >= 2, f"only {ran} could be run for real")
+    check(referenced, "no PrometheusRule or dashboard was rendered by any ci/ file run for real")
+    unknown = {where: sorted(n for n in names if family(n) not in exported and n not in NOT_YET_EXPORTED)
+               for where, names in referenced.items()}
+    for n, why in NOT_YET_EXPORTED.items():
+        if n in exported:
+            print(f"note: {n} is exported now; remove it from NOT_YET_EXPORTED", flush=True)
+        else:
+            print(f"not checked against the binary: {n} ({why})", flush=True)
     unknown = {k: v for k, v in unknown.items() if v}
     check(not unknown, f"metric names the bridge does not export: {unknown}\nexported: {sorted(exported)}")
     used = set().union(*referenced.values())
-    ok(f"all {len(used)} metric names used by {len(referenced)} alerts/panels are exported by the running bridge")
+    used -= set(NOT_YET_EXPORTED)
+    ok(f"all {len(used)} metric names used by {len(referenced)} alerts/panels are exported by the running bridge "
+       f"(besides {len(NOT_YET_EXPORTED)} not yet exported, listed above)")
 
 
 CHECKS = {
@@ -842,6 +1259,8 @@ CHECKS = {
     "failures": check_failures,
     "schema": check_schema,
     "alerts": check_alerts,
+    "rbac": check_rbac,
+    "image": check_image,
     "live": check_live,
 }
 

@@ -64,6 +64,11 @@ Mount points inside the pod. The config path is fixed: args are `serve --config 
 {{- define "istio-ca-bridge.caDir" -}}/etc/istio-ca-bridge/ca{{- end }}
 {{- define "istio-ca-bridge.servingDir" -}}/etc/istio-ca-bridge/serving{{- end }}
 {{- define "istio-ca-bridge.jwksDir" -}}/etc/istio-ca-bridge/jwks{{- end }}
+{{- define "istio-ca-bridge.vaultAuthDir" -}}/etc/istio-ca-bridge/vault/auth{{- end }}
+{{- define "istio-ca-bridge.vaultCADir" -}}/etc/istio-ca-bridge/vault/ca{{- end }}
+{{- define "istio-ca-bridge.vaultRootsDir" -}}/etc/istio-ca-bridge/vault/roots{{- end }}
+{{- define "istio-ca-bridge.vaultTokenDir" -}}/var/run/secrets/istio-ca-bridge/vault{{- end }}
+{{- define "istio-ca-bridge.awsRootsDir" -}}/etc/istio-ca-bridge/aws/roots{{- end }}
 {{/* The bridge's own default for backend.stateDir (src/config.rs). */}}
 {{- define "istio-ca-bridge.defaultStateDir" -}}/var/lib/istio-ca-bridge{{- end }}
 {{/* The bridge's own default for server.shutdownGrace (src/config.rs). */}}
@@ -145,6 +150,18 @@ stateDir on first start, one per pod).
 {{- dig "backend" "type" "local" (.Values.config | default dict) }}
 {{- end }}
 
+{{/*
+"true" when the Vault backend logs in with the projected service-account token the chart mounts
+(methods kubernetes and jwt, no tokenFile of your own); empty otherwise.
+*/}}
+{{- define "istio-ca-bridge.vaultProjectedToken" -}}
+{{- $b := dig "backend" dict (.Values.config | default dict) }}
+{{- if eq (include "istio-ca-bridge.backendType" .) "vault" }}
+{{- $auth := $b.auth | default dict }}
+{{- if and (has (toString $auth.method) (list "kubernetes" "jwt")) (not $auth.tokenFile) }}true{{ end }}
+{{- end }}
+{{- end }}
+
 {{- define "istio-ca-bridge.stateDir" -}}
 {{- dig "backend" "stateDir" (include "istio-ca-bridge.defaultStateDir" .) (.Values.config | default dict) }}
 {{- end }}
@@ -154,18 +171,63 @@ Chart-level invariants that the bridge's own validation cannot see (it does not 
 replicas or Secrets). Rendered (as nothing) from the Deployment, so every install checks them.
 */}}
 {{- define "istio-ca-bridge.validate" -}}
-{{- if .Values.kubernetes.enabled }}
-{{- fail "kubernetes.enabled: the Kubernetes integration (TokenReview, root ConfigMaps, istiod-tls) and the RBAC it needs are not available in this chart version yet; leave it false" }}
+{{- $userCfg := .Values.config | default dict }}
+{{- if not .Values.kubernetes.enabled }}
+{{- if dig "authn" "kubernetes" nil $userCfg }}
+{{- fail "config.authn.kubernetes is set but kubernetes.enabled is false: set kubernetes.enabled: true so the chart grants the RBAC and mounts the API token the bridge needs" }}
+{{- end }}
+{{- range $f := list "rootConfigMap" "istiodCert" }}
+{{- if dig "kubernetes" $f "enabled" false $userCfg }}
+{{- fail (printf "config.kubernetes.%s.enabled needs kubernetes.enabled: true (the bridge writes through the Kubernetes API; the chart then grants the RBAC)" $f) }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- $backend := include "istio-ca-bridge.backendType" . }}
-{{- if ne $backend "local" }}
-{{- fail (printf "config.backend.type %q: this chart version supports only the local backend" $backend) }}
+{{- if not (has $backend (list "local" "vault" "awsPca")) }}
+{{- fail (printf "config.backend.type %q: this chart supports local, vault and awsPca" $backend) }}
 {{- end }}
-{{- $mode := include "istio-ca-bridge.localCAMode" . }}
-{{- if and (eq $mode "generated") (gt (int .Values.replicaCount) 1) }}
-{{- fail (printf "replicaCount is %d but the local backend has no CA: each replica would generate its own root and clients would trust only one of them. Either set replicaCount: 1 (a generated root, kept in backend.stateDir), or give every replica the same CA with backends.local.caSecret.name (an existing Secret with the CA certificate and key)." (int .Values.replicaCount)) }}
+{{- /* Wiring for a backend that is not the configured one would silently do nothing. */}}
+{{- $bs := .Values.backends }}
+{{- $wired := dict "local" (or $bs.local.caSecret.name $bs.local.stateVolume) "vault" (or $bs.vault.authSecret.name $bs.vault.caBundle.secretName $bs.vault.caBundle.configMapName $bs.vault.rootBundleConfigMap.name) "awsPca" $bs.awsPca.extraRootsConfigMap.name }}
+{{- range $t := list "local" "vault" "awsPca" }}
+{{- if and (ne $t $backend) (get $wired $t) }}
+{{- fail (printf "backends.%s is set but config.backend.type is %q: move the Secrets/ConfigMaps to backends.%s (or remove them)" $t $backend $backend) }}
+{{- end }}
 {{- end }}
 {{- $b := dig "backend" dict (.Values.config | default dict) }}
+{{- if eq $backend "vault" }}
+{{- $v := $bs.vault }}
+{{- $auth := $b.auth | default dict }}
+{{- $method := toString $auth.method }}
+{{- if $v.authSecret.name }}
+{{- if not (has $method (list "token" "approle")) }}
+{{- fail (printf "backends.vault.authSecret.name is set but config.backend.auth.method is %q, which logs in with the projected service-account token (backends.vault.serviceAccountToken); remove authSecret" $method) }}
+{{- end }}
+{{- if or $auth.tokenFile $auth.tokenEnv $auth.roleIdFile $auth.secretIdFile }}
+{{- fail "backends.vault.authSecret.name is set: leave config.backend.auth.tokenFile/tokenEnv/roleIdFile/secretIdFile unset, the chart points them into the mounted Secret" }}
+{{- end }}
+{{- else if and (eq $method "token") (not (or $auth.tokenFile $auth.tokenEnv)) }}
+{{- fail "config.backend.auth.method token needs the token: set backends.vault.authSecret.name (an existing Secret with the token under backends.vault.authSecret.tokenKey)" }}
+{{- else if and (eq $method "approle") (not (and $auth.roleIdFile $auth.secretIdFile)) }}
+{{- fail "config.backend.auth.method approle needs the role id and secret id: set backends.vault.authSecret.name (an existing Secret with them under roleIdKey and secretIdKey)" }}
+{{- end }}
+{{- if and $v.caBundle.secretName $v.caBundle.configMapName }}
+{{- fail "backends.vault.caBundle: set secretName or configMapName, not both" }}
+{{- end }}
+{{- if and (or $v.caBundle.secretName $v.caBundle.configMapName) (dig "tls" "caFile" nil $b) }}
+{{- fail "backends.vault.caBundle is set: leave config.backend.tls.caFile unset, the chart points it into the mount" }}
+{{- end }}
+{{- if and $v.rootBundleConfigMap.name $b.rootBundleFile }}
+{{- fail "backends.vault.rootBundleConfigMap.name is set: leave config.backend.rootBundleFile unset, the chart points it into the mount" }}
+{{- end }}
+{{- end }}
+{{- if and (eq $backend "awsPca") $bs.awsPca.extraRootsConfigMap.name $b.extraRootsFile }}
+{{- fail "backends.awsPca.extraRootsConfigMap.name is set: leave config.backend.extraRootsFile unset, the chart points it into the mount" }}
+{{- end }}
+{{- $mode := include "istio-ca-bridge.localCAMode" . }}
+{{- if and (eq $backend "local") (eq $mode "generated") (gt (int .Values.replicaCount) 1) }}
+{{- fail (printf "replicaCount is %d but the local backend has no CA: each replica would generate its own root and clients would trust only one of them. Either set replicaCount: 1 (a generated root, kept in backend.stateDir), or give every replica the same CA with backends.local.caSecret.name (an existing Secret with the CA certificate and key)." (int .Values.replicaCount)) }}
+{{- end }}
 {{- if and (eq $mode "secret") (or $b.caCertFile $b.caKeyFile $b.chainFile $b.rootBundleFile) }}
 {{- fail "backends.local.caSecret.name is set: leave config.backend.caCertFile/caKeyFile/chainFile/rootBundleFile unset, the chart points them into the mounted Secret" }}
 {{- end }}
@@ -224,6 +286,92 @@ owns (mounted Secrets, the state dir) and the default serving-cert names.
 {{- $_ := set $backend "rootBundleFile" (printf "%s/%s" $dir $ca.rootBundleKey) }}
 {{- end }}
 {{- end }}
+{{- else if eq (include "istio-ca-bridge.backendType" .) "vault" }}
+{{- $v := .Values.backends.vault }}
+{{- $auth := $backend.auth | default dict }}
+{{- $_ := set $backend "auth" $auth }}
+{{- if $v.authSecret.name }}
+{{- $dir := include "istio-ca-bridge.vaultAuthDir" . }}
+{{- if eq (toString $auth.method) "token" }}
+{{- $_ := set $auth "tokenFile" (printf "%s/%s" $dir $v.authSecret.tokenKey) }}
+{{- else if eq (toString $auth.method) "approle" }}
+{{- $_ := set $auth "roleIdFile" (printf "%s/%s" $dir $v.authSecret.roleIdKey) }}
+{{- $_ := set $auth "secretIdFile" (printf "%s/%s" $dir $v.authSecret.secretIdKey) }}
+{{- end }}
+{{- end }}
+{{- if include "istio-ca-bridge.vaultProjectedToken" . }}
+{{- $_ := set $auth "tokenFile" (printf "%s/token" (include "istio-ca-bridge.vaultTokenDir" .)) }}
+{{- end }}
+{{- if or $v.caBundle.secretName $v.caBundle.configMapName }}
+{{- $vtls := $backend.tls | default dict }}
+{{- $_ := set $backend "tls" $vtls }}
+{{- $_ := set $vtls "caFile" (printf "%s/%s" (include "istio-ca-bridge.vaultCADir" .) $v.caBundle.key) }}
+{{- end }}
+{{- if $v.rootBundleConfigMap.name }}
+{{- $_ := set $backend "rootBundleFile" (printf "%s/%s" (include "istio-ca-bridge.vaultRootsDir" .) $v.rootBundleConfigMap.key) }}
+{{- end }}
+{{- else if eq (include "istio-ca-bridge.backendType" .) "awsPca" }}
+{{- $r := .Values.backends.awsPca.extraRootsConfigMap }}
+{{- if $r.name }}
+{{- $_ := set $backend "extraRootsFile" (printf "%s/%s" (include "istio-ca-bridge.awsRootsDir" .) $r.key) }}
+{{- end }}
+{{- end }}
+{{- if .Values.kubernetes.enabled }}
+{{- /* authn.kubernetes: this cluster through the pod's own service account, unless clusters are given. */}}
+{{- $authn := $cfg.authn | default dict }}
+{{- $_ := set $cfg "authn" $authn }}
+{{- $ka := $authn.kubernetes | default dict }}
+{{- $_ := set $authn "kubernetes" $ka }}
+{{- if not $ka.clusters }}
+{{- $_ := set $ka "clusters" (list (dict "id" .Values.kubernetes.clusterId "inCluster" true)) }}
+{{- end }}
+{{- if not (hasKey $ka "audiences") }}
+{{- $_ := set $ka "audiences" (list "istio-ca") }}
+{{- end }}
+{{- /* What the bridge writes (istiod's duties with ENABLE_CA_SERVER=false): on unless switched off. Names
+     are written out, so the RBAC below reads them from the same rendered config. */}}
+{{- $k := $cfg.kubernetes | default dict }}
+{{- $_ := set $cfg "kubernetes" $k }}
+{{- $rc := $k.rootConfigMap | default dict }}
+{{- $_ := set $k "rootConfigMap" $rc }}
+{{- if not (hasKey $rc "enabled") }}{{ $_ := set $rc "enabled" true }}{{ end }}
+{{- if not $rc.name }}{{ $_ := set $rc "name" "istio-ca-root-cert" }}{{ end }}
+{{- $ic := $k.istiodCert | default dict }}
+{{- $_ := set $k "istiodCert" $ic }}
+{{- if not (hasKey $ic "enabled") }}{{ $_ := set $ic "enabled" true }}{{ end }}
+{{- if not $ic.namespace }}{{ $_ := set $ic "namespace" .Release.Namespace }}{{ end }}
+{{- if not $ic.secretName }}{{ $_ := set $ic "secretName" "istiod-tls" }}{{ end }}
+{{- $le := $k.leaderElection | default dict }}
+{{- $_ := set $k "leaderElection" $le }}
+{{- if not $le.namespace }}{{ $_ := set $le "namespace" .Release.Namespace }}{{ end }}
+{{- if not $le.leaseName }}{{ $_ := set $le "leaseName" (include "istio-ca-bridge.fullname" .) }}{{ end }}
 {{- end }}
 {{- toYaml $cfg }}
+{{- end }}
+
+{{/*
+What the rendered config makes the bridge do through the Kubernetes API, as a dict of booleans
+and names; RBAC is derived from it (templates/rbac.yaml), so the two cannot disagree.
+*/}}
+{{- define "istio-ca-bridge.kubeAccess" -}}
+{{- $cfg := include "istio-ca-bridge.config" . | fromYaml }}
+{{- $ka := dig "authn" "kubernetes" nil $cfg }}
+{{- $nodeAccounts := dig "authn" "trustedNodeAccounts" (list "istio-system/ztunnel") $cfg }}
+{{- $rc := dig "kubernetes" "rootConfigMap" dict $cfg }}
+{{- $ic := dig "kubernetes" "istiodCert" dict $cfg }}
+{{- $le := dig "kubernetes" "leaderElection" dict $cfg }}
+{{- $on := not (empty $ka) }}
+{{- $roots := and $on ($rc.enabled | default false) }}
+{{- $istiod := and $on ($ic.enabled | default false) }}
+{{- toYaml (dict
+  "tokenReview" $on
+  "pods" (and $on (not (empty $nodeAccounts)))
+  "rootConfigMap" $roots
+  "rootConfigMapName" ($rc.name | default "")
+  "istiodCert" $istiod
+  "istiodNamespace" ($ic.namespace | default "")
+  "istiodSecretName" ($ic.secretName | default "")
+  "leases" (or $roots $istiod)
+  "leaseNamespace" ($le.namespace | default "")
+  "leaseName" ($le.leaseName | default "")) }}
 {{- end }}
