@@ -38,6 +38,7 @@ pub struct App {
     /// Kubernetes clusters (TokenReview and pod caches), when configured.
     clusters: Option<Arc<k8s::Clusters>>,
     hard_stop: CancellationToken,
+    audit: crate::audit::AuditLog,
     grpc: TcpListener,
     admin: TcpListener,
 }
@@ -50,11 +51,21 @@ impl App {
 
         let inner = match opts.signer {
             Some(s) => s,
-            None => backend::build(&cfg.backend, &cfg.trust_domain, metrics.clone())
-                .await
-                .context("building the backend")?,
+            None => backend::build(
+                &cfg.backend,
+                &cfg.trust_domain,
+                cfg.policy.max_ttl,
+                metrics.clone(),
+            )
+            .await
+            .context("building the backend")?,
         };
-        let signer: Arc<dyn Signer> = Arc::new(Instrumented::new(inner, metrics.clone()));
+        let audit = crate::audit::AuditLog::start(&cfg.audit, metrics.clone())
+            .context("opening the audit log")?;
+        let signer: Arc<dyn Signer> = Arc::new(crate::audit::Audited::new(
+            Arc::new(Instrumented::new(inner, metrics.clone())),
+            audit.clone(),
+        ));
         metrics.observe_bundle(&signer.trust_bundle().borrow());
         if let Some(t) = signer.signing_ca().not_after {
             let v = t as f64;
@@ -180,6 +191,7 @@ impl App {
             jwt,
             clusters,
             hard_stop,
+            audit,
             grpc,
             admin,
         })
@@ -199,6 +211,11 @@ impl App {
 
     pub fn metrics(&self) -> Arc<Metrics> {
         self.metrics.clone()
+    }
+
+    /// The audit log (tests flush it before reading the file).
+    pub fn audit(&self) -> crate::audit::AuditLog {
+        self.audit.clone()
     }
 
     /// Serves until `shutdown` resolves, then stops accepting, lets in-flight calls finish
@@ -273,8 +290,19 @@ impl App {
         let drained = tokio::time::timeout(grace, &mut grpc_task).await;
         admin_stop.cancel();
         let _ = admin_task.await;
+        // Every certificate handed out is in the audit log before the process ends.
+        let audit = self.audit.clone();
+        let flush = async move {
+            if tokio::time::timeout(std::time::Duration::from_secs(5), audit.flush())
+                .await
+                .is_err()
+            {
+                tracing::error!("the audit log did not flush within 5s at shutdown");
+            }
+        };
         match drained {
             Ok(Ok(Ok(()))) => {
+                flush.await;
                 tracing::info!("drained; bye");
                 Ok(())
             }
@@ -288,6 +316,7 @@ impl App {
                 self.hard_stop.cancel();
                 grpc_task.abort();
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                flush.await;
                 tracing::warn!(grace = ?grace, "shutdown grace period over; remaining calls answered UNAVAILABLE");
                 Ok(())
             }

@@ -1,7 +1,7 @@
 //! The backend seam: who signs certificates.
 //!
-//! Every backend (the embedded local CA now; Vault, AWS Private CA, DigiCert and the
-//! intermediate mode later) implements the small async [`Signer`] trait and is held as
+//! Every backend (the embedded local CA, Vault, AWS Private CA, DigiCert, and the
+//! intermediate mode over Vault or AWS Private CA) implements the small async [`Signer`] trait and is held as
 //! `Arc<dyn Signer>`. Remote backends are slow, rate limited and sometimes down, so
 //! [`SignError`] tells the caller what to do (retry later, give up, back off) rather than
 //! what went wrong inside. Cross-cutting concerns (metrics now; limits, deadlines and
@@ -10,6 +10,7 @@
 pub mod aws_pca;
 pub mod digicert;
 pub mod instrumented;
+pub mod intermediate;
 pub mod limit;
 pub mod local;
 pub mod vault;
@@ -21,7 +22,7 @@ use async_trait::async_trait;
 use rustls_pki_types::CertificateDer;
 use tokio::sync::watch;
 
-use crate::config::BackendConfig;
+use crate::config::{BackendConfig, BackendMode};
 use crate::identity::SpiffeId;
 use crate::metrics::Metrics;
 use crate::trust::SharedBundle;
@@ -55,6 +56,16 @@ pub struct SignRequest {
     pub csr_der: Vec<u8>,
     /// Requested lifetime after policy; the backend may shorten it (issuer expiry, role caps).
     pub ttl: Duration,
+    /// Who asked, for the audit log; `None` for the bridge's own certificates.
+    pub caller: Option<CallerRef>,
+}
+
+/// The authenticated caller of a workload request, as the audit log records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallerRef {
+    pub identity: String,
+    pub via: &'static str,
+    pub cluster_id: Option<String>,
 }
 
 /// What a backend issued: the leaf and the intermediates that link it to a root of the
@@ -116,6 +127,12 @@ pub trait Signer: Send + Sync + 'static {
     /// Short backend name for logs and metric labels (`local`, `vault`, ...).
     fn kind(&self) -> &'static str;
 
+    /// `direct` when the backend signs each certificate, `intermediate` when the bridge
+    /// signs with its own intermediate from the backend (audit records, logs).
+    fn mode(&self) -> &'static str {
+        "direct"
+    }
+
     /// Issues a certificate for `req.subject` with `req.public_key_der`.
     async fn sign(&self, req: &SignRequest) -> Result<IssuedChain, SignError>;
 
@@ -140,19 +157,51 @@ pub enum BuildError {
     Vault(#[from] vault::VaultError),
     #[error("DigiCert")]
     Digicert(#[from] digicert::DigicertError),
+    #[error("intermediate mode")]
+    Intermediate(#[from] intermediate::IntermediateError),
 }
 
 /// Builds the configured backend. Remote backends log in and fetch their trust bundle
 /// here, so a bridge that cannot reach its CA fails at start with a clear error.
+///
+/// In intermediate mode the backend signs the bridge's first intermediate here too, so a
+/// backend whose answer is not a usable CA stops the start with the reason.
+/// `max_leaf_ttl` is `policy.maxTtl` (intermediate mode switches early enough for it).
 pub async fn build(
     cfg: &BackendConfig,
     trust_domain: &str,
+    max_leaf_ttl: Duration,
     metrics: Arc<Metrics>,
 ) -> Result<Arc<dyn Signer>, BuildError> {
-    match cfg {
-        BackendConfig::Local(l) => Ok(Arc::new(local::LocalCa::load_or_create(l, trust_domain)?)),
-        BackendConfig::AwsPca(a) => Ok(aws_pca::AwsPca::connect(a, metrics).await?),
-        BackendConfig::Vault(v) => Ok(Arc::new(vault::VaultSigner::connect(v, metrics).await?)),
-        BackendConfig::Digicert(d) => Ok(Arc::new(digicert::Digicert::connect(d, metrics)?)),
-    }
+    let (upstream, icfg): (Arc<dyn intermediate::UpstreamAuthority>, _) = match cfg {
+        BackendConfig::Local(l) => {
+            return Ok(Arc::new(local::LocalCa::load_or_create(l, trust_domain)?));
+        }
+        BackendConfig::Digicert(d) => {
+            return Ok(Arc::new(digicert::Digicert::connect(d, metrics)?));
+        }
+        BackendConfig::AwsPca(a) => {
+            let s = aws_pca::AwsPca::connect(a, metrics.clone()).await?;
+            if a.mode == BackendMode::Direct {
+                return Ok(s);
+            }
+            (s, &a.intermediate)
+        }
+        BackendConfig::Vault(v) => {
+            let s = Arc::new(vault::VaultSigner::connect(v, metrics.clone()).await?);
+            if v.mode == BackendMode::Direct {
+                return Ok(s);
+            }
+            (s, &v.intermediate)
+        }
+    };
+    let signer = intermediate::IntermediateSigner::start(
+        upstream,
+        icfg,
+        trust_domain,
+        max_leaf_ttl,
+        metrics,
+    )
+    .await?;
+    Ok(Arc::new(signer))
 }

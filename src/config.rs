@@ -61,6 +61,9 @@ pub struct Config {
     /// What the bridge maintains in the clusters of `authn.kubernetes` (istiod's duties
     /// when its CA is off).
     pub kubernetes: KubernetesConfig,
+    /// Where the record of every issued certificate goes (docs/intermediate.md: in
+    /// intermediate mode the enterprise CA no longer sees each certificate).
+    pub audit: AuditConfig,
 }
 
 impl Default for Config {
@@ -74,6 +77,7 @@ impl Default for Config {
             backend: BackendConfig::default(),
             metrics: MetricsConfig::default(),
             kubernetes: KubernetesConfig::default(),
+            audit: AuditConfig::default(),
         }
     }
 }
@@ -433,6 +437,141 @@ impl Default for LocalBackendConfig {
 /// The template AWS Private CA applies: copies Subject and SAN from the CSR, sets
 /// KU digitalSignature+keyEncipherment and EKU serverAuth+clientAuth (the SPIFFE profile).
 pub const AWS_PCA_DEFAULT_TEMPLATE: &str = "arn:aws:acm-pca:::template/EndEntityCertificate/V1";
+/// The template for the bridge's own intermediate CA in intermediate mode.
+pub const AWS_PCA_INTERMEDIATE_TEMPLATE: &str =
+    "arn:aws:acm-pca:::template/SubordinateCACertificate_PathLen0/V1";
+
+/// How a remote backend takes part in issuance.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum BackendMode {
+    /// Every workload certificate is one backend call (the enterprise CA sees each one).
+    #[default]
+    Direct,
+    /// The backend signs an intermediate CA for this replica; workload certificates are
+    /// signed locally with it, so issuance survives backend outages and quotas.
+    Intermediate,
+}
+
+impl BackendMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendMode::Direct => "direct",
+            BackendMode::Intermediate => "intermediate",
+        }
+    }
+}
+
+/// The bridge's own intermediate CA (backend `mode: intermediate`).
+///
+/// There is deliberately no URI name-constraint option: rustls-webpki, which ztunnel and
+/// this bridge's own pre-answer check verify with, rejects every URI SAN below a CA with
+/// URI name constraints (docs/intermediate.md; `uri_name_constraints_break_rustls` test).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct IntermediateConfig {
+    /// Lifetime asked for each intermediate. The backend may cap it (Vault: the mount's
+    /// max_lease_ttl and the issuer's expiry); rotation follows what was really issued.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// Key type of the intermediate's key, generated in the process.
+    pub key_type: KeyType,
+    /// Ask for pathLenConstraint 0 (the intermediate can sign only leaves) and refuse an
+    /// intermediate that does not carry it.
+    pub path_len_zero: bool,
+    /// Fraction of the intermediate's lifetime at which the next one is prepared.
+    pub prepare_at: f64,
+    /// Latest fraction of the lifetime at which a prepared successor takes over. It takes
+    /// over earlier once the current one has less than `policy.maxTtl` left, so leaves are
+    /// not cut short; never before `prepareAt`.
+    pub activate_at: f64,
+    /// `/readyz` fails once the intermediate that signs has less than this left (and no
+    /// successor could be prepared): new pods then go to replicas that can still sign.
+    #[serde(with = "humantime_serde")]
+    pub ready_margin: Duration,
+    /// Backoff between failed preparations, doubling up to `retryMaxBackoff`.
+    #[serde(with = "humantime_serde")]
+    pub retry_backoff: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retry_max_backoff: Duration,
+    /// Keep the intermediate (key mode 0600, directory 0700) here and reuse it after a
+    /// restart while it is valid, instead of asking the backend again. Default: the key
+    /// never leaves the process memory.
+    pub state_dir: Option<PathBuf>,
+}
+
+impl Default for IntermediateConfig {
+    fn default() -> Self {
+        Self {
+            ttl: Duration::from_secs(7 * 24 * 3600),
+            key_type: KeyType::EcdsaP256,
+            path_len_zero: true,
+            prepare_at: 0.5,
+            activate_at: 5.0 / 6.0,
+            ready_margin: Duration::from_secs(3600),
+            retry_backoff: Duration::from_secs(1),
+            retry_max_backoff: Duration::from_secs(300),
+            state_dir: None,
+        }
+    }
+}
+
+impl IntermediateConfig {
+    /// Problems, with fields named `backend.intermediate.<field>`.
+    pub fn problems(&self) -> Vec<FieldError> {
+        let mut errs = Vec::new();
+        let mut err = |field: &str, message: String| {
+            errs.push(FieldError {
+                field: format!("backend.intermediate.{field}"),
+                message,
+            })
+        };
+        if self.ttl < Duration::from_secs(60) {
+            err("ttl", "must be at least 1m".into());
+        }
+        if !(self.prepare_at > 0.0 && self.prepare_at < 1.0) {
+            err("prepareAt", "must be a fraction between 0 and 1".into());
+        }
+        if !(self.activate_at >= self.prepare_at && self.activate_at < 1.0) {
+            err(
+                "activateAt",
+                "must be a fraction at least prepareAt and below 1".into(),
+            );
+        }
+        if self.ready_margin >= self.ttl {
+            err("readyMargin", "must be less than ttl".into());
+        }
+        if self.retry_backoff.is_zero() || self.retry_max_backoff < self.retry_backoff {
+            err(
+                "retryMaxBackoff",
+                "retryBackoff must be > 0 and retryMaxBackoff at least retryBackoff".into(),
+            );
+        }
+        errs
+    }
+}
+
+/// Where audit records go.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum AuditSink {
+    /// One JSON object a line on standard output.
+    #[default]
+    Stdout,
+    /// Appended to `audit.path` (JSON lines).
+    File,
+    /// No audit records.
+    None,
+}
+
+/// The audit log: one JSON line per issued certificate, in every mode.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct AuditConfig {
+    pub sink: AuditSink,
+    /// File for `sink: file` (created mode 0640 if missing, appended to).
+    pub path: Option<PathBuf>,
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
@@ -466,6 +605,13 @@ pub struct AwsPcaBackendConfig {
     /// How often the CA certificate and chain (the trust bundle) are re-read.
     #[serde(with = "humantime_serde")]
     pub bundle_refresh_interval: Duration,
+    /// `direct`: every workload certificate is one IssueCertificate call. `intermediate`:
+    /// the CA signs an intermediate CA for this replica, which signs workloads locally.
+    pub mode: BackendMode,
+    pub intermediate: IntermediateConfig,
+    /// Template for the bridge's intermediate (intermediate mode). The default issues a
+    /// CA certificate with pathLenConstraint 0.
+    pub intermediate_template_arn: String,
 }
 
 impl Default for AwsPcaBackendConfig {
@@ -482,6 +628,9 @@ impl Default for AwsPcaBackendConfig {
             rate_burst: 20,
             extra_roots_file: None,
             bundle_refresh_interval: Duration::from_secs(3600),
+            mode: BackendMode::Direct,
+            intermediate: IntermediateConfig::default(),
+            intermediate_template_arn: AWS_PCA_INTERMEDIATE_TEMPLATE.into(),
         }
     }
 }
@@ -844,6 +993,13 @@ pub struct VaultBackendConfig {
     /// How often the roots are re-read (changes are published to every reader).
     #[serde(default = "default_root_refresh", with = "humantime_serde")]
     pub root_refresh_interval: Duration,
+    /// `direct`: every workload certificate is one `sign/<role>` call. `intermediate`: the
+    /// mount signs an intermediate CA for this replica (`root/sign-intermediate`, or
+    /// `issuer/<issuerRef>/sign-intermediate`), which signs workloads locally.
+    #[serde(default)]
+    pub mode: BackendMode,
+    #[serde(default)]
+    pub intermediate: IntermediateConfig,
 }
 
 fn default_vault_mount() -> String {
@@ -1409,6 +1565,18 @@ impl Config {
             }
             BackendConfig::AwsPca(a) => {
                 a.validate(&mut err);
+                if a.mode == BackendMode::Intermediate
+                    && (!a.intermediate_template_arn.starts_with("arn:")
+                        || !a.intermediate_template_arn.contains(":template/"))
+                {
+                    err(
+                        "backend.intermediateTemplateArn",
+                        format!(
+                            "{:?} is not a template ARN (arn:aws:acm-pca:::template/...)",
+                            a.intermediate_template_arn
+                        ),
+                    );
+                }
                 if a.issue_timeout >= s.request_timeout {
                     err(
                         "backend.issueTimeout",
@@ -1423,6 +1591,29 @@ impl Config {
                     errs.push(e);
                 }
             }
+            BackendConfig::Digicert(_) => {}
+        }
+        match &self.backend {
+            BackendConfig::AwsPca(a) if a.mode == BackendMode::Intermediate => {
+                errs.extend(a.intermediate.problems())
+            }
+            BackendConfig::Vault(v) if v.mode == BackendMode::Intermediate => {
+                errs.extend(v.intermediate.problems())
+            }
+            _ => {}
+        }
+        match (self.audit.sink, &self.audit.path) {
+            (AuditSink::File, None) => errs.push(FieldError {
+                field: "audit.path".into(),
+                message: "required when sink is file".into(),
+            }),
+            (AuditSink::Stdout | AuditSink::None, Some(_)) => errs.push(FieldError {
+                field: "audit.path".into(),
+                message: "only used when sink is file".into(),
+            }),
+            _ => {}
+        }
+        match &self.backend {
             BackendConfig::Digicert(d) => {
                 errs.extend(d.problems());
                 if d.request_timeout >= s.request_timeout {
@@ -1435,6 +1626,7 @@ impl Config {
                     });
                 }
             }
+            _ => {}
         }
         if errs.is_empty() { Ok(()) } else { Err(errs) }
     }

@@ -8,7 +8,9 @@
 //!   [`server::authz`] (which identity it may get), [`server::csr`] (CSR policy),
 //!   [`server::policy`] (TTL), [`server::chain`] (verify and lay out the answer),
 //!   [`server::tls`] (listener TLS).
-//! - [`backend`]: the [`backend::Signer`] seam, the local CA and decorators.
+//! - [`backend`]: the [`backend::Signer`] seam, the local CA, the remote backends, the
+//!   intermediate mode ([`backend::intermediate`]) and decorators.
+//! - [`audit`]: the JSON-lines record of every issued certificate.
 //! - [`k8s`]: Kubernetes API clients per cluster, TokenReview calls and the pod caches
 //!   behind the impersonation check.
 //! - [`trust`]: the trust bundle and the serving certificate.
@@ -18,6 +20,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod audit;
 pub mod backend;
 pub mod cli;
 pub mod config;

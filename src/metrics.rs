@@ -45,6 +45,14 @@ pub struct Metrics {
     pub backend_rate_limit_wait: HistogramVec,
     pub backend_retries: IntCounterVec,
     pub backend_ttl_exceeded: IntCounterVec,
+    // Intermediate mode.
+    pub intermediate_expiry: GaugeVec,
+    pub intermediate_preparations: IntCounterVec,
+    pub intermediate_rotations: IntCounterVec,
+    pub intermediate_successor_ready: IntGaugeVec,
+    // Audit log.
+    pub audit_records: IntCounter,
+    pub audit_write_errors: IntCounter,
 }
 
 /// Latency buckets from 0.5 ms to 30 s: local signing is sub-millisecond, remote
@@ -326,6 +334,59 @@ impl Metrics {
                      (accepted, see the backend docs)."
                 ),
                 &["backend"],
+                true
+            ),
+            intermediate_expiry: new!(
+                GaugeVec,
+                Opts::new(
+                    "istio_ca_bridge_intermediate_expiry_timestamp_seconds",
+                    "Intermediate mode: NotAfter of the bridge's intermediate CA that signs now."
+                ),
+                &["backend"],
+                true
+            ),
+            intermediate_preparations: new!(
+                IntCounterVec,
+                Opts::new(
+                    "istio_ca_bridge_intermediate_preparations_total",
+                    "Intermediate mode: attempts to have the backend sign the next intermediate \
+                     CA, by result (success, failure)."
+                ),
+                &["backend", "result"],
+                true
+            ),
+            intermediate_rotations: new!(
+                IntCounterVec,
+                Opts::new(
+                    "istio_ca_bridge_intermediate_rotations_total",
+                    "Intermediate mode: switches of the signing intermediate to its successor."
+                ),
+                &["backend"],
+                true
+            ),
+            intermediate_successor_ready: new!(
+                IntGaugeVec,
+                Opts::new(
+                    "istio_ca_bridge_intermediate_successor_ready",
+                    "Intermediate mode: 1 while the next intermediate is prepared and waits to take over."
+                ),
+                &["backend"],
+                true
+            ),
+            audit_records: new!(
+                IntCounter,
+                Opts::new(
+                    "istio_ca_bridge_audit_records_total",
+                    "Audit records written (one per issued certificate)."
+                ),
+                true
+            ),
+            audit_write_errors: new!(
+                IntCounter,
+                Opts::new(
+                    "istio_ca_bridge_audit_write_errors_total",
+                    "Failed writes to the audit log (the records of that batch are lost)."
+                ),
                 true
             ),
             registry,

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tonic::{Code, Request, Response, Status};
 use tracing::Instrument;
 
-use crate::backend::{SignError, SignRequest, Signer, Subject};
+use crate::backend::{CallerRef, SignError, SignRequest, Signer, Subject};
 use crate::config::PolicyConfig;
 use crate::metrics::Metrics;
 use crate::pb::istio_certificate_service_server::IstioCertificateService;
@@ -244,6 +244,11 @@ impl Inner {
             public_key_der: checked.public_key_der,
             csr_der: checked.csr_der,
             ttl,
+            caller: Some(CallerRef {
+                identity: caller.identity.to_string(),
+                via: caller.via.as_str(),
+                cluster_id: caller.cluster.clone(),
+            }),
         };
         let issued = self.signer.sign(&sign_req).await?;
         let bundle = self.signer.trust_bundle().borrow().clone();

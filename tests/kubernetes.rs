@@ -1090,6 +1090,7 @@ async fn trust_bundle_change_reaches_every_configmap_and_istiod_tls() {
             ..Default::default()
         }),
         TD,
+        std::time::Duration::from_secs(86400),
         std::sync::Arc::new(istio_ca_bridge::metrics::Metrics::new(false)),
     )
     .await

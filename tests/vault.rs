@@ -456,6 +456,8 @@ log_level = "warn"
             roots_from_mount: true,
             root_bundle_file: None,
             root_refresh_interval: Duration::from_secs(300),
+            mode: Default::default(),
+            intermediate: Default::default(),
         }
     }
 }
@@ -552,6 +554,7 @@ async fn istio_csrs_are_signed_by_the_openbao_role_and_verify_to_its_root() {
     let err = istio_ca_bridge::backend::build(
         &BackendConfig::Vault(no_client_cert),
         TD,
+        std::time::Duration::from_secs(86400),
         std::sync::Arc::new(istio_ca_bridge::metrics::Metrics::new(false)),
     )
     .await
@@ -738,6 +741,7 @@ async fn istio_csrs_are_signed_by_the_openbao_role_and_verify_to_its_root() {
             public_key_der: rcgen::PublicKeyData::subject_public_key_info(&key),
             csr_der: ::pem::parse(csr_pem).unwrap().contents().to_vec(),
             ttl: Duration::from_secs(600),
+            caller: None,
         })
         .await
         .unwrap();

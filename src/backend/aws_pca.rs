@@ -32,6 +32,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::intermediate::{IntermediateRequest, UpstreamAuthority};
 use super::limit::{TokenBucket, backoff};
 use super::{Health, IssuedChain, SignError, SignRequest, Signer, SigningCaInfo, Subject};
 use crate::config::AwsPcaBackendConfig;
@@ -276,13 +277,19 @@ impl AwsPca {
     }
 
     /// IssueCertificate with retries; returns the certificate ARN.
-    async fn issue(&self, req: &SignRequest, deadline: Instant) -> Result<String, SignError> {
-        let csr_pem = pki::pem_encode("CERTIFICATE REQUEST", &req.csr_der);
-        let token = idempotency_token(req);
+    async fn issue(
+        &self,
+        csr_der: &[u8],
+        ttl: Duration,
+        template_arn: &str,
+        token: &str,
+        deadline: Instant,
+    ) -> Result<String, SignError> {
+        let csr_pem = pki::pem_encode("CERTIFICATE REQUEST", csr_der);
         // NotAfter: now + TTL, never past the CA's own NotAfter (AWS refuses that), rounded
         // down to the minute so that a retry sends the very same parameters.
         let now = pki::unix_secs(SystemTime::now());
-        let mut not_after = (now + req.ttl.as_secs() as i64) / 60 * 60;
+        let mut not_after = (now + ttl.as_secs() as i64) / 60 * 60;
         if let Some(ca_not_after) = *self.ca.not_after.lock().expect("lock") {
             not_after = not_after.min(ca_not_after);
         }
@@ -305,9 +312,9 @@ impl AwsPca {
                 .certificate_authority_arn(&self.cfg.ca_arn)
                 .csr(Blob::new(csr_pem.as_bytes()))
                 .signing_algorithm(self.signing_algorithm.clone())
-                .template_arn(&self.cfg.template_arn)
+                .template_arn(template_arn)
                 .validity(validity.clone())
-                .idempotency_token(&token)
+                .idempotency_token(token)
                 .send();
             let failure = match tokio::time::timeout_at(deadline, call).await {
                 Err(_) => {
@@ -546,7 +553,16 @@ impl Signer for AwsPca {
 
     async fn sign(&self, req: &SignRequest) -> Result<IssuedChain, SignError> {
         let deadline = Instant::now() + self.cfg.issue_timeout;
-        let arn = self.issue(req, deadline).await?;
+        let token = idempotency_token(req);
+        let arn = self
+            .issue(
+                &req.csr_der,
+                req.ttl,
+                &self.cfg.template_arn,
+                &token,
+                deadline,
+            )
+            .await?;
         let (cert, chain) = self.fetch(&arn, deadline).await?;
         self.assemble(req, &cert, &chain)
     }
@@ -571,6 +587,65 @@ impl Signer for AwsPca {
     }
 }
 
+/// Intermediate mode: the CA signs the bridge's intermediate with
+/// `intermediateTemplateArn` (default SubordinateCACertificate_PathLen0/V1). The answer is
+/// checked by the intermediate mode itself: moto ignores templates and returns a
+/// certificate without CA:TRUE, which is refused there with that reason.
+#[async_trait]
+impl UpstreamAuthority for AwsPca {
+    fn kind(&self) -> &'static str {
+        KIND
+    }
+
+    async fn sign_intermediate(&self, req: &IntermediateRequest) -> Result<IssuedChain, SignError> {
+        // A background task has more patience than a caller: three issue timeouts.
+        let deadline = Instant::now() + self.cfg.issue_timeout * 3;
+        let token = {
+            let mut h = Sha256::new();
+            h.update(&req.csr_der);
+            h.update(b"\0intermediate\0");
+            h.update(req.ttl.as_secs().to_be_bytes());
+            let hex: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+            hex[..32].to_string()
+        };
+        let arn = self
+            .issue(
+                &req.csr_der,
+                req.ttl,
+                &self.cfg.intermediate_template_arn,
+                &token,
+                deadline,
+            )
+            .await?;
+        let (cert, chain) = self.fetch(&arn, deadline).await?;
+        let bad = |m: String| SignError::Internal(format!("GetCertificate answer: {m}"));
+        let leaf = pki::parse_certs_pem(cert.as_bytes())
+            .map_err(|e| bad(e.to_string()))?
+            .remove(0);
+        let mut intermediates = Vec::new();
+        if !chain.trim().is_empty() {
+            for c in pki::parse_certs_pem(chain.as_bytes()).map_err(|e| bad(e.to_string()))? {
+                let ci = pki::cert_info(&c).map_err(|e| bad(e.to_string()))?;
+                if !ci.self_signed {
+                    intermediates.push(c);
+                }
+            }
+        }
+        Ok(IssuedChain {
+            leaf,
+            intermediates,
+        })
+    }
+
+    fn trust_bundle(&self) -> watch::Receiver<SharedBundle> {
+        self.ca.bundle.subscribe()
+    }
+
+    fn health(&self) -> Health {
+        Signer::health(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -583,6 +658,7 @@ mod tests {
             public_key_der: vec![1],
             csr_der: vec![1, 2, 3],
             ttl: Duration::from_secs(3600),
+            caller: None,
         };
         let t = idempotency_token(&req);
         assert!(t.len() <= 36);

@@ -28,6 +28,10 @@ impl Signer for Instrumented {
         self.inner.kind()
     }
 
+    fn mode(&self) -> &'static str {
+        self.inner.mode()
+    }
+
     async fn sign(&self, req: &SignRequest) -> Result<IssuedChain, SignError> {
         let start = Instant::now();
         let res = self.inner.sign(req).await;

@@ -51,7 +51,10 @@ pub enum LocalError {
 /// The CA that signs leaves, and what clients need to link a leaf to a root.
 pub struct SigningCa {
     issuer: Issuer<'static, KeyPair>,
+    not_before: OffsetDateTime,
     not_after: OffsetDateTime,
+    /// Serial of the CA certificate (hex, as x509-parser prints it), for audit records.
+    serial_hex: String,
     /// Certificates between the leaf and a root: the signing CA itself unless it is a root,
     /// then its own chain.
     chain: Vec<CertificateDer<'static>>,
@@ -79,6 +82,8 @@ impl SigningCa {
         }
         let not_after = OffsetDateTime::from_unix_timestamp(info.not_after)
             .map_err(|e| LocalError::Invalid(e.to_string()))?;
+        let not_before = OffsetDateTime::from_unix_timestamp(info.not_before)
+            .map_err(|e| LocalError::Invalid(e.to_string()))?;
         let issuer = Issuer::from_ca_cert_der(&ca_cert, key)?;
         // Roots found in the chain are trust anchors, not chain elements.
         let mut roots = Vec::new();
@@ -99,7 +104,9 @@ impl SigningCa {
         Ok((
             Self {
                 issuer,
+                not_before,
                 not_after,
+                serial_hex: info.serial_hex,
                 chain: links,
             },
             roots,
@@ -108,6 +115,19 @@ impl SigningCa {
 
     pub fn not_after(&self) -> OffsetDateTime {
         self.not_after
+    }
+
+    pub fn not_before(&self) -> OffsetDateTime {
+        self.not_before
+    }
+
+    pub fn serial_hex(&self) -> &str {
+        &self.serial_hex
+    }
+
+    /// The certificates a leaf of this CA is answered with (leaf-most first, no roots).
+    pub fn chain(&self) -> &[CertificateDer<'static>] {
+        &self.chain
     }
 
     /// Signs a leaf for `req` (CPU only, no I/O).
@@ -123,7 +143,10 @@ impl SigningCa {
             .map_err(|e| SignError::Rejected(format!("unsupported public key: {e}")))?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        params.not_before = now - time::Duration::try_from(CLOCK_SKEW).expect("small");
+        // Backdated for clock skew, but never before the CA itself is valid (a freshly
+        // rotated intermediate is younger than the skew allowance).
+        params.not_before =
+            (now - time::Duration::try_from(CLOCK_SKEW).expect("small")).max(self.not_before);
         params.not_after = not_after;
         params.serial_number = Some(random_serial());
         params.subject_alt_names = subject_sans(&req.subject)?;
@@ -383,6 +406,7 @@ mod tests {
                 public_key_der: rcgen::PublicKeyData::subject_public_key_info(&key),
                 csr_der: Vec::new(),
                 ttl: Duration::from_secs(3600),
+                caller: None,
             })
             .await
             .unwrap();

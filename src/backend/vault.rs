@@ -47,6 +47,7 @@ use vaultrs::api::EndpointMiddleware;
 use vaultrs::client::{VaultClient, VaultClientSettings};
 use x509_parser::prelude::*;
 
+use super::intermediate::{IntermediateRequest, UpstreamAuthority};
 use super::{Health, IssuedChain, SignError, SignRequest, Signer, SigningCaInfo, Subject};
 use crate::config::{VaultAuthConfig, VaultBackendConfig};
 use crate::metrics::Metrics;
@@ -913,6 +914,49 @@ impl VaultSigner {
         })
     }
 
+    /// Runs one authenticated call; when Vault refuses the token (expired, revoked) logs in
+    /// again, once for all callers that saw that token refused, and tries once more. A
+    /// fresh token refused too is a policy problem: loud log, not ready for a while.
+    async fn with_relogin<'a, T, F, Fut>(
+        &'a self,
+        what: &str,
+        role: &str,
+        call: F,
+    ) -> Result<T, SignError>
+    where
+        F: Fn(Arc<Session>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, CallError>> + 'a,
+    {
+        let sh = &self.shared;
+        let session = sh.session.load_full();
+        let generation = session.generation;
+        let out = match call(session).await {
+            Ok(d) => d,
+            Err(e) if e.code() == Some(403) => {
+                tracing::info!(backend = KIND, error = %e, "vault refused the token; logging in again");
+                if let Err(le) = sh.relogin(generation).await {
+                    return Err(SignError::Unavailable(format!("vault login failed: {le}")));
+                }
+                match call(sh.session.load_full()).await {
+                    Ok(d) => d,
+                    Err(e) if e.code() == Some(403) => {
+                        let m = format!(
+                            "vault refused a fresh token for {what}: {e}; check the bridge's policy"
+                        );
+                        tracing::error!(backend = KIND, error = %m, "VAULT PERMISSION DENIED");
+                        sh.set_health(|h| h.denied = Some((Instant::now(), m.clone())));
+                        return Err(SignError::Unavailable(m));
+                    }
+                    Err(e) => return Err(sh.classify(e, role)),
+                }
+            }
+            Err(e) => return Err(sh.classify(e, role)),
+        };
+        sh.mark_reachable();
+        sh.set_health(|h| h.denied = None);
+        Ok(out)
+    }
+
     /// Checks what Vault returned and lays it out as leaf + intermediates (roots dropped).
     async fn assemble(
         &self,
@@ -1064,35 +1108,10 @@ impl Signer for VaultSigner {
                 .unwrap_or(&sh.conn.cfg.role),
         };
         let asked_at = SystemTime::now();
-        let session = sh.session.load_full();
-        let data = match sh.conn.sign(&session, req).await {
-            Ok(d) => d,
-            Err(e) if e.code() == Some(403) => {
-                // The token expired or was revoked: log in again (once for all callers
-                // that saw this token refused) and try once more.
-                tracing::info!(backend = KIND, error = %e, "vault refused the token; logging in again");
-                if let Err(le) = sh.relogin(session.generation).await {
-                    return Err(SignError::Unavailable(format!("vault login failed: {le}")));
-                }
-                let fresh = sh.session.load_full();
-                match sh.conn.sign(&fresh, req).await {
-                    Ok(d) => d,
-                    Err(e) if e.code() == Some(403) => {
-                        let m = format!(
-                            "vault refused a fresh token for {}/sign/{role}: {e}; check the bridge's policy",
-                            sh.conn.cfg.mount
-                        );
-                        tracing::error!(backend = KIND, error = %m, "VAULT PERMISSION DENIED");
-                        sh.set_health(|h| h.denied = Some((Instant::now(), m.clone())));
-                        return Err(SignError::Unavailable(m));
-                    }
-                    Err(e) => return Err(sh.classify(e, role)),
-                }
-            }
-            Err(e) => return Err(sh.classify(e, role)),
-        };
-        sh.mark_reachable();
-        sh.set_health(|h| h.denied = None);
+        let what = format!("{}/sign/{role}", sh.conn.cfg.mount);
+        let data = self
+            .with_relogin(&what, role, |s| async move { sh.conn.sign(&s, req).await })
+            .await?;
         self.assemble(data, req, asked_at).await
     }
 
@@ -1120,6 +1139,75 @@ impl Signer for VaultSigner {
         SigningCaInfo {
             not_after: (t != 0).then_some(t),
         }
+    }
+}
+
+/// Intermediate mode: the mount's issuer (or `issuerRef`) signs the bridge's intermediate
+/// through `root/sign-intermediate` (`issuer/<ref>/sign-intermediate`), the endpoint SPIRE's
+/// Vault upstream authority uses. `use_csr_values=false`: the subject is ours, not the
+/// CSR's; `max_path_length=0` when asked. Vault caps the TTL at the mount's
+/// max_lease_ttl; the intermediate mode reads the real NotAfter from the certificate.
+#[async_trait]
+impl UpstreamAuthority for VaultSigner {
+    fn kind(&self) -> &'static str {
+        KIND
+    }
+
+    async fn sign_intermediate(&self, req: &IntermediateRequest) -> Result<IssuedChain, SignError> {
+        let sh = &self.shared;
+        let mount = &sh.conn.cfg.mount;
+        let path = match &sh.conn.cfg.issuer_ref {
+            Some(r) => format!("{mount}/issuer/{r}/sign-intermediate"),
+            None => format!("{mount}/root/sign-intermediate"),
+        };
+        let mut body = serde_json::json!({
+            "csr": pki::pem_encode("CERTIFICATE REQUEST", &req.csr_der),
+            "common_name": req.common_name,
+            "ttl": format!("{}s", req.ttl.as_secs().max(1)),
+            "format": "pem",
+            "use_csr_values": false,
+            "exclude_cn_from_sans": true,
+        });
+        if req.path_len_zero {
+            body["max_path_length"] = 0.into();
+        }
+        let (path, body) = (&path, &body);
+        let data: SignData = self
+            .with_relogin(path, path, |s| async move {
+                sh.conn
+                    .call_data(Some(s.token()), reqwest::Method::POST, path, Some(body))
+                    .await
+            })
+            .await?;
+        let bad = |m: String| SignError::Internal(format!("{path}: {m}"));
+        let leaf = pki::parse_certs_pem(data.certificate.as_bytes())
+            .map_err(|e| bad(format!("certificate: {e}")))?
+            .remove(0);
+        let mut intermediates = Vec::new();
+        let chain: Vec<&str> = match &data.ca_chain {
+            Some(c) if !c.is_empty() => c.iter().map(String::as_str).collect(),
+            _ => vec![data.issuing_ca.as_str()],
+        };
+        for pem in chain.into_iter().filter(|p| !p.trim().is_empty()) {
+            for c in pki::parse_certs_pem(pem.as_bytes()).map_err(|e| bad(e.to_string()))? {
+                let info = pki::cert_info(&c).map_err(|e| bad(e.to_string()))?;
+                if !info.self_signed && c != leaf && !intermediates.contains(&c) {
+                    intermediates.push(c);
+                }
+            }
+        }
+        Ok(IssuedChain {
+            leaf,
+            intermediates,
+        })
+    }
+
+    fn trust_bundle(&self) -> watch::Receiver<SharedBundle> {
+        self.shared.bundle.subscribe()
+    }
+
+    fn health(&self) -> Health {
+        Signer::health(self)
     }
 }
 

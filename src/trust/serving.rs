@@ -78,6 +78,7 @@ pub async fn issue_server_cert(
         public_key_der: rcgen::PublicKeyData::subject_public_key_info(&key),
         csr_der: csr.der().to_vec(),
         ttl,
+        caller: None,
     };
     let issued = signer.sign(&req).await?;
     let bundle = signer.trust_bundle().borrow().clone();

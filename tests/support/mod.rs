@@ -140,6 +140,7 @@ pub struct Bridge {
     pub issuer: Arc<TestIssuer>,
     pub metrics: Arc<Metrics>,
     pub signer: Arc<dyn Signer>,
+    pub audit: istio_ca_bridge::audit::AuditLog,
     stop: Option<oneshot::Sender<()>>,
     pub task: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -159,6 +160,9 @@ pub fn test_config(dir: &Path, issuer: &TestIssuer) -> Config {
     if let istio_ca_bridge::config::BackendConfig::Local(l) = &mut cfg.backend {
         l.state_dir = dir.join("ca");
     }
+    // Every test bridge keeps an audit log (read with `Bridge::audit_records`).
+    cfg.audit.sink = istio_ca_bridge::config::AuditSink::File;
+    cfg.audit.path = Some(dir.join("audit.jsonl"));
     cfg.authn.jwt = vec![JwtIssuerConfig {
         issuer: issuer.issuer.clone(),
         jwks_file: Some(jwks),
@@ -194,6 +198,7 @@ impl Bridge {
         let admin = app.admin_addr();
         let metrics = app.metrics();
         let signer = app.signer();
+        let audit = app.audit();
         let (tx, rx) = oneshot::channel();
         let task = tokio::spawn(app.run(async {
             let _ = rx.await;
@@ -219,6 +224,7 @@ impl Bridge {
             issuer,
             metrics,
             signer,
+            audit,
             stop: Some(tx),
             task: Some(task),
         }
@@ -247,6 +253,18 @@ impl Bridge {
         IstioCertificateServiceClient::new(ch)
     }
 
+    /// The audit log's records so far, parsed (waits until queued records are written).
+    pub async fn audit_records(&self) -> Vec<serde_json::Value> {
+        self.audit.flush().await;
+        audit_records_at(
+            self.cfg
+                .audit
+                .path
+                .as_deref()
+                .expect("test bridges audit to a file"),
+        )
+    }
+
     /// Successful issuances so far (istiod's counter).
     pub fn issued(&self) -> u64 {
         self.metrics.success_issuance.get()
@@ -264,6 +282,15 @@ impl Bridge {
         }
         self.task.take().unwrap().await.unwrap()
     }
+}
+
+/// Reads an audit JSON-lines file.
+pub fn audit_records_at(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("audit lines are JSON"))
+        .collect()
 }
 
 /// A key and an Istio-shaped CSR for `uri`.
