@@ -77,6 +77,20 @@ pub fn generate_key(kind: KeyType) -> Result<KeyPair, PkiError> {
     r.map_err(|e| PkiError::Generate(e.to_string()))
 }
 
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn renewal_waits_for_half_of_a_capped_lifetime() {
+        let h = std::time::Duration::from_secs(3600);
+        // 24 h certificate, renew 1 h before: at 23 h.
+        assert_eq!(super::renew_at(0, 24 * 3600, h), 23 * 3600);
+        // Capped to 60 s by the intermediate: at 30 s, not at once.
+        assert_eq!(super::renew_at(1000, 1060, h), 1030);
+        // Already expired or zero-length: one second later, never a tight loop.
+        assert_eq!(super::renew_at(1000, 1000, h), 1001);
+    }
+}
+
 pub fn unix_secs(t: SystemTime) -> i64 {
     match t.duration_since(UNIX_EPOCH) {
         Ok(d) => d.as_secs() as i64,
@@ -90,6 +104,17 @@ pub fn from_unix(secs: i64) -> SystemTime {
     } else {
         UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
     }
+}
+
+/// When to renew a certificate obtained at `issued_at` (unix seconds) that expires at
+/// `not_after`: `renew_before` ahead of expiry, but not before half of the lifetime really
+/// granted (a backend role or the intermediate's own expiry may cap it below
+/// `renew_before`, which would otherwise mean renewing in a tight loop), and at least 1 s
+/// after issuance.
+pub fn renew_at(issued_at: i64, not_after: i64, renew_before: Duration) -> i64 {
+    let by_margin = not_after - renew_before.as_secs() as i64;
+    let half = issued_at + (not_after - issued_at) / 2;
+    by_margin.max(half).max(issued_at + 1)
 }
 
 /// Facts about one certificate that the rest of the bridge needs.

@@ -296,11 +296,17 @@ fn check_and_build(
     let not_after = cert.validity().not_after.timestamp();
     let not_before = cert.validity().not_before.timestamp();
     let now = now_secs();
-    if not_after <= now + 60 {
+    // Usable means: longer than the readiness margin, and not a sliver of what was asked.
+    let min_left = cfg
+        .ready_margin
+        .max((cfg.ttl / 4).min(Duration::from_secs(60)));
+    if not_after - now <= min_left.as_secs() as i64 {
         return Err(bad(format!(
-            "it expires in {}s; the backend capped its lifetime (Vault: the mount's max_lease_ttl \
-             or the issuer's expiry)",
-            not_after - now
+            "it expires in {}s (at least {}s needed: readyMargin, a quarter of the ttl asked); \
+             the backend capped its lifetime (Vault: the mount's max_lease_ttl or the issuer's \
+             expiry)",
+            not_after - now,
+            min_left.as_secs()
         )));
     }
     let mut chain_pem = pki::cert_pem(&issued.leaf);

@@ -39,13 +39,13 @@ fn unix_now() -> i64 {
     pki::unix_secs(SystemTime::now())
 }
 
-/// Checks a `tls.crt` against what we would issue; returns its NotAfter if it can stay.
+/// Checks a `tls.crt` against what we would issue; returns its (NotBefore, NotAfter) if it can stay.
 fn still_good(
     secret: &Secret,
     names: &[String],
     bundle: &TrustBundle,
     renew_before: Duration,
-) -> Result<i64, String> {
+) -> Result<(i64, i64), String> {
     let data = secret.data.as_ref().ok_or("no data")?;
     let crt = data.get("tls.crt").ok_or("no tls.crt")?;
     if data.get("tls.key").is_none() {
@@ -71,10 +71,10 @@ fn still_good(
         webpki::KeyUsage::server_auth(),
         SystemTime::now(),
     )?;
-    if info.not_after - (renew_before.as_secs() as i64) <= unix_now() {
+    if pki::renew_at(info.not_before, info.not_after, renew_before) <= unix_now() {
         return Err("due for renewal".into());
     }
-    Ok(info.not_after)
+    Ok((info.not_before, info.not_after))
 }
 
 async fn issue(signer: &dyn Signer, names: &[String], ttl: Duration) -> Result<Material, String> {
@@ -132,8 +132,8 @@ pub async fn maintain(
     let names = cfg.effective_dns_names();
     let mut bundle_rx = signer.trust_bundle();
     let secret = format!("{}/{}", cfg.namespace, cfg.secret_name);
-    // NotAfter of what the Secret holds, if it can stay.
-    let mut current: Option<i64> = None;
+    // (issued, NotAfter) of what the Secret holds, if it can stay.
+    let mut current: Option<(i64, i64)> = None;
     let mut checked = false;
     let mut failures: u32 = 0;
     loop {
@@ -142,9 +142,9 @@ pub async fn maintain(
             match tokio::time::timeout(Duration::from_secs(10), api.get_opt(&cfg.secret_name)).await
             {
                 Ok(Ok(Some(s))) => match still_good(&s, &names, &bundle, cfg.renew_before) {
-                    Ok(na) => {
+                    Ok(life) => {
                         tracing::info!(cluster = %cluster, secret = %secret, "existing istiod certificate kept");
-                        current = Some(na);
+                        current = Some(life);
                     }
                     Err(why) => {
                         tracing::info!(cluster = %cluster, secret = %secret, reason = %why, "istiod certificate will be replaced");
@@ -160,16 +160,18 @@ pub async fn maintain(
             }
             checked = true;
         }
-        let due = current.map(|na| na - cfg.renew_before.as_secs() as i64);
+        let due = current.map(|(at, na)| pki::renew_at(at, na, cfg.renew_before));
         if due.is_none_or(|d| d <= unix_now()) {
             let result = match issue(signer.as_ref(), &names, cfg.ttl).await {
-                Ok(m) => apply(&api, &cfg, &m).await.map(|()| m.not_after),
+                Ok(m) => apply(&api, &cfg, &m)
+                    .await
+                    .map(|()| (unix_now(), m.not_after)),
                 Err(e) => Err(format!("issuing: {e}")),
             };
             match result {
-                Ok(na) => {
+                Ok((at, na)) => {
                     tracing::info!(cluster = %cluster, secret = %secret, not_after = na, dns = ?names, "istiod certificate written");
-                    current = Some(na);
+                    current = Some((at, na));
                     failures = 0;
                 }
                 Err(e) => {
@@ -182,7 +184,7 @@ pub async fn maintain(
             Duration::from_secs(1 << failures.min(5)).min(MAX_SLEEP)
         } else {
             let left = current
-                .map(|na| na - cfg.renew_before.as_secs() as i64 - unix_now())
+                .map(|(at, na)| pki::renew_at(at, na, cfg.renew_before) - unix_now())
                 .unwrap_or(0)
                 .max(1) as u64;
             Duration::from_secs(left).min(MAX_SLEEP)

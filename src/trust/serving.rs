@@ -179,8 +179,10 @@ pub fn spawn_maintainer(
         match cfg.mode {
             crate::config::ServingCertMode::Issued => {
                 let mut failures = 0u32;
+                let mut issued_at = pki::unix_secs(SystemTime::now());
                 loop {
-                    let renew_at = pki::from_unix(not_after) - cfg.renew_before;
+                    let renew_at =
+                        pki::from_unix(pki::renew_at(issued_at, not_after, cfg.renew_before));
                     let wait = if failures > 0 {
                         Duration::from_millis(500 << failures.min(7))
                     } else {
@@ -195,6 +197,7 @@ pub fn spawn_maintainer(
                     match issue(signer.as_ref(), &cfg.dns_names, cfg.ttl).await {
                         Ok(loaded) => {
                             failures = 0;
+                            issued_at = pki::unix_secs(SystemTime::now());
                             not_after = install(&resolver, &metrics, loaded);
                             tracing::info!(not_after, "serving certificate renewed");
                         }
