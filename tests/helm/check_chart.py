@@ -227,6 +227,25 @@ def variants(chart):
                 {"backends": {"awsPca": {"extraRootsConfigMap": {"name": "next-root", "key": "r.pem"}}},
                  "config": {"authn": {"jwt": [{"issuer": "https://k8s.example", "jwksUri": "https://k8s.example/jwks"}]},
                             "backend": {"type": "awsPca", "caArn": "arn:aws:acm-pca:us-east-1:111122223333:certificate-authority/x"}}}))
+    out.append(("AWS Private CA in intermediate mode, state on node disk, audit to a shared volume",
+                {"backends": {"awsPca": {}}, "intermediateState": {"medium": "", "sizeLimit": "2Mi"},
+                 "auditLog": {"volume": {"persistentVolumeClaim": {"claimName": "bridge-audit"}}},
+                 "config": {"backend": {"type": "awsPca", "caArn": "arn:aws:acm-pca:us-east-1:111122223333:certificate-authority/x",
+                                        "mode": "intermediate", "intermediateTemplateArn": "arn:aws:acm-pca:::template/SubordinateCACertificate_PathLen0/V1",
+                                        "intermediate": {"ttl": "7days", "stateDir": "/var/lib/bridge/intermediate"}},
+                            "audit": {"sink": "file", "path": "/var/log/audit/issued.jsonl"}}}))
+    out.append(("Vault in intermediate mode without a state dir (memory only)",
+                {"backends": {"vault": {"authSecret": {"name": "vault-token"}}},
+                 "config": {"backend": {**vault, "auth": {"method": "token"}, "mode": "intermediate"}, "audit": {"sink": "none"}}}))
+    out.append(("DigiCert mTLS host: client certificate Secret, roots from a Secret, DigiCert's CA from a ConfigMap",
+                {"replicaCount": 3,
+                 "backends": {"digicert": {"clientCertSecret": {"name": "digicert-client"},
+                                           "trustBundle": {"secretName": "digicert-roots", "rootsKey": "ca.crt"},
+                                           "caBundle": {"configMapName": "proxy-ca", "key": "proxy.pem"}}},
+                 "config": {"authn": {"jwt": [{"issuer": "https://k8s.example", "jwksUri": "https://k8s.example/jwks"}]},
+                            "backend": {"type": "digicert", "baseUrl": "https://clientauth.one.digicert.com", "profileId": "p-1",
+                                        "seat": {"strategy": "fixed", "id": "istio-mesh"}, "validityUnit": "days"},
+                            "audit": {"sink": "file"}}}))
     out.append(
         (
             "Kubernetes integration with a CA Secret, 2 replicas",
@@ -300,6 +319,9 @@ def backend_files(be):
             [a.get(k) for k in ("tokenFile", "roleIdFile", "secretIdFile")]
     if be["type"] == "awsPca":
         return [be.get("extraRootsFile")]
+    if be["type"] == "digicert":
+        return [be["auth"].get(k) for k in ("apiKeyFile", "clientCertFile", "clientKeyFile")] + \
+            [be.get(k) for k in ("caFile", "trustBundleFile", "intermediatesFile")]
     raise CheckFailed(f"backend type {be['type']} unknown to this test: add its files to backend_files")
 
 
@@ -374,13 +396,41 @@ def check_structure(chart):
             return mounts[best], vols[mounts[best]["name"]]
 
         be = eff["backend"]
+        # Where the config makes the bridge write (the root filesystem is read-only): each on a
+        # writable volume of its own, and no writable volume anywhere else.
+        writable = {}
         if be["type"] == "local":
             m, v = mount_for(be["stateDir"])
             check(not m.get("readOnly") and ("emptyDir" in v or "persistentVolumeClaim" in v),
                   f"{label}: backend.stateDir is not on a writable volume: {m} {v}")
+            writable[m["mountPath"]] = "backend.stateDir"
+        if be.get("mode") == "intermediate" and be["intermediate"]["stateDir"]:
+            sd = be["intermediate"]["stateDir"]
+            m, v = mount_for(sd)
+            # Per pod, never shared: every replica must have its own intermediate and key.
+            check(m["mountPath"] == sd and not m.get("readOnly") and set(v) == {"name", "emptyDir"} and "subPath" not in m,
+                  f"{label}: backend.intermediate.stateDir {sd} is not its own writable per-pod emptyDir: {m} {v}")
+            writable[m["mountPath"]] = "backend.intermediate.stateDir"
+        if eff["audit"]["sink"] == "file":
+            ap = eff["audit"]["path"]
+            m, v = mount_for(ap)
+            check(m["mountPath"] == os.path.dirname(ap) and not m.get("readOnly") and "subPath" not in m,
+                  f"{label}: audit.path {ap}: its directory is not a writable mount of its own: {m}")
+            check(m["mountPath"] not in writable, f"{label}: audit.path shares the volume of {writable.get(m['mountPath'])}")
+            if "emptyDir" in v:
+                pass
+            else:  # a user-given volume, maybe shared: one directory per replica
+                check(m.get("subPathExpr") == "$(POD_NAME)" and {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}
+                      in c.get("env", []), f"{label}: the audit volume {v} is not split per pod (subPathExpr $(POD_NAME)): {m}")
+            writable[m["mountPath"]] = "audit.path"
         else:
-            check(not any("emptyDir" in v or "persistentVolumeClaim" in v for v in vols.values()),
-                  f"{label}: a {be['type']} backend keeps no state, but a writable volume is mounted")
+            check(eff["audit"]["path"] is None, f"{label}: audit.path {eff['audit']['path']} without sink file")
+        extra = {m["mountPath"] for m in c["volumeMounts"]} - set(writable) - \
+            {m["mountPath"] for m in values.get("extraVolumeMounts", [])}
+        for mp in extra:
+            mm, vv = mounts[mp], vols[mounts[mp]["name"]]
+            check(mm.get("readOnly") or mp == CONFIG_PATH and "configMap" in vv,
+                  f"{label}: {mp} is mounted writable ({vv}) but the config writes nothing there")
         files = backend_files(be)
         files += [eff["server"]["tls"].get(k) for k in ("certFile", "keyFile")]
         files += [j.get("jwksFile") for j in eff["authn"]["jwt"]]
@@ -401,6 +451,7 @@ def check_structure(chart):
         # renders no Secret at all).
         check(not list(objects(docs, "Secret")), f"{label}: the chart rendered a Secret")
         vw = values.get("backends", {}).get("vault", {})
+        dw = values.get("backends", {}).get("digicert", {})
         for field, want_name, kind in (
             (be.get("auth", {}).get("tokenFile") if be["type"] == "vault" and be["auth"]["method"] == "token" else None,
              vw.get("authSecret", {}).get("name"), "secret"),
@@ -411,6 +462,18 @@ def check_structure(chart):
             (be.get("rootBundleFile") if be["type"] == "vault" else None, vw.get("rootBundleConfigMap", {}).get("name"), "configMap"),
             (be.get("extraRootsFile") if be["type"] == "awsPca" else None,
              values.get("backends", {}).get("awsPca", {}).get("extraRootsConfigMap", {}).get("name"), "configMap"),
+            (be["auth"].get("apiKeyFile") if be["type"] == "digicert" else None, dw.get("apiKeySecret", {}).get("name"), "secret"),
+            (be["auth"].get("clientCertFile") if be["type"] == "digicert" else None, dw.get("clientCertSecret", {}).get("name"), "secret"),
+            (be["auth"].get("clientKeyFile") if be["type"] == "digicert" else None, dw.get("clientCertSecret", {}).get("name"), "secret"),
+            (be.get("trustBundleFile") if be["type"] == "digicert" else None,
+             dw.get("trustBundle", {}).get("secretName") or dw.get("trustBundle", {}).get("configMapName"),
+             "secret" if dw.get("trustBundle", {}).get("secretName") else "configMap"),
+            (be.get("intermediatesFile") if be["type"] == "digicert" else None,
+             dw.get("trustBundle", {}).get("secretName") or dw.get("trustBundle", {}).get("configMapName"),
+             "secret" if dw.get("trustBundle", {}).get("secretName") else "configMap"),
+            (be.get("caFile") if be["type"] == "digicert" else None,
+             dw.get("caBundle", {}).get("secretName") or dw.get("caBundle", {}).get("configMapName"),
+             "secret" if dw.get("caBundle", {}).get("secretName") else "configMap"),
         ):
             if field and want_name:
                 _, v = mount_for(field)
@@ -430,7 +493,8 @@ def check_structure(chart):
               f"  granted, not needed: {sorted(grants - expected_grants(eff))}\n"
               f"  needed, not granted: {sorted(expected_grants(eff) - grants)}")
         ok(f"{label}: ports grpc={grpc} admin={admin} agree (Service, container, config); probes /healthz,/readyz; "
-           f"terminationGracePeriodSeconds {tgps} > shutdownGrace {grace}s; hardened; selectors; mounts; "
+           f"terminationGracePeriodSeconds {tgps} > shutdownGrace {grace}s; hardened; selectors; mounts "
+           f"(writable exactly: {', '.join(f'{w} {p}' for p, w in sorted(writable.items())) or 'none'}); "
            f"RBAC = the config's API calls ({len(grants)} grants)")
     # The config checksum follows the config, so a values change rolls the pods.
     a = one(chart.render({"replicaCount": 1}), "Deployment")
@@ -638,6 +702,10 @@ def check_rbac(chart):
     ok("kubernetes.clusterId east -> authn.kubernetes.clusters [{id: east, inCluster: true}], audiences [istio-ca]")
 
 
+DIGICERT = {"type": "digicert", "profileId": "p-1"}
+VAULT_TOKEN = {"type": "vault", "address": "https://v:8200", "role": "r", "auth": {"method": "token"}}
+
+
 def check_failures(chart):
     cases = [
         ("defaults (2 replicas, generated root)", {},
@@ -672,6 +740,38 @@ def check_failures(chart):
         ("another backend's wiring", {"replicaCount": 1, "backends": {"vault": {"authSecret": {"name": "s"}}}},
          ["backends.vault is set", "config.backend.type is \"local\""]),
         ("serving Secret without files mode", {"replicaCount": 1, "servingCert": {"secretName": "s"}}, ["config.server.tls.mode: files"]),
+        ("DigiCert without credentials", {"backends": {"digicert": {"trustBundle": {"configMapName": "t"}}},
+                                          "config": {"backend": {**DIGICERT}}},
+         ["digicert needs credentials", "backends.digicert.apiKeySecret.name", "backends.digicert.clientCertSecret.name"]),
+        ("DigiCert API key and client certificate", {"backends": {"digicert": {"apiKeySecret": {"name": "k"}, "clientCertSecret": {"name": "c"},
+                                                                               "trustBundle": {"configMapName": "t"}}},
+                                                     "config": {"backend": {**DIGICERT}}}, ["not both"]),
+        ("DigiCert API key Secret and an API key file", {"backends": {"digicert": {"apiKeySecret": {"name": "k"}, "trustBundle": {"configMapName": "t"}}},
+                                                        "config": {"backend": {**DIGICERT, "auth": {"apiKeyFile": "/x"}}}},
+         ["leave config.backend.auth.apiKeyFile"]),
+        ("DigiCert without its roots", {"backends": {"digicert": {"apiKeySecret": {"name": "k"}}}, "config": {"backend": {**DIGICERT}}},
+         ["backends.digicert.trustBundle.configMapName", "roots"]),
+        ("DigiCert roots from a Secret and a ConfigMap", {"backends": {"digicert": {"apiKeySecret": {"name": "k"},
+                                                                                    "trustBundle": {"configMapName": "t", "secretName": "u"}}},
+                                                          "config": {"backend": {**DIGICERT}}}, ["trustBundle", "not both"]),
+        ("DigiCert wiring with the local backend", {"replicaCount": 1, "backends": {"digicert": {"apiKeySecret": {"name": "k"}}}},
+         ["backends.digicert is set", "config.backend.type is \"local\""]),
+        ("audit path without sink file", {"replicaCount": 1, "config": {"audit": {"path": "/var/log/a.jsonl"}}},
+         ["config.audit.path is set", "sink: file"]),
+        ("audit file among the read-only mounts", {"replicaCount": 1, "config": {"audit": {"sink": "file", "path": "/etc/istio-ca-bridge/audit.jsonl"}}},
+         ["config.audit.path", "/etc/istio-ca-bridge", "read-only"]),
+        ("audit file in the local state dir", {"replicaCount": 1, "config": {"audit": {"sink": "file", "path": "/var/lib/istio-ca-bridge/audit.jsonl"}}},
+         ["config.audit.path", "config.backend.stateDir", "its own directory"]),
+        ("audit file at the filesystem root", {"replicaCount": 1, "config": {"audit": {"sink": "file", "path": "/audit.jsonl"}}},
+         ["config.audit.path", "below /"]),
+        ("intermediate state dir in the audit dir", {"replicaCount": 1, "backends": {"vault": {"authSecret": {"name": "s"}}},
+                                                     "config": {"backend": {**VAULT_TOKEN, "mode": "intermediate", "intermediate": {"stateDir": "/var/log/bridge/state"}},
+                                                                "audit": {"sink": "file", "path": "/var/log/bridge/audit.jsonl"}}},
+         ["config.backend.intermediate.stateDir", "overlaps"]),
+        ("intermediate alert that fires on every rotation", {"replicaCount": 1, "backends": {"vault": {"authSecret": {"name": "s"}}},
+                                                             "prometheusRule": {"enabled": True, "intermediateRemainingFraction": 0.25},
+                                                             "config": {"backend": {**VAULT_TOKEN, "mode": "intermediate"}}},
+         ["prometheusRule.intermediateRemainingFraction 0.25", "activateAt (0.167)", "every rotation"]),
     ]
     for label, values, want in cases:
         err = chart.render_error(values)
@@ -683,7 +783,17 @@ def check_failures(chart):
     err = chart.render_error({"replicaCount": 1, "config": {"server": {"listen": "127.0.0.1:15012"}}})
     check("/config/server/listen" in err, f"loopback listener: {err}")
     # Controls: the fixes the messages suggest do render.
-    for label, values in (("replicaCount 1", {"replicaCount": 1}), ("CA Secret, 2 replicas", CA_SECRET)):
+    for label, values in (("replicaCount 1", {"replicaCount": 1}), ("CA Secret, 2 replicas", CA_SECRET),
+                          ("DigiCert with an API key Secret and roots", {"backends": {"digicert": {"apiKeySecret": {"name": "k"},
+                                                                                                   "trustBundle": {"configMapName": "t"}}},
+                                                                         "config": {"backend": {**DIGICERT}}}),
+                          ("DigiCert with apiKeyEnv (extraEnv) and its own roots file",
+                           {"extraEnv": [{"name": "DIGICERT_API_KEY", "valueFrom": {"secretKeyRef": {"name": "k", "key": "api-key"}}}],
+                            "config": {"backend": {**DIGICERT, "auth": {"apiKeyEnv": "DIGICERT_API_KEY"}, "trustBundleFile": "/etc/extra/roots.pem"}}}),
+                          ("audit file in a directory of its own", {"replicaCount": 1, "config": {"audit": {"sink": "file", "path": "/var/log/bridge/a.jsonl"}}}),
+                          ("intermediate alert below 1 - activateAt", {"replicaCount": 1, "backends": {"vault": {"authSecret": {"name": "s"}}},
+                                                                       "prometheusRule": {"enabled": True, "intermediateRemainingFraction": 0.15},
+                                                                       "config": {"backend": {**VAULT_TOKEN, "mode": "intermediate"}}})):
         check(chart.render_error(values) is None, f"{label} should render: {chart.render_error(values)}")
         ok(f"the suggested fix renders: {label}")
 
@@ -719,6 +829,8 @@ def value_paths(v, prefix, out):
 # One full config per backend type (several where a type has variants whose keys differ, like
 # Vault's login methods): check-config prints all of the type's keys with their defaults.
 # Adding a backend is one entry here (the schema test fails until it is added).
+INTERMEDIATE = {"ttl": "72h", "keyType": "ecdsaP384", "pathLenZero": True, "prepareAt": 0.5, "activateAt": 0.8,
+                "readyMargin": "2h", "retryBackoff": "2s", "retryMaxBackoff": "10m", "stateDir": "/state"}
 BACKEND_CONFIGS = {
     "local": [{"type": "local", "caCertFile": "/ca.pem", "caKeyFile": "/ca.key", "chainFile": "/chain.pem",
                "rootBundleFile": "/roots.pem"}],
@@ -727,7 +839,8 @@ BACKEND_CONFIGS = {
          "serverRole": "server", "issuerRef": "current", "rootBundleFile": "/roots.pem",
          "tls": {"caFile": "/ca.pem", "clientCertFile": "/c.pem", "clientKeyFile": "/c.key"},
          "auth": {"method": "token", "tokenFile": "/token"}},
-        {"type": "vault", "address": "https://vault.example:8200", "role": "istio", "auth": {"method": "kubernetes", "role": "r"}},
+        {"type": "vault", "address": "https://vault.example:8200", "role": "istio", "auth": {"method": "kubernetes", "role": "r"},
+         "mode": "intermediate", "intermediate": INTERMEDIATE},
         {"type": "vault", "address": "https://vault.example:8200", "role": "istio",
          "auth": {"method": "approle", "roleIdFile": "/id", "secretIdFile": "/secret"}},
         {"type": "vault", "address": "https://vault.example:8200", "role": "istio", "auth": {"method": "jwt", "tokenFile": "/jwt"}},
@@ -735,7 +848,19 @@ BACKEND_CONFIGS = {
     "awsPca": [{"type": "awsPca", "caArn": "arn:aws:acm-pca:us-east-1:111122223333:certificate-authority/x",
                 "region": "us-east-1", "endpoint": "https://acm-pca.us-east-1.amazonaws.com",
                 "assumeRoleArn": "arn:aws:iam::111122223333:role/r", "signingAlgorithm": "SHA256WITHECDSA",
-                "extraRootsFile": "/roots.pem"}],
+                "extraRootsFile": "/roots.pem"},
+               {"type": "awsPca", "caArn": "arn:aws:acm-pca:us-east-1:111122223333:certificate-authority/x", "mode": "intermediate",
+                "intermediate": INTERMEDIATE,
+                "intermediateTemplateArn": "arn:aws:acm-pca:::template/SubordinateCACertificate_PathLen0_CSRPassthrough/V1"}],
+    "digicert": [
+        {"type": "digicert", "baseUrl": "https://one.digicert.com", "auth": {"apiKeyFile": "/key"}, "caFile": "/ca.pem",
+         "profileId": "p-1", "seat": {"strategy": "spiffeId"}, "validityUnit": "hours", "requestTimeout": "5s",
+         "pollInitialInterval": "250ms", "pollMaxInterval": "2s", "rateLimit": 10, "rateBurst": 20,
+         "trustBundleFile": "/roots.pem", "intermediatesFile": "/intermediates.pem"},
+        {"type": "digicert", "baseUrl": "https://clientauth.one.digicert.com", "auth": {"clientCertFile": "/c.pem", "clientKeyFile": "/c.key"},
+         "profileId": "p-1", "seat": {"strategy": "fixed", "id": "mesh"}, "validityUnit": "days", "trustBundleFile": "/roots.pem"},
+        {"type": "digicert", "auth": {"apiKeyEnv": "DIGICERT_API_KEY"}, "profileId": "p-1", "trustBundleFile": "/roots.pem"},
+    ],
 }
 
 
@@ -748,7 +873,23 @@ def check_schema(chart):
         ("bad enum", {"config": {"policy": {"overMax": "sometimes"}}}, "overMax"),
         ("bad duration", {"config": {"policy": {"maxTtl": "forever"}}}, "maxTtl"),
         ("grace the chart cannot compute with", {"config": {"server": {"shutdownGrace": "1 min"}}}, "shutdownGrace"),
-        ("unknown backend type", {"config": {"backend": {"type": "digicert"}}}, "/config/backend/type"),
+        ("unknown backend type", {"config": {"backend": {"type": "ejbca"}}}, "/config/backend/type"),
+        ("digicert without its profile", {"config": {"backend": {"type": "digicert"}}}, "'profileId'"),
+        ("another backend's key for digicert", {"config": {"backend": {"type": "digicert", "profileId": "p", "address": "https://v:8200"}}},
+         "'address' not allowed"),
+        ("bad digicert seat strategy", {"config": {"backend": {"type": "digicert", "profileId": "p", "seat": {"strategy": "perPod"}}}},
+         "/config/backend/seat/strategy"),
+        ("digicert over plain http", {"config": {"backend": {"type": "digicert", "profileId": "p", "baseUrl": "http://one.digicert.com"}}},
+         "/config/backend/baseUrl"),
+        ("unknown backend mode", {"config": {"backend": {"type": "vault", "address": "https://v:8200", "role": "r",
+                                                         "auth": {"method": "kubernetes", "role": "b"}, "mode": "subordinate"}}},
+         "/config/backend/mode"),
+        ("intermediate fraction out of range", {"config": {"backend": {"type": "awsPca", "caArn": "arn:aws:acm-pca:us-east-1:1:certificate-authority/x",
+                                                                       "mode": "intermediate", "intermediate": {"prepareAt": 1.5}}}},
+         "/config/backend/intermediate/prepareAt"),
+        ("intermediate keys on the local backend", {"config": {"backend": {"type": "local", "mode": "intermediate"}}}, "'mode' not allowed"),
+        ("unknown audit sink", {"config": {"audit": {"sink": "syslog"}}}, "/config/audit/sink"),
+        ("relative audit path", {"config": {"audit": {"sink": "file", "path": "audit.jsonl"}}}, "/config/audit/path"),
         ("vault without its required keys", {"config": {"backend": {"type": "vault"}}}, "'address', 'role', 'auth'"),
         ("wrong type in a vault login", {"config": {"backend": {"type": "vault", "address": "https://v:8200", "role": "r",
                                                                 "auth": {"method": "token", "tokenFile": 5}}}},
@@ -782,6 +923,7 @@ def check_schema(chart):
         "authn": {"jwt": [{"issuer": "https://issuer.example", "jwksFile": "/jwks.json"}], "devIssuer": {"dir": "/dev"},
                   "kubernetes": {"clusters": [{"id": "Kubernetes", "kubeconfig": "/kubeconfig"}]}},
         "backend": {"type": "local"},
+        "audit": {"sink": "file", "path": "/var/log/audit.jsonl"},
     }
     eff = chart.check_config(json.dumps(full), "every section")
     not_backend = lambda paths: {p for p in paths if p != "backend" and not p.startswith("backend.")}

@@ -69,6 +69,14 @@ Mount points inside the pod. The config path is fixed: args are `serve --config 
 {{- define "istio-ca-bridge.vaultRootsDir" -}}/etc/istio-ca-bridge/vault/roots{{- end }}
 {{- define "istio-ca-bridge.vaultTokenDir" -}}/var/run/secrets/istio-ca-bridge/vault{{- end }}
 {{- define "istio-ca-bridge.awsRootsDir" -}}/etc/istio-ca-bridge/aws/roots{{- end }}
+{{- define "istio-ca-bridge.digicertAuthDir" -}}/etc/istio-ca-bridge/digicert/auth{{- end }}
+{{- define "istio-ca-bridge.digicertClientDir" -}}/etc/istio-ca-bridge/digicert/client{{- end }}
+{{- define "istio-ca-bridge.digicertTrustDir" -}}/etc/istio-ca-bridge/digicert/trust{{- end }}
+{{- define "istio-ca-bridge.digicertCADir" -}}/etc/istio-ca-bridge/digicert/ca{{- end }}
+{{/* Where the audit log goes with sink file when config.audit.path is not set. */}}
+{{- define "istio-ca-bridge.defaultAuditPath" -}}/var/log/istio-ca-bridge/audit.jsonl{{- end }}
+{{/* Directories holding the chart's read-only mounts: nothing writable goes in or above them. */}}
+{{- define "istio-ca-bridge.readOnlyRoots" -}}/etc/istio-ca-bridge /var/run/secrets{{- end }}
 {{/* The bridge's own default for backend.stateDir (src/config.rs). */}}
 {{- define "istio-ca-bridge.defaultStateDir" -}}/var/lib/istio-ca-bridge{{- end }}
 {{/* The bridge's own default for server.shutdownGrace (src/config.rs). */}}
@@ -125,6 +133,29 @@ Whole seconds (rounded up) of a duration written as <n>h/<n>m/<n>s/<n>ms parts (
 {{- end }}
 
 {{/*
+Seconds (float) of any duration in the bridge's humantime syntax ("7days", "1h 30m", "72h").
+Called with (list <duration> <field>).
+*/}}
+{{- define "istio-ca-bridge.humantimeSeconds" -}}
+{{- $d := toString (index . 0) }}
+{{- $field := index . 1 }}
+{{- $units := dict "nsec" 1e-9 "ns" 1e-9 "usec" 1e-6 "us" 1e-6 "msec" 1e-3 "ms" 1e-3 "seconds" 1.0 "second" 1.0 "sec" 1.0 "s" 1.0 "minutes" 60.0 "minute" 60.0 "min" 60.0 "m" 60.0 "hours" 3600.0 "hour" 3600.0 "hr" 3600.0 "h" 3600.0 "days" 86400.0 "day" 86400.0 "d" 86400.0 "weeks" 604800.0 "week" 604800.0 "w" 604800.0 "months" 2630016.0 "month" 2630016.0 "M" 2630016.0 "years" 31557600.0 "year" 31557600.0 "y" 31557600.0 }}
+{{- if not (regexMatch "^\\s*([0-9]+\\s*[a-zA-Z]+\\s*)+$" $d) }}
+{{- fail (printf "%s: %q is not a duration (e.g. 24h, 7days, 1h 30m)" $field $d) }}
+{{- end }}
+{{- $total := 0.0 }}
+{{- range $part := regexFindAll "[0-9]+\\s*[a-zA-Z]+" $d -1 }}
+{{- $n := regexFind "^[0-9]+" $part }}
+{{- $unit := trimPrefix $n $part | trim }}
+{{- if not (hasKey $units $unit) }}
+{{- fail (printf "%s: unknown unit %q in %q" $field $unit $d) }}
+{{- end }}
+{{- $total = addf $total (mulf (float64 $n) (get $units $unit)) }}
+{{- end }}
+{{- $total }}
+{{- end }}
+
+{{/*
 terminationGracePeriodSeconds: the bridge's drain bound plus headroom, derived from the same
 value the bridge reads so the two cannot drift.
 */}}
@@ -162,6 +193,73 @@ stateDir on first start, one per pod).
 {{- end }}
 {{- end }}
 
+{{/*
+The audit log file when config.audit.sink is file (config.audit.path, else the chart's default);
+empty otherwise. Its directory gets the writable auditLog volume.
+*/}}
+{{- define "istio-ca-bridge.auditPath" -}}
+{{- $a := dig "audit" dict (.Values.config | default dict) }}
+{{- if eq (toString ($a.sink | default "stdout")) "file" }}
+{{- $a.path | default (include "istio-ca-bridge.defaultAuditPath" .) }}
+{{- end }}
+{{- end }}
+
+{{- define "istio-ca-bridge.auditDir" -}}
+{{- with include "istio-ca-bridge.auditPath" . }}{{ dir . }}{{ end }}
+{{- end }}
+
+{{/*
+"intermediate" when the backend (vault or awsPca) runs in intermediate mode; empty otherwise.
+*/}}
+{{- define "istio-ca-bridge.intermediateMode" -}}
+{{- $b := dig "backend" dict (.Values.config | default dict) }}
+{{- if and (has (include "istio-ca-bridge.backendType" .) (list "vault" "awsPca")) (eq (toString ($b.mode | default "direct")) "intermediate") }}intermediate{{ end }}
+{{- end }}
+
+{{/*
+config.backend.intermediate.stateDir in intermediate mode (a per-pod emptyDir is mounted there);
+empty otherwise (the bridge does not read it in direct mode).
+*/}}
+{{- define "istio-ca-bridge.intermediateStateDir" -}}
+{{- if include "istio-ca-bridge.intermediateMode" . }}
+{{- dig "backend" "intermediate" "stateDir" "" (.Values.config | default dict) | default "" }}
+{{- end }}
+{{- end }}
+
+{{/*
+"true" when directories a and b are the same or one contains the other. (list a b)
+*/}}
+{{- define "istio-ca-bridge.pathsOverlap" -}}
+{{- $a := trimSuffix "/" (index . 0) }}
+{{- $b := trimSuffix "/" (index . 1) }}
+{{- if or (eq $a $b) (hasPrefix (printf "%s/" $a) $b) (hasPrefix (printf "%s/" $b) $a) }}true{{ end }}
+{{- end }}
+
+{{/*
+Checks a directory the bridge writes to (a writable mount): absolute, not the root, clear of
+the chart's read-only mounts and of the other writable directories. (list $ dir field others)
+where others is a dict field -> dir.
+*/}}
+{{- define "istio-ca-bridge.checkWritableDir" -}}
+{{- $root := index . 0 }}
+{{- $d := index . 1 }}
+{{- $field := index . 2 }}
+{{- $others := index . 3 }}
+{{- if or (not (hasPrefix "/" $d)) (eq (trimSuffix "/" $d) "") }}
+{{- fail (printf "%s: %q must be an absolute path below / (a writable volume is mounted there)" $field $d) }}
+{{- end }}
+{{- range $ro := splitList " " (include "istio-ca-bridge.readOnlyRoots" $root) }}
+{{- if include "istio-ca-bridge.pathsOverlap" (list $d $ro) }}
+{{- fail (printf "%s: %q overlaps %s, where the chart mounts the config, Secrets and tokens read-only; use a directory of its own (e.g. under /var/lib or /var/log)" $field $d $ro) }}
+{{- end }}
+{{- end }}
+{{- range $of, $od := $others }}
+{{- if and $od (include "istio-ca-bridge.pathsOverlap" (list $d $od)) }}
+{{- fail (printf "%s: %q overlaps %s (%q); give each its own directory" $field $d $of $od) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{- define "istio-ca-bridge.stateDir" -}}
 {{- dig "backend" "stateDir" (include "istio-ca-bridge.defaultStateDir" .) (.Values.config | default dict) }}
 {{- end }}
@@ -183,13 +281,14 @@ replicas or Secrets). Rendered (as nothing) from the Deployment, so every instal
 {{- end }}
 {{- end }}
 {{- $backend := include "istio-ca-bridge.backendType" . }}
-{{- if not (has $backend (list "local" "vault" "awsPca")) }}
-{{- fail (printf "config.backend.type %q: this chart supports local, vault and awsPca" $backend) }}
+{{- if not (has $backend (list "local" "vault" "awsPca" "digicert")) }}
+{{- fail (printf "config.backend.type %q: this chart supports local, vault, awsPca and digicert" $backend) }}
 {{- end }}
 {{- /* Wiring for a backend that is not the configured one would silently do nothing. */}}
 {{- $bs := .Values.backends }}
-{{- $wired := dict "local" (or $bs.local.caSecret.name $bs.local.stateVolume) "vault" (or $bs.vault.authSecret.name $bs.vault.caBundle.secretName $bs.vault.caBundle.configMapName $bs.vault.rootBundleConfigMap.name) "awsPca" $bs.awsPca.extraRootsConfigMap.name }}
-{{- range $t := list "local" "vault" "awsPca" }}
+{{- $dc := $bs.digicert }}
+{{- $wired := dict "local" (or $bs.local.caSecret.name $bs.local.stateVolume) "vault" (or $bs.vault.authSecret.name $bs.vault.caBundle.secretName $bs.vault.caBundle.configMapName $bs.vault.rootBundleConfigMap.name) "awsPca" $bs.awsPca.extraRootsConfigMap.name "digicert" (or $dc.apiKeySecret.name $dc.clientCertSecret.name $dc.trustBundle.configMapName $dc.trustBundle.secretName $dc.caBundle.secretName $dc.caBundle.configMapName) }}
+{{- range $t := list "local" "vault" "awsPca" "digicert" }}
 {{- if and (ne $t $backend) (get $wired $t) }}
 {{- fail (printf "backends.%s is set but config.backend.type is %q: move the Secrets/ConfigMaps to backends.%s (or remove them)" $t $backend $backend) }}
 {{- end }}
@@ -223,6 +322,53 @@ replicas or Secrets). Rendered (as nothing) from the Deployment, so every instal
 {{- end }}
 {{- if and (eq $backend "awsPca") $bs.awsPca.extraRootsConfigMap.name $b.extraRootsFile }}
 {{- fail "backends.awsPca.extraRootsConfigMap.name is set: leave config.backend.extraRootsFile unset, the chart points it into the mount" }}
+{{- end }}
+{{- if eq $backend "digicert" }}
+{{- $auth := $b.auth | default dict }}
+{{- if and $dc.apiKeySecret.name $dc.clientCertSecret.name }}
+{{- fail "backends.digicert: set apiKeySecret.name or clientCertSecret.name, not both (the bridge authenticates with exactly one)" }}
+{{- end }}
+{{- if and (or $dc.apiKeySecret.name $dc.clientCertSecret.name) (or $auth.apiKeyFile $auth.apiKeyEnv $auth.clientCertFile $auth.clientKeyFile) }}
+{{- fail "backends.digicert.apiKeySecret/clientCertSecret is set: leave config.backend.auth.apiKeyFile/apiKeyEnv/clientCertFile/clientKeyFile unset, the chart points them into the mounted Secret" }}
+{{- end }}
+{{- if not (or $dc.apiKeySecret.name $dc.clientCertSecret.name $auth.apiKeyFile $auth.apiKeyEnv $auth.clientCertFile) }}
+{{- fail "config.backend.type digicert needs credentials: set backends.digicert.apiKeySecret.name (an existing Secret with the API key under apiKeySecret.key) or backends.digicert.clientCertSecret.name (client certificate and key for https://clientauth.one.digicert.com)" }}
+{{- end }}
+{{- if and $dc.trustBundle.configMapName $dc.trustBundle.secretName }}
+{{- fail "backends.digicert.trustBundle: set configMapName or secretName, not both" }}
+{{- end }}
+{{- if or $dc.trustBundle.configMapName $dc.trustBundle.secretName }}
+{{- if or $b.trustBundleFile $b.intermediatesFile }}
+{{- fail "backends.digicert.trustBundle is set: leave config.backend.trustBundleFile/intermediatesFile unset, the chart points them into the mount" }}
+{{- end }}
+{{- else if not $b.trustBundleFile }}
+{{- fail "config.backend.type digicert needs the root(s) its chains end in: set backends.digicert.trustBundle.configMapName (or secretName), an existing ConfigMap with the roots under trustBundle.rootsKey" }}
+{{- end }}
+{{- if and $dc.caBundle.secretName $dc.caBundle.configMapName }}
+{{- fail "backends.digicert.caBundle: set secretName or configMapName, not both" }}
+{{- end }}
+{{- if and (or $dc.caBundle.secretName $dc.caBundle.configMapName) $b.caFile }}
+{{- fail "backends.digicert.caBundle is set: leave config.backend.caFile unset, the chart points it into the mount" }}
+{{- end }}
+{{- end }}
+{{- /* Writable directories: the audit log's and the intermediate's, each its own volume. */}}
+{{- $audit := dig "audit" dict $userCfg }}
+{{- if and $audit.path (ne (toString ($audit.sink | default "stdout")) "file") }}
+{{- fail (printf "config.audit.path is set but config.audit.sink is %q: set sink: file (or remove the path)" (toString ($audit.sink | default "stdout"))) }}
+{{- end }}
+{{- $localState := ternary (include "istio-ca-bridge.stateDir" .) "" (eq $backend "local") }}
+{{- $interState := include "istio-ca-bridge.intermediateStateDir" . }}
+{{- with include "istio-ca-bridge.auditDir" . }}
+{{- include "istio-ca-bridge.checkWritableDir" (list $ . "config.audit.path (its directory)" (dict "config.backend.stateDir" $localState "config.backend.intermediate.stateDir" $interState)) }}
+{{- end }}
+{{- with $interState }}
+{{- include "istio-ca-bridge.checkWritableDir" (list $ . "config.backend.intermediate.stateDir" dict) }}
+{{- end }}
+{{- if and .Values.prometheusRule.enabled (include "istio-ca-bridge.intermediateMode" .) }}
+{{- $activate := dig "intermediate" "activateAt" (divf 5.0 6.0) $b | float64 }}
+{{- if ge (float64 .Values.prometheusRule.intermediateRemainingFraction) (subf 1.0 $activate) }}
+{{- fail (printf "prometheusRule.intermediateRemainingFraction %v must be below 1 - config.backend.intermediate.activateAt (%.3f): a healthy replica hands over to its successor with that much of the lifetime left, so the alert would fire on every rotation" .Values.prometheusRule.intermediateRemainingFraction (subf 1.0 $activate)) }}
+{{- end }}
 {{- end }}
 {{- $mode := include "istio-ca-bridge.localCAMode" . }}
 {{- if and (eq $backend "local") (eq $mode "generated") (gt (int .Values.replicaCount) 1) }}
@@ -315,6 +461,30 @@ owns (mounted Secrets, the state dir) and the default serving-cert names.
 {{- if $r.name }}
 {{- $_ := set $backend "extraRootsFile" (printf "%s/%s" (include "istio-ca-bridge.awsRootsDir" .) $r.key) }}
 {{- end }}
+{{- else if eq (include "istio-ca-bridge.backendType" .) "digicert" }}
+{{- $dc := .Values.backends.digicert }}
+{{- $auth := $backend.auth | default dict }}
+{{- $_ := set $backend "auth" $auth }}
+{{- if $dc.apiKeySecret.name }}
+{{- $_ := set $auth "apiKeyFile" (printf "%s/%s" (include "istio-ca-bridge.digicertAuthDir" .) $dc.apiKeySecret.key) }}
+{{- else if $dc.clientCertSecret.name }}
+{{- $_ := set $auth "clientCertFile" (printf "%s/%s" (include "istio-ca-bridge.digicertClientDir" .) $dc.clientCertSecret.certKey) }}
+{{- $_ := set $auth "clientKeyFile" (printf "%s/%s" (include "istio-ca-bridge.digicertClientDir" .) $dc.clientCertSecret.keyKey) }}
+{{- end }}
+{{- if or $dc.trustBundle.configMapName $dc.trustBundle.secretName }}
+{{- $_ := set $backend "trustBundleFile" (printf "%s/%s" (include "istio-ca-bridge.digicertTrustDir" .) $dc.trustBundle.rootsKey) }}
+{{- if $dc.trustBundle.intermediatesKey }}
+{{- $_ := set $backend "intermediatesFile" (printf "%s/%s" (include "istio-ca-bridge.digicertTrustDir" .) $dc.trustBundle.intermediatesKey) }}
+{{- end }}
+{{- end }}
+{{- if or $dc.caBundle.secretName $dc.caBundle.configMapName }}
+{{- $_ := set $backend "caFile" (printf "%s/%s" (include "istio-ca-bridge.digicertCADir" .) $dc.caBundle.key) }}
+{{- end }}
+{{- end }}
+{{- with include "istio-ca-bridge.auditPath" . }}
+{{- $audit := $cfg.audit | default dict }}
+{{- $_ := set $cfg "audit" $audit }}
+{{- $_ := set $audit "path" . }}
 {{- end }}
 {{- if .Values.kubernetes.enabled }}
 {{- /* authn.kubernetes: this cluster through the pod's own service account, unless clusters are given. */}}
