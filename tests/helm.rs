@@ -8,8 +8,10 @@
 //!   rendered ConfigMap's config passes `istio-ca-bridge check-config`.
 //! - `structure`: Service, container and probe ports equal the rendered config's listen ports;
 //!   probe paths; terminationGracePeriodSeconds above shutdownGrace; hardened securityContext;
-//!   selectors; every file the config names comes from a mount; RBAC equals the API calls the
-//!   binary's effective config makes (none without `kubernetes.enabled`), never a wildcard.
+//!   selectors; every file the config reads comes from a read-only mount and every directory it
+//!   writes (local state, intermediate state, audit log) from a writable one of its own, with no
+//!   other writable volume; RBAC equals the API calls the binary's effective config makes (none
+//!   without `kubernetes.enabled`), never a wildcard.
 //! - `rbac`: per feature combination (TokenReview, impersonation, root ConfigMaps, istiod-tls,
 //!   leader election, renamed objects) the exact grants, written out literally.
 //! - `image`: the Deployment runs the Dockerfile's ENTRYPOINT as its USER with its EXPOSEd ports
@@ -22,8 +24,11 @@
 //! - `live`: each `ci/` install that can run on this machine (local backend, no Kubernetes API:
 //!   the others need the install's own API server, Vault or AWS account) is run for real (its
 //!   args, env and mounted files): probes answer, a Kubernetes-shaped token gets a certificate
-//!   over TLS to the Service's name, SIGTERM exits within the grace period, and every metric the
-//!   alerts and dashboard use is exported. The installs not run are named in the output.
+//!   over TLS to the Service's name, SIGTERM exits within the grace period, nothing is written
+//!   outside the writable mounts (read-only root filesystem), the audit file has the workload's
+//!   record, and every metric the alerts and dashboard use is exported (the intermediate-mode
+//!   ones, which appear only with a Vault or AWS backend, are checked to be named in the binary
+//!   instead). The installs not run are named in the output.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
