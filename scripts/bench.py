@@ -9,7 +9,9 @@ and tokens, N calls in flight over TLS), and reads the bridge's peak RSS and CPU
 Scenarios (issue 8): a = local CA with an ECDSA P-256 key, 64 in flight; b = the same with
 an RSA 2048 CA key; e = restart storm, 10,000 distinct identities once each; plus the RSS
 check with 1,000 client connections. c/d (OpenBao pki/sign directly, and the bridge's vault
-backend in front of it) run when `bao` and the vault backend are available.
+backend in front of it), f (the vault backend in intermediate mode, against a and d) and g/h
+(restart storm through OpenBao, direct vs intermediate, with the number of backend calls each
+made) run when `bao` is installed.
 """
 import json
 import os
@@ -119,7 +121,19 @@ def loadgen(bridge, *args):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def scenario(name, key_type, *args, backend=None, root_file=None):
+def metric_sum(admin, name, match=""):
+    """Sum of the samples of `name` whose label set contains `match`, from /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and (line[len(name)] in "{ ") and match in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def scenario(name, key_type, *args, backend=None, root_file=None, backend_calls=None):
+    """`backend_calls(admin_port)`: how many calls reached the backend (from /metrics)."""
     b = Bridge(key_type, backend, root_file).start()
     cpu0 = proc_cpu_seconds(b.proc.pid)
     try:
@@ -131,6 +145,8 @@ def scenario(name, key_type, *args, backend=None, root_file=None):
             peak_rss_mib=proc_peak_rss_mib(b.proc.pid),
             cpu_s_per_1000=cpu / max(r["ok"], 1) * 1000,
         )
+        if backend_calls:
+            r["backend_calls"] = backend_calls(b.admin)
     finally:
         b.stop()
     print(f"  {name}: {r['rps']:.0f} req/s, p99 {r['p99_ms']:.2f} ms, failed {r['failed']}", file=sys.stderr)
@@ -160,12 +176,19 @@ def main():
         print(f"a/c = {by['a']['rps'] / by['c']['rps']:.2f}", file=sys.stderr)
     if "d" in by and "c" in by:
         print(f"d/c = {by['d']['rps'] / by['c']['rps']:.2f}", file=sys.stderr)
+    if "f" in by and "a" in by and "d" in by:
+        print(f"f/a = {by['f']['rps'] / by['a']['rps']:.2f}, f/d = {by['f']['rps'] / by['d']['rps']:.2f}",
+              file=sys.stderr)
+    if "g" in by and "h" in by:
+        print(f"storm: direct {by['g']['rps']:.0f}/s with {by['g']['backend_calls']:.0f} backend calls, "
+              f"intermediate {by['h']['rps']:.0f}/s with {by['h']['backend_calls']:.0f}", file=sys.stderr)
     print()
-    print(f"| scenario | req/s | p50 ms | p90 ms | p99 ms | max ms | failed | peak RSS MiB | CPU s / 1000 certs | start->ready ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| scenario | req/s | p50 ms | p90 ms | p99 ms | max ms | failed | peak RSS MiB | CPU s / 1000 certs | start->ready ms | backend calls |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
+        calls = f"{r['backend_calls']:.0f}" if "backend_calls" in r else "-"
         print(f"| {r['name']} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['p99_ms']:.2f} | "
-              f"{r['max_ms']:.2f} | {r['failed']} | {r['peak_rss_mib']:.1f} | {r['cpu_s_per_1000']:.3f} | {r['ready_ms']:.0f} |")
+              f"{r['max_ms']:.2f} | {r['failed']} | {r['peak_rss_mib']:.1f} | {r['cpu_s_per_1000']:.3f} | {r['ready_ms']:.0f} | {calls} |")
     with open(os.path.join(ROOT, "bench-results.json"), "w") as f:
         json.dump({"machine": machine(), "results": results}, f, indent=2)
 
@@ -230,9 +253,27 @@ def vault_scenarios(common):
     tokenEnv: BENCH_VAULT_TOKEN
 """
         os.environ["BENCH_VAULT_TOKEN"] = "root"
+        root_file = os.path.join(work, "root.pem")
+        direct_calls = lambda admin: metric_sum(
+            admin, "istio_ca_bridge_backend_sign_duration_seconds_count", 'backend="vault"')
         out.append(scenario("d: bridge + vault backend in front of that OpenBao", "ecdsaP256",
                             "--concurrency", "64", "--connections", "8", "--duration", DURATION, *common,
-                            backend=backend, root_file=os.path.join(work, "root.pem")))
+                            backend=backend, root_file=root_file, backend_calls=direct_calls))
+        # Intermediate mode through the same OpenBao: one sign-intermediate per replica, the
+        # bridge signs every leaf itself.
+        inter = lambda d: backend(d) + """  mode: intermediate
+  intermediate:
+    ttl: 24h
+"""
+        inter_calls = lambda admin: metric_sum(admin, "istio_ca_bridge_intermediate_preparations_total")
+        out.append(scenario("f: bridge + vault backend, intermediate mode, same OpenBao", "ecdsaP256",
+                            "--concurrency", "64", "--connections", "8", "--duration", DURATION, *common,
+                            backend=inter, root_file=root_file, backend_calls=inter_calls))
+        storm = ["--concurrency", "64", "--connections", "64", "--identities", "10000", "--count", "10000"]
+        out.append(scenario("g: restart storm through OpenBao, direct mode", "ecdsaP256", *storm,
+                            backend=backend, root_file=root_file, backend_calls=direct_calls))
+        out.append(scenario("h: restart storm through OpenBao, intermediate mode", "ecdsaP256", *storm,
+                            backend=inter, root_file=root_file, backend_calls=inter_calls))
     finally:
         bao.terminate()
         bao.wait(timeout=30)

@@ -1613,20 +1613,17 @@ impl Config {
             }),
             _ => {}
         }
-        match &self.backend {
-            BackendConfig::Digicert(d) => {
-                errs.extend(d.problems());
-                if d.request_timeout >= s.request_timeout {
-                    errs.push(FieldError {
-                        field: "backend.requestTimeout".into(),
-                        message: "must be below server.requestTimeout (callers then get the \
-                                  backend's RESOURCE_EXHAUSTED / UNAVAILABLE instead of a \
-                                  generic timeout)"
-                            .into(),
-                    });
-                }
+        if let BackendConfig::Digicert(d) = &self.backend {
+            errs.extend(d.problems());
+            if d.request_timeout >= s.request_timeout {
+                errs.push(FieldError {
+                    field: "backend.requestTimeout".into(),
+                    message: "must be below server.requestTimeout (callers then get the \
+                              backend's RESOURCE_EXHAUSTED / UNAVAILABLE instead of a \
+                              generic timeout)"
+                        .into(),
+                });
             }
-            _ => {}
         }
         if errs.is_empty() { Ok(()) } else { Err(errs) }
     }

@@ -262,7 +262,7 @@ async fn rotation_under_continuous_load_fails_no_call_and_no_leaf_outlives_its_i
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 n += 1;
-                if n % 25 == 0 {
+                if n.is_multiple_of(25) {
                     client = b.client().await;
                 }
                 match call(&mut client, request(csr.clone(), Some(&token), 3600)).await {

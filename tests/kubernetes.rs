@@ -522,6 +522,17 @@ async fn ztunnel_impersonation_is_decided_from_the_watched_pods() {
         .unwrap();
     assert_eq!(leaf_uri(&chain), zt_id);
     let mut issued = 2;
+    // The audit log tells who asked for whom: ztunnel (via TokenReview, in its cluster) for
+    // the web pod's identity.
+    let recs = b.audit_records().await;
+    let rec = recs
+        .iter()
+        .find(|r| r["identity"] == web.as_str())
+        .expect("audit record of the impersonated certificate");
+    assert_eq!(rec["caller"], zt_id.as_str());
+    assert_eq!(rec["via"], "token_review");
+    assert_eq!(rec["cluster_id"], "Kubernetes");
+    assert_eq!(rec["mode"], "direct");
 
     // Callers and targets that must be refused.
     let web_tok = sa_jwt("default", "web", "web");

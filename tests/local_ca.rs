@@ -230,3 +230,65 @@ async fn listener_speaks_tls13_and_tls12_with_h2_and_client_certs_optional() {
     assert_eq!(b.issued(), 0);
     b.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_log_records_every_issued_certificate_and_no_secret() {
+    let b = Bridge::start().await;
+    let mut client = b.client().await;
+    let id = spiffe("default", "audited");
+    let token = b.issuer.token("default", "audited");
+    let (_, csr) = csr_for(&id, KeyType::EcdsaP256, CsrShape::IstioAgent);
+    let chain = call(&mut client, request(csr.clone(), Some(&token), 3600))
+        .await
+        .unwrap()
+        .cert_chain;
+    // A refused call leaves no record.
+    let (_, other) = csr_for(
+        &spiffe("default", "someone-else"),
+        KeyType::EcdsaP256,
+        CsrShape::IstioAgent,
+    );
+    call(&mut client, request(other, Some(&token), 3600))
+        .await
+        .unwrap_err();
+
+    let recs = b.audit_records().await;
+    let leaf = pki::cert_info(&pki::parse_certs_pem(chain[0].as_bytes()).unwrap()[0]).unwrap();
+    let root = pki::cert_info(&pki::parse_certs_pem(b.root_pem().as_bytes()).unwrap()[0]).unwrap();
+    let workload: Vec<_> = recs
+        .iter()
+        .filter(|r| r["identity"] == id.as_str())
+        .collect();
+    assert_eq!(workload.len(), 1, "{recs:?}");
+    let r = workload[0];
+    assert_eq!(r["event"], "certificate_issued");
+    assert_eq!(r["serial"], leaf.serial_hex.as_str());
+    assert_eq!(r["caller"], id.as_str());
+    assert_eq!(r["via"], "jwt");
+    assert_eq!(r["backend"], "local");
+    assert_eq!(r["mode"], "direct");
+    assert_eq!(r["issuer_serial"], root.serial_hex.as_str());
+    let na = time::OffsetDateTime::parse(
+        r["not_after"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    assert_eq!(na.unix_timestamp(), leaf.not_after);
+    assert!(
+        !recs
+            .iter()
+            .any(|r| r["identity"] == spiffe("default", "someone-else").as_str()),
+        "refused calls are not recorded"
+    );
+    // The serving certificate is recorded too, without a caller.
+    let serving = recs
+        .iter()
+        .find(|r| r["identity"] == "dns:localhost")
+        .expect("serving certificate record");
+    assert!(serving["caller"].is_null());
+    // Nothing secret in the file.
+    let text = std::fs::read_to_string(b.cfg.audit.path.as_ref().unwrap()).unwrap();
+    assert!(!text.contains(&token) && !text.contains("BEGIN"), "{text}");
+    assert!(!text.contains(csr.lines().nth(1).unwrap()));
+    b.shutdown().await.unwrap();
+}
