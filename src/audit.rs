@@ -134,39 +134,78 @@ impl AuditLog {
 pub struct Audited {
     inner: Arc<dyn Signer>,
     log: AuditLog,
+    /// The last issuer seen (its DER, or the leaf's issuer name and key identifier when a
+    /// root signed directly) and its serial: issuers change once per rotation, not per certificate.
+    last_issuer: std::sync::Mutex<Option<(Vec<u8>, Option<String>)>>,
 }
 
 impl Audited {
     pub fn new(inner: Arc<dyn Signer>, log: AuditLog) -> Self {
-        Self { inner, log }
+        Self {
+            inner,
+            log,
+            last_issuer: std::sync::Mutex::new(None),
+        }
     }
 
-    fn record_for(&self, req: &SignRequest, issued: &IssuedChain) -> Option<Record> {
-        let leaf = pki::cert_info(&issued.leaf).ok()?;
-        let issuer_serial = match issued.intermediates.first() {
-            Some(i) => pki::cert_info(i).ok().map(|c| c.serial_hex),
+    /// Serial of the certificate that signed the leaf: the first intermediate, or the root
+    /// of the bundle whose subject is the leaf's issuer.
+    fn issuer_serial(
+        &self,
+        issued: &IssuedChain,
+        issuer_key: &[u8],
+        leaf_issuer: &[u8],
+    ) -> Option<String> {
+        let key: &[u8] = match issued.intermediates.first() {
+            Some(i) => i.as_ref(),
+            None => issuer_key,
+        };
+        let mut last = self.last_issuer.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((k, serial)) = &*last
+            && k.as_slice() == key
+        {
+            return serial.clone();
+        }
+        let serial = match issued.intermediates.first() {
+            Some(i) => x509_parser::parse_x509_certificate(i)
+                .ok()
+                .map(|(_, c)| c.raw_serial_as_string()),
             None => {
-                // Signed by a root directly (the local CA without intermediates).
-                let (_, parsed) = x509_parser::parse_x509_certificate(&issued.leaf).ok()?;
-                let issuer = parsed.issuer().as_raw();
                 let bundle = self.inner.trust_bundle().borrow().clone();
                 bundle.roots().iter().find_map(|r| {
                     let (_, rc) = x509_parser::parse_x509_certificate(r).ok()?;
-                    (rc.subject().as_raw() == issuer).then(|| rc.raw_serial_as_string())
+                    (rc.subject().as_raw() == leaf_issuer).then(|| rc.raw_serial_as_string())
                 })
             }
         };
+        *last = Some((key.to_vec(), serial.clone()));
+        serial
+    }
+
+    fn record_for(&self, req: &SignRequest, issued: &IssuedChain) -> Option<Record> {
+        let (_, leaf) = x509_parser::parse_x509_certificate(&issued.leaf).ok()?;
+        // A root is named by the leaf's issuer name and authority key identifier (two roots
+        // of a rotation may share a name).
+        let mut issuer_key = leaf.issuer().as_raw().to_vec();
+        if let Some(aki) = leaf
+            .extensions()
+            .iter()
+            .find(|e| e.oid == x509_parser::oid_registry::OID_X509_EXT_AUTHORITY_KEY_IDENTIFIER)
+        {
+            issuer_key.extend_from_slice(aki.value);
+        }
+        let issuer_serial = self.issuer_serial(issued, &issuer_key, leaf.issuer().as_raw());
         let caller = req.caller.as_ref();
         Some(Record {
             time: rfc3339(pki::unix_secs(std::time::SystemTime::now())),
             event: "certificate_issued",
-            serial: leaf.serial_hex,
+            serial: leaf.raw_serial_as_string(),
             identity: req.subject.to_string(),
             caller: caller.map(|c| c.identity.clone()),
             via: caller.map(|c| c.via),
             cluster_id: caller.and_then(|c| c.cluster_id.clone()),
-            not_before: rfc3339(leaf.not_before),
-            not_after: rfc3339(leaf.not_after),
+            not_before: rfc3339(leaf.validity().not_before.timestamp()),
+            not_after: rfc3339(leaf.validity().not_after.timestamp()),
             backend: self.inner.kind(),
             mode: self.inner.mode(),
             issuer_serial,

@@ -46,6 +46,7 @@ const KEY_FILE: &str = "intermediate-key.pem";
 const CHAIN_FILE: &str = "intermediate-chain.pem";
 /// One preparation (the backend call) may take this long before it counts as failed.
 const PREPARE_TIMEOUT: Duration = Duration::from_secs(60);
+const MIN_PREPARE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What the bridge asks its backend to sign: a CA certificate for `public_key_der`.
 #[derive(Debug, Clone)]
@@ -529,6 +530,7 @@ async fn rotation_task(inner: Arc<Inner>, stop: CancellationToken) {
     let mut bundle_rx = inner.upstream.trust_bundle();
     bundle_rx.borrow_and_update();
     let mut urgent = false;
+    let mut last_prepare: Option<std::time::Instant> = None;
     loop {
         let now = now_secs();
         let cur = inner.current.load_full();
@@ -561,6 +563,12 @@ async fn rotation_task(inner: Arc<Inner>, stop: CancellationToken) {
         } else {
             wait
         };
+        // Never two preparations closer than a second: a backend that grants far less
+        // than asked must not be asked in a tight loop.
+        let wait = match (step, last_prepare) {
+            (Step::Prepare, Some(t)) => wait.max(MIN_PREPARE_INTERVAL.saturating_sub(t.elapsed())),
+            _ => wait,
+        };
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
@@ -579,22 +587,25 @@ async fn rotation_task(inner: Arc<Inner>, stop: CancellationToken) {
                 inner.activate();
                 urgent = false;
             }
-            Step::Prepare => match inner.prepare_next().await {
-                Ok(()) => failures = 0,
-                Err(e) => {
-                    failures += 1;
-                    let left = inner.current.load().remaining(now_secs());
-                    tracing::warn!(
-                        backend = inner.kind(),
-                        error = %e,
-                        failures,
-                        remaining_secs = left,
-                        "preparing the next intermediate CA failed; still signing with the current one, retrying"
-                    );
-                    *inner.last_error.lock().unwrap_or_else(|e| e.into_inner()) =
-                        Some(e.to_string());
+            Step::Prepare => {
+                last_prepare = Some(std::time::Instant::now());
+                match inner.prepare_next().await {
+                    Ok(()) => failures = 0,
+                    Err(e) => {
+                        failures += 1;
+                        let left = inner.current.load().remaining(now_secs());
+                        tracing::warn!(
+                            backend = inner.kind(),
+                            error = %e,
+                            failures,
+                            remaining_secs = left,
+                            "preparing the next intermediate CA failed; still signing with the current one, retrying"
+                        );
+                        *inner.last_error.lock().unwrap_or_else(|e| e.into_inner()) =
+                            Some(e.to_string());
+                    }
                 }
-            },
+            }
         }
     }
 }
