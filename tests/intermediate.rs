@@ -413,7 +413,18 @@ async fn a_stored_intermediate_is_reused_after_a_restart() {
     };
     let b1 = backend.clone();
     let first = Bridge::start_with(move |cfg| cfg.backend = BackendConfig::Vault(b1)).await;
-    let int1 = facts(&issue(&first, "a").await.unwrap()[1]).0;
+    // A VM's certificate from this replica (its key kept for the renewal below).
+    let vm = spiffe("default", "vm");
+    let (vm_key, vm_csr) = csr_for(&vm, KeyType::EcdsaP256, CsrShape::IstioAgent);
+    let mut c = first.client().await;
+    let vm_chain = call(
+        &mut c,
+        request(vm_csr, Some(&first.issuer.token("default", "vm")), 3600),
+    )
+    .await
+    .unwrap()
+    .cert_chain;
+    let int1 = facts(&vm_chain[1]).0;
     assert_eq!(preparations(&first, "success"), 1.0);
     first.shutdown().await.unwrap();
     use std::os::unix::fs::PermissionsExt;
@@ -436,6 +447,34 @@ async fn a_stored_intermediate_is_reused_after_a_restart() {
     let replica = Bridge::start_with(move |cfg| cfg.backend = BackendConfig::Vault(other)).await;
     let chain = issue(&replica, "c").await.unwrap();
     assert_ne!(facts(&chain[1]).0, int1);
+    // The VM renews at the other replica with only its certificate (leaf + the first
+    // replica's intermediate chain, as TLS clients send it): both intermediates chain to the
+    // same root, so any replica accepts any replica's certificates.
+    let ch = istio_ca_bridge::cli::request::connect(
+        &format!("localhost:{}", replica.grpc.port()),
+        replica.root_pem().as_bytes(),
+        Some("localhost"),
+        Some((
+            vm_chain[..vm_chain.len() - 1].concat().into_bytes(),
+            vm_key.serialize_pem().into_bytes(),
+        )),
+    )
+    .await
+    .unwrap();
+    let mut mtls =
+        istio_ca_bridge::pb::istio_certificate_service_client::IstioCertificateServiceClient::new(
+            ch,
+        );
+    let (_, csr) = csr_for(&vm, KeyType::EcdsaP256, CsrShape::IstioAgent);
+    let renewed = call(&mut mtls, request(csr, None, 3600))
+        .await
+        .expect("client-certificate renewal across replicas")
+        .cert_chain;
+    assert_ne!(
+        facts(&renewed[1]).0,
+        int1,
+        "renewed under the replica's own intermediate"
+    );
     let spki = |pem: &[u8]| {
         let der = pki::parse_certs_pem(pem).unwrap().remove(0);
         let (_, c) = x509_parser::parse_x509_certificate(&der).unwrap();
