@@ -161,11 +161,56 @@ pub enum BuildError {
     Intermediate(#[from] intermediate::IntermediateError),
 }
 
+type UpstreamFuture = futures::future::BoxFuture<
+    'static,
+    Result<Arc<dyn intermediate::UpstreamAuthority>, BuildError>,
+>;
+
+/// How to connect to the upstream of intermediate mode (again, if the first try fails).
+fn upstream_connector(
+    cfg: &BackendConfig,
+    metrics: Arc<Metrics>,
+) -> (&'static str, Arc<dyn Fn() -> UpstreamFuture + Send + Sync>) {
+    match cfg {
+        BackendConfig::Vault(v) => {
+            let v = v.clone();
+            (
+                "vault",
+                Arc::new(move || {
+                    let (v, metrics) = (v.clone(), metrics.clone());
+                    Box::pin(async move {
+                        let s = vault::VaultSigner::connect(&v, metrics).await?;
+                        Ok(Arc::new(s) as Arc<dyn intermediate::UpstreamAuthority>)
+                    })
+                }),
+            )
+        }
+        BackendConfig::AwsPca(a) => {
+            let a = a.clone();
+            (
+                "aws_pca",
+                Arc::new(move || {
+                    let (a, metrics) = (a.clone(), metrics.clone());
+                    Box::pin(async move {
+                        let s = aws_pca::AwsPca::connect(&a, metrics).await?;
+                        Ok(s as Arc<dyn intermediate::UpstreamAuthority>)
+                    })
+                }),
+            )
+        }
+        BackendConfig::Local(_) | BackendConfig::Digicert(_) => {
+            unreachable!("only vault and awsPca have an intermediate mode")
+        }
+    }
+}
+
 /// Builds the configured backend. Remote backends log in and fetch their trust bundle
 /// here, so a bridge that cannot reach its CA fails at start with a clear error.
 ///
 /// In intermediate mode the backend signs the bridge's first intermediate here too, so a
-/// backend whose answer is not a usable CA stops the start with the reason.
+/// backend whose answer is not a usable CA stops the start with the reason. If the backend
+/// cannot be reached but `intermediate.stateDir` holds a usable intermediate, the bridge
+/// starts with it and connects later ([`intermediate::LazyUpstream`]).
 /// `max_leaf_ttl` is `policy.maxTtl` (intermediate mode switches early enough for it).
 pub async fn build(
     cfg: &BackendConfig,
@@ -173,26 +218,52 @@ pub async fn build(
     max_leaf_ttl: Duration,
     metrics: Arc<Metrics>,
 ) -> Result<Arc<dyn Signer>, BuildError> {
-    let (upstream, icfg): (Arc<dyn intermediate::UpstreamAuthority>, _) = match cfg {
+    let icfg = match cfg {
         BackendConfig::Local(l) => {
             return Ok(Arc::new(local::LocalCa::load_or_create(l, trust_domain)?));
         }
         BackendConfig::Digicert(d) => {
             return Ok(Arc::new(digicert::Digicert::connect(d, metrics)?));
         }
-        BackendConfig::AwsPca(a) => {
-            let s = aws_pca::AwsPca::connect(a, metrics.clone()).await?;
-            if a.mode == BackendMode::Direct {
-                return Ok(s);
-            }
-            (s, &a.intermediate)
+        BackendConfig::AwsPca(a) if a.mode == BackendMode::Direct => {
+            return Ok(aws_pca::AwsPca::connect(a, metrics).await?);
         }
-        BackendConfig::Vault(v) => {
-            let s = Arc::new(vault::VaultSigner::connect(v, metrics.clone()).await?);
-            if v.mode == BackendMode::Direct {
-                return Ok(s);
-            }
-            (s, &v.intermediate)
+        BackendConfig::Vault(v) if v.mode == BackendMode::Direct => {
+            return Ok(Arc::new(vault::VaultSigner::connect(v, metrics).await?));
+        }
+        BackendConfig::AwsPca(a) => &a.intermediate,
+        BackendConfig::Vault(v) => &v.intermediate,
+    };
+    let (kind, connect) = upstream_connector(cfg, metrics.clone());
+    let upstream = match connect().await {
+        Ok(up) => up,
+        Err(e) => {
+            // A replica restarted during a backend outage starts from its stored
+            // intermediate, if it has a usable one, and connects later.
+            let stored = icfg
+                .state_dir
+                .as_deref()
+                .and_then(|d| intermediate::stored_bundle(d, icfg, trust_domain));
+            let Some(bundle) = stored else {
+                return Err(e);
+            };
+            let msg = format!("{:#}", anyhow::Error::new(e));
+            tracing::error!(
+                backend = kind,
+                error = %msg,
+                "BACKEND UNREACHABLE AT START: signing with the stored intermediate CA; no successor can be prepared until the backend answers"
+            );
+            intermediate::LazyUpstream::start(
+                kind,
+                bundle,
+                msg,
+                Box::new(move || {
+                    let c = connect();
+                    Box::pin(
+                        async move { c.await.map_err(|e| format!("{:#}", anyhow::Error::new(e))) },
+                    )
+                }),
+            )
         }
     };
     let signer = intermediate::IntermediateSigner::start(

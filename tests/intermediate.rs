@@ -10,7 +10,9 @@
 //!   30 s, so a successor takes over every ~15 s): zero failed calls, every leaf verifies
 //!   (webpki in-process for all, OpenSSL for a sample), no leaf outlives its issuer.
 //! - A stored intermediate (stateDir, key 0600) is reused after a restart without a new
-//!   preparation.
+//!   preparation, even when OpenBao is down at that restart; the replica connects once
+//!   OpenBao is back; another replica gets its own intermediate, and a VM's certificate from
+//!   one replica renews at the other.
 //! - moto ignores the SubordinateCACertificate template and returns a certificate without
 //!   CA:TRUE: the bridge refuses to start with that reason.
 
@@ -403,8 +405,8 @@ async fn rotation_under_continuous_load_fails_no_call_and_no_leaf_outlives_its_i
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stored_intermediate_is_reused_after_a_restart() {
-    let (_bao, _secrets, mut backend) = openbao().await;
+async fn a_stored_intermediate_is_reused_after_a_restart_even_during_an_outage() {
+    let (mut bao, _secrets, mut backend) = openbao().await;
     let state = tempfile::tempdir().unwrap();
     backend.mode = BackendMode::Intermediate;
     backend.intermediate = IntermediateConfig {
@@ -434,6 +436,9 @@ async fn a_stored_intermediate_is_reused_after_a_restart() {
         0o600
     );
 
+    // Restarted while OpenBao is down: it starts from the stored intermediate (and roots),
+    // issues, and stays ready.
+    bao.kill();
     let mut other = backend.clone();
     other.intermediate.state_dir = None;
     let second = Bridge::start_with(move |cfg| cfg.backend = BackendConfig::Vault(backend)).await;
@@ -442,7 +447,25 @@ async fn a_stored_intermediate_is_reused_after_a_restart() {
         0.0,
         "no new intermediate asked for"
     );
-    assert_eq!(facts(&issue(&second, "b").await.unwrap()[1]).0, int1);
+    let chain = issue(&second, "b").await.expect("issued with OpenBao down");
+    assert_eq!(facts(&chain[1]).0, int1);
+    openssl_verify(second.dir.path(), &chain, &bao.root_pem);
+    assert_eq!(second.admin_get("/readyz").await.0, 200);
+    // OpenBao back: the replica connects (logs in) without a restart.
+    bao.restart_sealed().await;
+    bao.unseal().await;
+    wait_until(
+        "the restarted replica logs in to OpenBao",
+        Duration::from_secs(30),
+        async || {
+            metric(
+                &second,
+                "istio_ca_bridge_backend_logins_total",
+                "backend=\"vault\",result=\"success\"",
+            ) >= 1.0
+        },
+    )
+    .await;
     // Another replica (no shared state) gets an intermediate, and a key, of its own.
     let replica = Bridge::start_with(move |cfg| cfg.backend = BackendConfig::Vault(other)).await;
     let chain = issue(&replica, "c").await.unwrap();

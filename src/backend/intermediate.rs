@@ -44,6 +44,9 @@ use crate::trust::{SharedBundle, TrustBundle};
 
 const KEY_FILE: &str = "intermediate-key.pem";
 const CHAIN_FILE: &str = "intermediate-chain.pem";
+/// The trust bundle when the intermediate was stored: lets a replica restarted during a
+/// backend outage start with its stored intermediate ([`stored_bundle`]).
+const ROOTS_FILE: &str = "roots.pem";
 /// One preparation (the backend call) may take this long before it counts as failed.
 const PREPARE_TIMEOUT: Duration = Duration::from_secs(60);
 const MIN_PREPARE_INTERVAL: Duration = Duration::from_secs(1);
@@ -75,6 +78,122 @@ pub trait UpstreamAuthority: Send + Sync + 'static {
 
     /// Whether the backend answers (informational in this mode: signing goes on without it).
     fn health(&self) -> Health;
+}
+
+/// Connects to a backend, for [`LazyUpstream`].
+pub type Connect = Box<
+    dyn Fn() -> futures::future::BoxFuture<'static, Result<Arc<dyn UpstreamAuthority>, String>>
+        + Send
+        + Sync,
+>;
+
+/// An upstream that is not connected yet: a replica restarted during a backend outage
+/// starts with its stored intermediate and this, which keeps trying to connect (with
+/// backoff) and answers UNAVAILABLE to preparations until it has. The trust bundle is the
+/// stored one until the backend's own takes over.
+pub struct LazyUpstream {
+    kind: &'static str,
+    inner: std::sync::OnceLock<Arc<dyn UpstreamAuthority>>,
+    bundle: watch::Sender<SharedBundle>,
+    last_error: Mutex<String>,
+    _stop: DropGuard,
+}
+
+impl LazyUpstream {
+    pub fn start(
+        kind: &'static str,
+        stored: TrustBundle,
+        first_error: String,
+        connect: Connect,
+    ) -> Arc<Self> {
+        let (tx, _) = watch::channel(Arc::new(stored));
+        let stop = CancellationToken::new();
+        let me = Arc::new(Self {
+            kind,
+            inner: std::sync::OnceLock::new(),
+            bundle: tx,
+            last_error: Mutex::new(first_error),
+            _stop: stop.clone().drop_guard(),
+        });
+        let weak = Arc::downgrade(&me);
+        tokio::spawn(async move {
+            let mut attempt = 0u32;
+            loop {
+                let delay =
+                    super::limit::backoff(attempt, Duration::from_secs(1), Duration::from_secs(60));
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                attempt += 1;
+                match connect().await {
+                    Ok(up) => {
+                        let Some(me) = weak.upgrade() else { return };
+                        tracing::info!(
+                            backend = kind,
+                            attempts = attempt,
+                            "connected to the backend"
+                        );
+                        let mut rx = up.trust_bundle();
+                        let _ = me.inner.set(up);
+                        drop(me);
+                        // From now on the backend's bundle is the bundle.
+                        loop {
+                            let current = rx.borrow_and_update().clone();
+                            match weak.upgrade() {
+                                Some(me) => {
+                                    me.bundle.send_replace(current);
+                                }
+                                None => return,
+                            }
+                            tokio::select! {
+                                _ = stop.cancelled() => return,
+                                r = rx.changed() => if r.is_err() { return },
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(backend = kind, error = %e, attempts = attempt, "backend still unreachable; signing with the stored intermediate CA");
+                        match weak.upgrade() {
+                            Some(me) => {
+                                *me.last_error.lock().unwrap_or_else(|p| p.into_inner()) = e
+                            }
+                            None => return,
+                        }
+                    }
+                }
+            }
+        });
+        me
+    }
+}
+
+#[async_trait]
+impl UpstreamAuthority for LazyUpstream {
+    fn kind(&self) -> &'static str {
+        self.kind
+    }
+
+    async fn sign_intermediate(&self, req: &IntermediateRequest) -> Result<IssuedChain, SignError> {
+        match self.inner.get() {
+            Some(up) => up.sign_intermediate(req).await,
+            None => Err(SignError::Unavailable(format!(
+                "not connected to the backend yet: {}",
+                self.last_error.lock().unwrap_or_else(|p| p.into_inner())
+            ))),
+        }
+    }
+
+    fn trust_bundle(&self) -> watch::Receiver<SharedBundle> {
+        self.bundle.subscribe()
+    }
+
+    fn health(&self) -> Health {
+        match self.inner.get() {
+            Some(up) => up.health(),
+            None => Health::NotReady("not connected to the backend yet".into()),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -160,7 +279,7 @@ impl IntermediateSigner {
                 count_preparation(&metrics, kind, r.is_ok());
                 let g = r?;
                 if let Some(dir) = &cfg.state_dir {
-                    save_state(dir, &g)?;
+                    save_state(dir, &g, &upstream.trust_bundle().borrow())?;
                 }
                 g
             }
@@ -405,7 +524,20 @@ fn load_state(
     }
 }
 
-fn save_state(dir: &Path, g: &Generation) -> Result<(), IntermediateError> {
+/// The roots stored beside a usable intermediate in `dir`, if there is one: a replica
+/// restarted while the backend is down can then start from its stored intermediate.
+pub fn stored_bundle(
+    dir: &Path,
+    cfg: &IntermediateConfig,
+    trust_domain: &str,
+) -> Option<TrustBundle> {
+    let roots = std::fs::read(dir.join(ROOTS_FILE)).ok()?;
+    let bundle = TrustBundle::from_pem(&roots).ok()?;
+    load_state(dir, cfg, trust_domain, &bundle).ok()??;
+    Some(bundle)
+}
+
+fn save_state(dir: &Path, g: &Generation, bundle: &TrustBundle) -> Result<(), IntermediateError> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -415,6 +547,8 @@ fn save_state(dir: &Path, g: &Generation) -> Result<(), IntermediateError> {
     local::write_private(&dir.join(KEY_FILE), g.key_pem.as_bytes())
         .map_err(|e| state_err(dir, e))?;
     local::write_file(&dir.join(CHAIN_FILE), g.chain_pem.as_bytes(), 0o644)
+        .map_err(|e| state_err(dir, e))?;
+    local::write_file(&dir.join(ROOTS_FILE), bundle.pem().as_bytes(), 0o644)
         .map_err(|e| state_err(dir, e))
 }
 
@@ -502,7 +636,7 @@ impl Inner {
             "switched to the next intermediate CA"
         );
         if let Some(dir) = &self.cfg.state_dir
-            && let Err(e) = save_state(dir, &next)
+            && let Err(e) = save_state(dir, &next, &self.upstream.trust_bundle().borrow())
         {
             tracing::warn!(error = %e, "could not store the intermediate CA; a restart will ask the backend again");
         }
@@ -822,7 +956,7 @@ mod tests {
         let g = check_and_build(issued, key, &cfg(), "cluster.local", &bundle).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("int");
-        save_state(&state, &g).unwrap();
+        save_state(&state, &g, &bundle).unwrap();
         use std::os::unix::fs::PermissionsExt;
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&state.join(KEY_FILE)), 0o600);
@@ -831,6 +965,12 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(back.serial, g.serial);
+        assert_eq!(
+            stored_bundle(&state, &cfg(), "cluster.local")
+                .unwrap()
+                .roots(),
+            bundle.roots()
+        );
         // Another root: the stored one is not used.
         let (other, _, _) = chain(Some(0), true);
         assert!(
