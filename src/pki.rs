@@ -106,6 +106,24 @@ pub fn from_unix(secs: i64) -> SystemTime {
     }
 }
 
+/// The certificates that link `leaf` to a root, from the PEM texts a backend answered
+/// with: in order, without roots (self-signed: trust anchors, not chain elements), without
+/// the leaf itself and without repeats. Empty texts are skipped.
+pub fn chain_links<'a>(
+    pems: impl IntoIterator<Item = &'a str>,
+    leaf: &CertificateDer<'_>,
+) -> Result<Vec<CertificateDer<'static>>, PkiError> {
+    let mut links: Vec<CertificateDer<'static>> = Vec::new();
+    for pem in pems.into_iter().filter(|p| !p.trim().is_empty()) {
+        for c in parse_certs_pem(pem.as_bytes())? {
+            if !cert_info(&c)?.self_signed && c.as_ref() != leaf.as_ref() && !links.contains(&c) {
+                links.push(c);
+            }
+        }
+    }
+    Ok(links)
+}
+
 /// When to renew a certificate obtained at `issued_at` (unix seconds) that expires at
 /// `not_after`: `renew_before` ahead of expiry, but not before half of the lifetime really
 /// granted (a backend role or the intermediate's own expiry may cap it below

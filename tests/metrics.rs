@@ -5,8 +5,6 @@
 
 mod support;
 
-use std::time::Duration;
-
 use istio_ca_bridge::config::KeyType;
 use istio_ca_bridge::pki::CsrShape;
 use support::*;
@@ -15,9 +13,6 @@ use tonic::Code;
 /// A namespace and service account that must never show up in metrics.
 const NS: &str = "metrics-probe-ns";
 const SA: &str = "metrics-probe-sa";
-
-const PROMTOOL_HINT: &str =
-    "apt-get install -y prometheus (Debian/Ubuntu package that ships promtool)";
 
 /// The only two lint messages istiod's names may draw (counters without `_total`, and
 /// `*_count` counters that are not histograms/summaries).
@@ -55,28 +50,6 @@ async fn metrics_text(b: &Bridge) -> String {
     let (status, body) = b.admin_get("/metrics").await;
     assert_eq!(status, 200, "{body}");
     body
-}
-
-/// Runs `promtool check metrics` on `text`; returns (exit code, output lines).
-async fn promtool(text: &str) -> (Option<i32>, Vec<String>) {
-    require_tool("promtool", PROMTOOL_HINT);
-    let out = run_with_timeout(
-        "promtool",
-        &["check", "metrics"],
-        &[],
-        Some(text.as_bytes()),
-        Duration::from_secs(60),
-    )
-    .await;
-    let lines = out
-        .stdout
-        .lines()
-        .chain(out.stderr.lines())
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .map(str::to_string)
-        .collect();
-    (out.code, lines)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

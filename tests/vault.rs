@@ -58,15 +58,6 @@ async fn issue(
     .map(|r| r.cert_chain)
 }
 
-fn metric(b: &Bridge, name: &str, labels: &str) -> f64 {
-    let text = b.metrics.render();
-    let prefix = format!("{name}{{{labels}}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .map(|v| v.trim().parse().unwrap())
-        .unwrap_or(0.0)
-}
-
 fn capped(b: &Bridge) -> f64 {
     metric(
         b,

@@ -452,16 +452,7 @@ impl AwsPca {
                 .with_label_values(&[KIND])
                 .inc();
         }
-        let mut intermediates = Vec::new();
-        if !chain_pem.trim().is_empty() {
-            for c in pki::parse_certs_pem(chain_pem.as_bytes()).map_err(|e| bad(e.to_string()))? {
-                let ci = pki::cert_info(&c).map_err(|e| bad(e.to_string()))?;
-                // Self-signed certificates are roots: trust anchors, not chain elements.
-                if !ci.self_signed {
-                    intermediates.push(c);
-                }
-            }
-        }
+        let intermediates = pki::chain_links([chain_pem], &leaf).map_err(|e| bad(e.to_string()))?;
         Ok(IssuedChain {
             leaf,
             intermediates,
@@ -622,15 +613,8 @@ impl UpstreamAuthority for AwsPca {
         let leaf = pki::parse_certs_pem(cert.as_bytes())
             .map_err(|e| bad(e.to_string()))?
             .remove(0);
-        let mut intermediates = Vec::new();
-        if !chain.trim().is_empty() {
-            for c in pki::parse_certs_pem(chain.as_bytes()).map_err(|e| bad(e.to_string()))? {
-                let ci = pki::cert_info(&c).map_err(|e| bad(e.to_string()))?;
-                if !ci.self_signed {
-                    intermediates.push(c);
-                }
-            }
-        }
+        let intermediates =
+            pki::chain_links([chain.as_str()], &leaf).map_err(|e| bad(e.to_string()))?;
         Ok(IssuedChain {
             leaf,
             intermediates,

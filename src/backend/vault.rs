@@ -159,6 +159,16 @@ struct SignData {
     ca_chain: Option<Vec<String>>,
 }
 
+impl SignData {
+    /// The CA certificates of the answer: `ca_chain` when Vault sent one, else `issuing_ca`.
+    fn chain_pems(&self) -> Vec<&str> {
+        match &self.ca_chain {
+            Some(c) if !c.is_empty() => c.iter().map(String::as_str).collect(),
+            _ => vec![self.issuing_ca.as_str()],
+        }
+    }
+}
+
 /// Vault's error body.
 #[derive(Deserialize)]
 struct ErrorBody {
@@ -973,21 +983,8 @@ impl VaultSigner {
             .into_iter()
             .next()
             .expect("parse_certs_pem returns at least one");
-        let mut intermediates: Vec<CertificateDer<'static>> = Vec::new();
-        let chain_pems: Vec<&str> = match &data.ca_chain {
-            Some(c) if !c.is_empty() => c.iter().map(String::as_str).collect(),
-            _ => vec![data.issuing_ca.as_str()],
-        };
-        for pem in chain_pems.into_iter().filter(|p| !p.trim().is_empty()) {
-            for c in
-                pki::parse_certs_pem(pem.as_bytes()).map_err(|e| bad(format!("ca_chain: {e}")))?
-            {
-                let info = pki::cert_info(&c).map_err(|e| bad(e.to_string()))?;
-                if !info.self_signed && c != leaf && !intermediates.contains(&c) {
-                    intermediates.push(c);
-                }
-            }
-        }
+        let intermediates = pki::chain_links(data.chain_pems(), &leaf)
+            .map_err(|e| bad(format!("ca_chain: {e}")))?;
 
         let (_, parsed) = parse_x509_certificate(&leaf).map_err(|e| bad(e.to_string()))?;
         if parsed.public_key().raw != req.public_key_der.as_slice() {
@@ -1183,19 +1180,8 @@ impl UpstreamAuthority for VaultSigner {
         let leaf = pki::parse_certs_pem(data.certificate.as_bytes())
             .map_err(|e| bad(format!("certificate: {e}")))?
             .remove(0);
-        let mut intermediates = Vec::new();
-        let chain: Vec<&str> = match &data.ca_chain {
-            Some(c) if !c.is_empty() => c.iter().map(String::as_str).collect(),
-            _ => vec![data.issuing_ca.as_str()],
-        };
-        for pem in chain.into_iter().filter(|p| !p.trim().is_empty()) {
-            for c in pki::parse_certs_pem(pem.as_bytes()).map_err(|e| bad(e.to_string()))? {
-                let info = pki::cert_info(&c).map_err(|e| bad(e.to_string()))?;
-                if !info.self_signed && c != leaf && !intermediates.contains(&c) {
-                    intermediates.push(c);
-                }
-            }
-        }
+        let intermediates =
+            pki::chain_links(data.chain_pems(), &leaf).map_err(|e| bad(e.to_string()))?;
         Ok(IssuedChain {
             leaf,
             intermediates,

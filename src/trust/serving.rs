@@ -184,7 +184,9 @@ pub fn spawn_maintainer(
                     let renew_at =
                         pki::from_unix(pki::renew_at(issued_at, not_after, cfg.renew_before));
                     let wait = if failures > 0 {
-                        Duration::from_millis(500 << failures.min(7))
+                        // Capped: after a signing-CA switch (intermediate mode) the next
+                        // attempt should not be a minute away.
+                        Duration::from_millis(500 << failures.min(7)).min(Duration::from_secs(10))
                     } else {
                         renew_at
                             .duration_since(SystemTime::now())

@@ -284,6 +284,41 @@ impl Bridge {
     }
 }
 
+/// The value of the sample `name{labels}` on the bridge's registry (0 when absent).
+pub fn metric(b: &Bridge, name: &str, labels: &str) -> f64 {
+    let text = b.metrics.render();
+    let prefix = format!("{name}{{{labels}}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0.0)
+}
+
+pub const PROMTOOL_HINT: &str =
+    "apt-get install -y prometheus (Debian/Ubuntu package that ships promtool)";
+
+/// Runs `promtool check metrics` on `text`; returns (exit code, output lines).
+pub async fn promtool(text: &str) -> (Option<i32>, Vec<String>) {
+    require_tool("promtool", PROMTOOL_HINT);
+    let out = run_with_timeout(
+        "promtool",
+        &["check", "metrics"],
+        &[],
+        Some(text.as_bytes()),
+        Duration::from_secs(60),
+    )
+    .await;
+    let lines = out
+        .stdout
+        .lines()
+        .chain(out.stderr.lines())
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect();
+    (out.code, lines)
+}
+
 /// Reads an audit JSON-lines file.
 pub fn audit_records_at(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
