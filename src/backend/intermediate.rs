@@ -303,7 +303,8 @@ impl IntermediateSigner {
         });
         inner.observe();
         let stop = CancellationToken::new();
-        tokio::spawn(rotation_task(inner.clone(), stop.clone()));
+        let bundle_rx = inner.upstream.trust_bundle();
+        tokio::spawn(rotation_task(inner.clone(), bundle_rx, stop.clone()));
         Ok(Self {
             inner,
             _stop: stop.drop_guard(),
@@ -659,11 +660,15 @@ impl Inner {
     }
 }
 
-async fn rotation_task(inner: Arc<Inner>, stop: CancellationToken) {
+async fn rotation_task(
+    inner: Arc<Inner>,
+    mut bundle_rx: watch::Receiver<SharedBundle>,
+    stop: CancellationToken,
+) {
     let mut failures = 0u32;
-    let mut bundle_rx = inner.upstream.trust_bundle();
     bundle_rx.borrow_and_update();
-    let mut urgent = false;
+    // The bundle may have changed between the first intermediate's check and this task.
+    let mut urgent = inner.current_untrusted();
     let mut last_prepare: Option<std::time::Instant> = None;
     loop {
         let now = now_secs();
@@ -948,6 +953,190 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(e.contains("NameConstraintViolation"), "{e}");
+    }
+
+    /// An upstream signing intermediates with an rcgen root that the test can swap (a root
+    /// rotation in the backend) or switch off (an outage).
+    struct StubUpstream {
+        root: Mutex<(rcgen::Issuer<'static, KeyPair>, TrustBundle)>,
+        bundle: watch::Sender<SharedBundle>,
+        down: std::sync::atomic::AtomicBool,
+    }
+
+    fn new_root(name: &str) -> (rcgen::Issuer<'static, KeyPair>, TrustBundle) {
+        let key = pki::generate_key(KeyType::EcdsaP256).unwrap();
+        let mut p = CertificateParams::default();
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let cert = p.self_signed(&key).unwrap();
+        let bundle = TrustBundle::new(vec![cert.der().clone()]).unwrap();
+        (rcgen::Issuer::new(p, key), bundle)
+    }
+
+    impl StubUpstream {
+        fn new() -> Arc<Self> {
+            let (issuer, bundle) = new_root("root A");
+            let (tx, _) = watch::channel(Arc::new(bundle.clone()));
+            Arc::new(Self {
+                root: Mutex::new((issuer, bundle)),
+                bundle: tx,
+                down: false.into(),
+            })
+        }
+
+        /// The backend now signs under a new root, and the bundle holds only that root.
+        fn rotate_root(&self) -> TrustBundle {
+            let (issuer, bundle) = new_root("root B");
+            *self.root.lock().unwrap() = (issuer, bundle.clone());
+            self.bundle.send_replace(Arc::new(bundle.clone()));
+            bundle
+        }
+    }
+
+    #[async_trait]
+    impl UpstreamAuthority for StubUpstream {
+        fn kind(&self) -> &'static str {
+            "stub"
+        }
+
+        async fn sign_intermediate(
+            &self,
+            req: &IntermediateRequest,
+        ) -> Result<IssuedChain, SignError> {
+            if self.down.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(SignError::Unavailable("stub is down".into()));
+            }
+            let mut p = CertificateParams::default();
+            p.distinguished_name
+                .push(DnType::CommonName, req.common_name.as_str());
+            p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+            let now = ::time::OffsetDateTime::now_utc();
+            p.not_before = now - ::time::Duration::seconds(1);
+            p.not_after = now + ::time::Duration::try_from(req.ttl).unwrap();
+            let spki = rcgen::SubjectPublicKeyInfo::from_der(&req.public_key_der).unwrap();
+            let root = self.root.lock().unwrap();
+            let cert = p.signed_by(&spki, &root.0).unwrap();
+            Ok(IssuedChain {
+                leaf: cert.der().clone(),
+                intermediates: vec![],
+            })
+        }
+
+        fn trust_bundle(&self) -> watch::Receiver<SharedBundle> {
+            self.bundle.subscribe()
+        }
+
+        fn health(&self) -> Health {
+            Health::Ready
+        }
+    }
+
+    fn workload() -> SignRequest {
+        let key = pki::generate_key(KeyType::EcdsaP256).unwrap();
+        SignRequest {
+            subject: Subject::Workload(
+                SpiffeId::parse("spiffe://cluster.local/ns/a/sa/b").unwrap(),
+            ),
+            public_key_der: rcgen::PublicKeyData::subject_public_key_info(&key),
+            csr_der: Vec::new(),
+            ttl: Duration::from_secs(3600),
+            caller: None,
+        }
+    }
+
+    async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_root_removed_from_the_bundle_replaces_the_intermediate_at_once() {
+        let up = StubUpstream::new();
+        let metrics = Arc::new(Metrics::new(false));
+        let s = IntermediateSigner::start(
+            up.clone(),
+            &cfg(),
+            "cluster.local",
+            Duration::from_secs(86400),
+            metrics,
+        )
+        .await
+        .unwrap();
+        let first = s.current_serial();
+        // A week-long intermediate would not rotate for days; the root change forces it.
+        let new_bundle = up.rotate_root();
+        eventually("replaced after the root change", || {
+            s.current_serial() != first
+        })
+        .await;
+        let issued = s.sign(&workload()).await.unwrap();
+        verify_path(
+            &issued.leaf,
+            &issued.intermediates,
+            &new_bundle,
+            webpki::KeyUsage::client_auth(),
+            SystemTime::now(),
+        )
+        .expect("leaves chain to the new root");
+    }
+
+    #[tokio::test]
+    async fn an_outage_keeps_signing_then_readiness_fails_inside_the_margin() {
+        let up = StubUpstream::new();
+        let metrics = Arc::new(Metrics::new(false));
+        // 6 s intermediates, successor at half, not ready with less than 3 s left.
+        let c = IntermediateConfig {
+            ttl: Duration::from_secs(6),
+            ready_margin: Duration::from_secs(2),
+            retry_backoff: Duration::from_millis(200),
+            retry_max_backoff: Duration::from_millis(400),
+            ..Default::default()
+        };
+        let s = IntermediateSigner::start(
+            up.clone(),
+            &c,
+            "cluster.local",
+            Duration::from_secs(86400),
+            metrics.clone(),
+        )
+        .await
+        .unwrap();
+        up.down.store(true, std::sync::atomic::Ordering::Relaxed);
+        let failures = || {
+            metrics
+                .intermediate_preparations
+                .with_label_values(&["stub", "failure"])
+                .get()
+        };
+        eventually("a failed preparation", || failures() >= 1).await;
+        assert_eq!(s.health(), Health::Ready);
+        s.sign(&workload())
+            .await
+            .expect("signs while the backend is down");
+        eventually("not ready inside the margin", || {
+            s.health() != Health::Ready
+        })
+        .await;
+        let Health::NotReady(why) = s.health() else {
+            unreachable!()
+        };
+        assert!(why.contains("stub is down"), "{why}");
+        assert!(failures() >= 2, "retried");
+        up.down.store(false, std::sync::atomic::Ordering::Relaxed);
+        eventually("ready again with a successor", || {
+            s.health() == Health::Ready
+        })
+        .await;
+        assert_eq!(
+            metrics
+                .intermediate_rotations
+                .with_label_values(&["stub"])
+                .get(),
+            1
+        );
     }
 
     #[test]
