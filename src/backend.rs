@@ -175,7 +175,7 @@ fn upstream_connector(
         BackendConfig::Vault(v) => {
             let v = v.clone();
             (
-                "vault",
+                vault::KIND,
                 Arc::new(move || {
                     let (v, metrics) = (v.clone(), metrics.clone());
                     Box::pin(async move {
@@ -188,7 +188,7 @@ fn upstream_connector(
         BackendConfig::AwsPca(a) => {
             let a = a.clone();
             (
-                "aws_pca",
+                aws_pca::KIND,
                 Arc::new(move || {
                     let (a, metrics) = (a.clone(), metrics.clone());
                     Box::pin(async move {

@@ -77,20 +77,6 @@ pub fn generate_key(kind: KeyType) -> Result<KeyPair, PkiError> {
     r.map_err(|e| PkiError::Generate(e.to_string()))
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn renewal_waits_for_half_of_a_capped_lifetime() {
-        let h = std::time::Duration::from_secs(3600);
-        // 24 h certificate, renew 1 h before: at 23 h.
-        assert_eq!(super::renew_at(0, 24 * 3600, h), 23 * 3600);
-        // Capped to 60 s by the intermediate: at 30 s, not at once.
-        assert_eq!(super::renew_at(1000, 1060, h), 1030);
-        // Already expired or zero-length: one second later, never a tight loop.
-        assert_eq!(super::renew_at(1000, 1000, h), 1001);
-    }
-}
-
 pub fn unix_secs(t: SystemTime) -> i64 {
     match t.duration_since(UNIX_EPOCH) {
         Ok(d) => d.as_secs() as i64,
@@ -280,4 +266,18 @@ pub fn names_include<'a, 'b: 'a>(
         (GeneralName::IPAddress(got), Some(std::net::IpAddr::V6(v6))) => *got == v6.octets(),
         _ => false,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn renewal_waits_for_half_of_a_capped_lifetime() {
+        let h = std::time::Duration::from_secs(3600);
+        // 24 h certificate, renew 1 h before: at 23 h.
+        assert_eq!(super::renew_at(0, 24 * 3600, h), 23 * 3600);
+        // Capped to 60 s by the intermediate: at 30 s, not at once.
+        assert_eq!(super::renew_at(1000, 1060, h), 1030);
+        // Already expired or zero-length: one second later, never a tight loop.
+        assert_eq!(super::renew_at(1000, 1000, h), 1001);
+    }
 }

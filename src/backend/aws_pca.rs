@@ -40,7 +40,7 @@ use crate::metrics::Metrics;
 use crate::pki;
 use crate::trust::{SharedBundle, TrustBundle};
 
-const KIND: &str = "aws_pca";
+pub(crate) const KIND: &str = "aws_pca";
 
 #[derive(Debug, thiserror::Error)]
 pub enum AwsPcaError {
@@ -139,12 +139,23 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 /// the same token (AWS dedupes for a few minutes), so a retry never issues a second
 /// certificate. Hex SHA-256, truncated to the 36 characters the API allows.
 pub fn idempotency_token(req: &SignRequest) -> String {
+    token_of(&[
+        &req.csr_der,
+        req.subject.to_string().as_bytes(),
+        &req.ttl.as_secs().to_be_bytes(),
+    ])
+}
+
+/// 32 hex characters of SHA-256 over `parts` (NUL-separated): within the 36 characters an
+/// IdempotencyToken may have, and the same for the same request on every retry.
+fn token_of(parts: &[&[u8]]) -> String {
     let mut h = Sha256::new();
-    h.update(&req.csr_der);
-    h.update([0]);
-    h.update(req.subject.to_string().as_bytes());
-    h.update([0]);
-    h.update(req.ttl.as_secs().to_be_bytes());
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            h.update([0]);
+        }
+        h.update(p);
+    }
     let hex: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
     hex[..32].to_string()
 }
@@ -591,14 +602,11 @@ impl UpstreamAuthority for AwsPca {
     async fn sign_intermediate(&self, req: &IntermediateRequest) -> Result<IssuedChain, SignError> {
         // A background task has more patience than a caller: three issue timeouts.
         let deadline = Instant::now() + self.cfg.issue_timeout * 3;
-        let token = {
-            let mut h = Sha256::new();
-            h.update(&req.csr_der);
-            h.update(b"\0intermediate\0");
-            h.update(req.ttl.as_secs().to_be_bytes());
-            let hex: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
-            hex[..32].to_string()
-        };
+        let token = token_of(&[
+            &req.csr_der,
+            b"intermediate",
+            &req.ttl.as_secs().to_be_bytes(),
+        ]);
         let arn = self
             .issue(
                 &req.csr_der,

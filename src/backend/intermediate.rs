@@ -206,20 +206,26 @@ pub enum IntermediateError {
     State { path: PathBuf, message: String },
 }
 
-/// One intermediate CA and facts about it.
+/// One intermediate CA, and what the state directory keeps of it.
 struct Generation {
     ca: SigningCa,
-    not_before: i64,
-    not_after: i64,
-    serial: String,
     /// The certificate and its chain as PEM, and the key, for the state directory.
     chain_pem: String,
     key_pem: String,
 }
 
 impl Generation {
+    fn not_before(&self) -> i64 {
+        self.ca.not_before().unix_timestamp()
+    }
+    fn not_after(&self) -> i64 {
+        self.ca.not_after().unix_timestamp()
+    }
+    fn serial(&self) -> &str {
+        self.ca.serial_hex()
+    }
     fn remaining(&self, now: i64) -> i64 {
-        self.not_after - now
+        self.not_after() - now
     }
 }
 
@@ -268,8 +274,8 @@ impl IntermediateSigner {
             Some(g) => {
                 tracing::info!(
                     backend = kind,
-                    serial = %g.serial,
-                    not_after = g.not_after,
+                    serial = %g.serial(),
+                    not_after = g.not_after(),
                     "reusing the intermediate CA from the state directory"
                 );
                 g
@@ -286,9 +292,9 @@ impl IntermediateSigner {
         };
         tracing::info!(
             backend = kind,
-            serial = %first.serial,
-            not_before = first.not_before,
-            not_after = first.not_after,
+            serial = %first.serial(),
+            not_before = first.not_before(),
+            not_after = first.not_after(),
             "signing with the bridge's intermediate CA"
         );
         let inner = Arc::new(Inner {
@@ -313,7 +319,7 @@ impl IntermediateSigner {
 
     /// Serial of the intermediate that signs now (tests, admin).
     pub fn current_serial(&self) -> String {
-        self.inner.current.load().serial.clone()
+        self.inner.current.load().serial().to_string()
     }
 }
 
@@ -415,7 +421,6 @@ fn check_and_build(
         return Err(bad("keyUsage lacks keyCertSign".into()));
     }
     let not_after = cert.validity().not_after.timestamp();
-    let not_before = cert.validity().not_before.timestamp();
     let now = now_secs();
     // Usable means: longer than the readiness margin, and not a sliver of what was asked.
     let min_left = cfg
@@ -439,10 +444,7 @@ fn check_and_build(
         .map_err(|e| bad(e.to_string()))?;
     probe(&ca, trust_domain, bundle)?;
     Ok(Generation {
-        serial: ca.serial_hex().to_string(),
         ca,
-        not_before,
-        not_after,
         chain_pem,
         key_pem,
     })
@@ -515,7 +517,7 @@ fn load_state(
     match check_and_build(issued, key, cfg, trust_domain, bundle) {
         Ok(g) if g.remaining(now_secs()) > cfg.ready_margin.as_secs() as i64 => Ok(Some(g)),
         Ok(g) => {
-            tracing::info!(serial = %g.serial, "the stored intermediate CA is about to expire; getting a new one");
+            tracing::info!(serial = %g.serial(), "the stored intermediate CA is about to expire; getting a new one");
             Ok(None)
         }
         Err(e) => {
@@ -591,7 +593,7 @@ impl Inner {
     fn observe(&self) {
         let g = self.current.load();
         let kind = self.kind();
-        let t = g.not_after as f64;
+        let t = g.not_after() as f64;
         self.metrics
             .intermediate_expiry
             .with_label_values(&[kind])
@@ -630,10 +632,10 @@ impl Inner {
         self.observe();
         tracing::info!(
             backend = self.kind(),
-            old_serial = %old.serial,
-            old_not_after = old.not_after,
-            serial = %next.serial,
-            not_after = next.not_after,
+            old_serial = %old.serial(),
+            old_not_after = old.not_after(),
+            serial = %next.serial(),
+            not_after = next.not_after(),
             "switched to the next intermediate CA"
         );
         if let Some(dir) = &self.cfg.state_dir
@@ -649,8 +651,8 @@ impl Inner {
         let g = r?;
         tracing::info!(
             backend = self.kind(),
-            serial = %g.serial,
-            not_after = g.not_after,
+            serial = %g.serial(),
+            not_after = g.not_after(),
             "prepared the next intermediate CA"
         );
         *self.next.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(g));
@@ -679,8 +681,8 @@ async fn rotation_task(
             .unwrap_or_else(|e| e.into_inner())
             .is_some();
         let (prepare_at, activate_at) = schedule(
-            cur.not_before,
-            cur.not_after,
+            cur.not_before(),
+            cur.not_after(),
             &inner.cfg,
             inner.max_leaf_ttl,
         );
@@ -791,7 +793,7 @@ impl Signer for IntermediateSigner {
 
     fn signing_ca(&self) -> SigningCaInfo {
         SigningCaInfo {
-            not_after: Some(self.inner.current.load().not_after),
+            not_after: Some(self.inner.current.load().not_after()),
         }
     }
 }
@@ -1153,7 +1155,7 @@ mod tests {
         let back = load_state(&state, &cfg(), "cluster.local", &bundle)
             .unwrap()
             .unwrap();
-        assert_eq!(back.serial, g.serial);
+        assert_eq!(back.serial(), g.serial());
         assert_eq!(
             stored_bundle(&state, &cfg(), "cluster.local")
                 .unwrap()

@@ -55,7 +55,7 @@ use crate::pki;
 use crate::server::chain::verify_path;
 use crate::trust::{SharedBundle, TrustBundle};
 
-const KIND: &str = "vault";
+pub(crate) const KIND: &str = "vault";
 /// How often an unhealthy backend probes `sys/health` to notice Vault is back.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// Upper bound of the retry backoff for renewals and logins.
