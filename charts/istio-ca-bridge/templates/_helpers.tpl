@@ -209,11 +209,14 @@ empty otherwise. Its directory gets the writable auditLog volume.
 {{- end }}
 
 {{/*
-"intermediate" when the backend (vault or awsPca) runs in intermediate mode; empty otherwise.
+"intermediate" when the backend runs in intermediate mode (config.backend.mode: intermediate);
+empty otherwise. Which backend types have that mode is the schema's business: only their
+branches of config.backend in values.schema.json allow the mode key (the others reject it, and
+so does the bridge), so no list of types is kept here.
 */}}
 {{- define "istio-ca-bridge.intermediateMode" -}}
 {{- $b := dig "backend" dict (.Values.config | default dict) }}
-{{- if and (has (include "istio-ca-bridge.backendType" .) (list "vault" "awsPca")) (eq (toString ($b.mode | default "direct")) "intermediate") }}intermediate{{ end }}
+{{- if eq (toString ($b.mode | default "direct")) "intermediate" }}intermediate{{ end }}
 {{- end }}
 
 {{/*
@@ -260,6 +263,17 @@ where others is a dict field -> dir.
 {{- end }}
 {{- end }}
 
+{{/*
+"true" when a backends.<type> block wires something into the pod: one of its objects names a
+Secret or ConfigMap (name, secretName or configMapName set) or one of its volumes (<x>Volume)
+is set; empty otherwise. Called with the block, so a new backend needs no entry here.
+*/}}
+{{- define "istio-ca-bridge.backendWired" -}}
+{{- range $k, $v := . }}
+{{- if and (kindIs "map" $v) (or $v.name $v.secretName $v.configMapName (and (hasSuffix "Volume" $k) (not (empty $v)))) }}true{{ end }}
+{{- end }}
+{{- end }}
+
 {{- define "istio-ca-bridge.stateDir" -}}
 {{- dig "backend" "stateDir" (include "istio-ca-bridge.defaultStateDir" .) (.Values.config | default dict) }}
 {{- end }}
@@ -281,15 +295,15 @@ replicas or Secrets). Rendered (as nothing) from the Deployment, so every instal
 {{- end }}
 {{- end }}
 {{- $backend := include "istio-ca-bridge.backendType" . }}
-{{- if not (has $backend (list "local" "vault" "awsPca" "digicert")) }}
-{{- fail (printf "config.backend.type %q: this chart supports local, vault, awsPca and digicert" $backend) }}
+{{- $bs := .Values.backends }}
+{{- /* The schema's enum for config.backend.type refuses an unknown type before any template
+     runs; this is for renders that skip the schema. Every type has its backends.<type> values. */}}
+{{- if not (hasKey $bs $backend) }}
+{{- fail (printf "config.backend.type %q: this chart supports %s" $backend (keys $bs | sortAlpha | join ", ")) }}
 {{- end }}
 {{- /* Wiring for a backend that is not the configured one would silently do nothing. */}}
-{{- $bs := .Values.backends }}
-{{- $dc := $bs.digicert }}
-{{- $wired := dict "local" (or $bs.local.caSecret.name $bs.local.stateVolume) "vault" (or $bs.vault.authSecret.name $bs.vault.caBundle.secretName $bs.vault.caBundle.configMapName $bs.vault.rootBundleConfigMap.name) "awsPca" $bs.awsPca.extraRootsConfigMap.name "digicert" (or $dc.apiKeySecret.name $dc.clientCertSecret.name $dc.trustBundle.configMapName $dc.trustBundle.secretName $dc.caBundle.secretName $dc.caBundle.configMapName) }}
-{{- range $t := list "local" "vault" "awsPca" "digicert" }}
-{{- if and (ne $t $backend) (get $wired $t) }}
+{{- range $t, $wiring := $bs }}
+{{- if and (ne $t $backend) (include "istio-ca-bridge.backendWired" $wiring) }}
 {{- fail (printf "backends.%s is set but config.backend.type is %q: move the Secrets/ConfigMaps to backends.%s (or remove them)" $t $backend $backend) }}
 {{- end }}
 {{- end }}
@@ -324,6 +338,7 @@ replicas or Secrets). Rendered (as nothing) from the Deployment, so every instal
 {{- fail "backends.awsPca.extraRootsConfigMap.name is set: leave config.backend.extraRootsFile unset, the chart points it into the mount" }}
 {{- end }}
 {{- if eq $backend "digicert" }}
+{{- $dc := $bs.digicert }}
 {{- $auth := $b.auth | default dict }}
 {{- if and $dc.apiKeySecret.name $dc.clientCertSecret.name }}
 {{- fail "backends.digicert: set apiKeySecret.name or clientCertSecret.name, not both (the bridge authenticates with exactly one)" }}
