@@ -20,6 +20,11 @@
 //!   rendering with a message naming the fix.
 //! - `schema`: values.schema.json rejects wrong types naming the field, and knows exactly the
 //!   config keys the binary knows, per backend type (`BACKEND_CONFIGS` in check_chart.py).
+//! - `backends`: values.schema.json is the chart's one list of backend types (the enum of
+//!   `config.backend.type`, one if/then branch and one `backends.<type>` block each): an unknown
+//!   type is refused by the schema naming the field and the allowed types (and by the templates,
+//!   from the `backends.<type>` keys, when the schema is skipped); intermediate mode is wired for
+//!   exactly the branches that allow `mode`; no template names two types in one action.
 //! - `alerts`: the PrometheusRule passes `promtool check rules` and `promtool test rules`.
 //! - `live`: each `ci/` install that can run on this machine (local backend, no Kubernetes API:
 //!   the others need the install's own API server, Vault or AWS account) is run for real (its
@@ -139,6 +144,11 @@ fn unsafe_values_fail_rendering_with_a_message_naming_the_fix() {
 #[test]
 fn values_schema_rejects_wrong_types_and_knows_exactly_the_binarys_config_keys() {
     chart_check("schema");
+}
+
+#[test]
+fn backend_types_are_listed_only_in_the_values_schema() {
+    chart_check("backends");
 }
 
 #[test]

@@ -4,11 +4,11 @@ istio-ca-bridge binary. Driven by tests/helm.rs (`cargo test --test helm`), one 
 
     check_chart.py CHECK --chart DIR --bin PATH
 
-CHECK is one of: lint, render, structure, rbac, image, failures, schema, alerts, live. Each prints what it
-proved ("ok: ...") and exits 0, or prints the reason and exits 1. Nothing is mocked: templates
-are rendered by Helm's Go engine, every rendered config is validated by `istio-ca-bridge
-check-config`, rules by `promtool`, and `live` runs the binary exactly as the rendered
-Deployment would (args, env, files where the volumes would put them).
+CHECK is one of: lint, render, structure, rbac, image, failures, schema, backends, alerts, live.
+Each prints what it proved ("ok: ...") and exits 0, or prints the reason and exits 1. Nothing
+is mocked: templates are rendered by Helm's Go engine, every rendered config is validated by
+`istio-ca-bridge check-config`, rules by `promtool`, and `live` runs the binary exactly as the
+rendered Deployment would (args, env, files where the volumes would put them).
 """
 
 import argparse
@@ -970,6 +970,114 @@ def check_schema(chart):
     ok(f"the chart README documents all {len(leaves)} values; values.yaml holds no undescribed key")
 
 
+def backend_branches(schema):
+    """Backend type -> its schema definition (the `then` of its if/then, $ref resolved)."""
+    node = schema["properties"]["config"]["properties"]["backend"]
+    out = {}
+    for rule in node["allOf"]:
+        then = rule["then"]
+        while "$ref" in then:
+            then = schema["$defs"][then["$ref"].split("/")[-1]]
+        out[rule["if"]["properties"]["type"]["const"]] = then
+    return node["properties"]["type"]["enum"], out
+
+
+# A Go template string literal: "..." with escapes, or `...`.
+TEMPLATE_STRING = re.compile(r'"(?:[^"\\]|\\.)*"|`[^`]*`')
+
+
+def enumerations(text, types):
+    """Template actions ({{ ... }}, comments dropped) whose string literals name two or more of
+    the backend types: a list, dict or message enumerating them."""
+    text = re.sub(r"\{\{-?\s*/\*.*?\*/\s*-?\}\}", "", text, flags=re.S)
+    found = []
+    for action in re.findall(r"\{\{.*?\}\}", text, flags=re.S):
+        literals = " ".join(TEMPLATE_STRING.findall(action))
+        named = {t for t in types if re.search(rf"(?<![A-Za-z0-9]){re.escape(t)}(?![A-Za-z0-9])", literals)}
+        if len(named) > 1:
+            found.append((sorted(named), action.strip()))
+    return found
+
+
+def check_backends(chart):
+    """values.schema.json is the chart's one list of backend types: the enum of
+    config.backend.type with one if/then branch each; the templates key off backends.<type>."""
+    c = chart.chart
+    schema = c.schema if isinstance(c.schema, dict) else json.loads(c.schema)
+    types, branches = backend_branches(schema)
+    check(sorted(types) == sorted(set(types)), f"config.backend.type enum repeats a type: {types}")
+    check(set(branches) == set(types), f"schema branches {sorted(branches)} != config.backend.type enum {sorted(types)}")
+    check(set(schema["properties"]["backends"]["properties"]) == set(types) == set(c.values["backends"]),
+          f"backends.<type>: schema {sorted(schema['properties']['backends']['properties'])}, "
+          f"values.yaml {sorted(c.values['backends'])}, config.backend.type enum {sorted(types)}")
+    ok(f"backend types {types}: one enum entry, one if/then branch and one backends.<type> block each")
+
+    # (a) An unknown type is refused by the schema, naming the field and the allowed types.
+    unknown = {"replicaCount": 1, "config": {"backend": {"type": "ejbca"}}}
+    allowed = "value must be one of " + ", ".join(f"'{t}'" for t in types)
+    try:
+        c.validate_schema(unknown)
+    except helm.HelmValuesError as e:
+        msg = str(e)
+    else:
+        raise CheckFailed("values.schema.json accepted config.backend.type ejbca")
+    check("/config/backend/type" in msg and allowed in msg,
+          f"unknown backend type: the schema error does not name /config/backend/type and {allowed!r}:\n{msg}")
+    err = chart.render_error(unknown)
+    check(err and "/config/backend/type" in err and allowed in err, f"unknown backend type: render does not refuse it so: {err}")
+    ok(f"unknown backend type refused by the schema: {msg.strip().splitlines()[-1].strip()}")
+    # ... and by the templates when the schema is skipped, from the backends.<type> keys.
+    bare = os.path.join(chart.tmp, "without-schema")
+    shutil.copytree(chart.dir, bare, ignore=shutil.ignore_patterns("values.schema.json"))
+    bare_chart = helm.Chart.load(bare)
+    check(not bare_chart.schema, "the copy without values.schema.json still has a schema")
+    try:
+        bare_chart.render(unknown, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    except helm.HelmError as e:
+        err = str(e)
+    else:
+        raise CheckFailed("without the schema, config.backend.type ejbca renders")
+    want = f'config.backend.type "ejbca": this chart supports {", ".join(sorted(types))}'
+    check(want in err, f"without the schema, the template error does not say {want!r}:\n{err}")
+    ok(f"without the schema the templates refuse it too: {want}")
+
+    # Which types have an intermediate mode is the schema's too: the branches that allow mode.
+    with_mode = sorted(t for t, b in branches.items() if "mode" in b.get("properties", {}))
+    check(with_mode, "no backend branch allows mode: intermediate")
+    for t in types:
+        conf = next((b for b in BACKEND_CONFIGS[t] if b.get("mode") == "intermediate"), None)
+        if t not in with_mode:
+            check(conf is None, f"backend {t}: BACKEND_CONFIGS has an intermediate config but its schema branch has no mode")
+            values = {"replicaCount": 1, "config": {"backend": {**BACKEND_CONFIGS[t][0], "mode": "intermediate"}}}
+            err = chart.render_error(values)
+            check(err and "'mode' not allowed" in err, f"backend {t}: mode: intermediate is not refused by the schema: {err}")
+            continue
+        check(conf is not None, f"backend {t}: its schema branch allows mode but BACKEND_CONFIGS has no intermediate config")
+        docs = chart.render({"replicaCount": 1, "config": {"backend": conf}})
+        pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+        state = conf["intermediate"]["stateDir"]
+        mount = next((m for m in pod["containers"][0].get("volumeMounts", []) if m["mountPath"] == state), None)
+        check(mount is not None and not mount.get("readOnly"), f"backend {t} in intermediate mode: no writable mount at {state}")
+        vol = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+        check("emptyDir" in vol, f"backend {t} in intermediate mode: {state} is not a per-pod emptyDir: {vol}")
+        check("Mode:                         intermediate" in chart.notes({"replicaCount": 1, "config": {"backend": conf}}),
+              f"backend {t} in intermediate mode: NOTES do not say so")
+    ok(f"intermediate mode for exactly the branches with mode ({', '.join(with_mode)}): their per-pod state volume "
+       "is wired; the other types' mode is refused by the schema")
+
+    # (b) No template enumerates the types: per-type logic keys off the configured type.
+    tdir = os.path.join(chart.dir, "templates")
+    names = sorted(os.listdir(tdir))
+    for name in names:
+        with open(os.path.join(tdir, name)) as f:
+            found = enumerations(f.read(), types)
+        check(not found, f"templates/{name} enumerates backend types (keep that list in values.schema.json only):\n"
+              + "\n".join(f"  {n}: {a[:200]}" for n, a in found))
+    probe = '{{- if not (has $t (list "local" "vault")) }}{{ fail "this chart supports local and vault" }}{{ end }}'
+    check(len(enumerations(probe, types)) == 2, "the enumeration scan misses a list of types")
+    ok(f"no template ({len(names)} files) names two backend types in one action: no list, dict or message of them")
+
+
 def run(cmd, label, timeout=60, **kw):
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
     check(p.returncode == 0, f"{label} failed (exit {p.returncode}):\n{p.stdout}\n{p.stderr}")
@@ -1490,6 +1598,7 @@ CHECKS = {
     "structure": check_structure,
     "failures": check_failures,
     "schema": check_schema,
+    "backends": check_backends,
     "alerts": check_alerts,
     "rbac": check_rbac,
     "image": check_image,
