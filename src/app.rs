@@ -11,13 +11,13 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState, Readiness};
-use crate::backend::{self, Signer, instrumented::Instrumented};
+use crate::backend::{Signer, checked::Checked, instrumented::Instrumented};
 use crate::config::{self, Config, DEV_ISSUER, JwtIssuerConfig};
 use crate::k8s;
 use crate::metrics::Metrics;
 use crate::server::authn::{self, Authenticator};
+use crate::server::serving;
 use crate::server::{self, CaService, authz};
-use crate::trust::serving;
 
 /// Hooks for tests and embedders.
 #[derive(Default)]
@@ -51,15 +51,15 @@ impl App {
 
         let inner = match opts.signer {
             Some(s) => s,
-            None => backend::build(
-                &cfg.backend,
-                &cfg.trust_domain,
-                cfg.policy.max_ttl,
-                metrics.clone(),
-            )
-            .await
-            .context("building the backend")?,
+            None => cfg
+                .backend
+                .build(&cfg.build_context(metrics.clone()))
+                .await
+                .context("building the backend")?,
         };
+        // Every signer, built or handed in, is checked the same way: what it issues is
+        // verified once (Checked), then counted (Instrumented) and recorded (Audited).
+        let inner: Arc<dyn Signer> = Arc::new(Checked::new(inner, metrics.clone()));
         let audit = crate::audit::AuditLog::start(&cfg.audit, metrics.clone())
             .context("opening the audit log")?;
         let signer: Arc<dyn Signer> = Arc::new(crate::audit::Audited::new(
@@ -144,7 +144,7 @@ impl App {
                 ),
             ));
             if !trusted_node_accounts.is_empty() {
-                node_authorizer = Some(Arc::new(k8s::node_authz::KubeNodeAuthorizer::new(
+                node_authorizer = Some(Arc::new(authz::node::KubeNodeAuthorizer::new(
                     clusters.clone(),
                     k.pod_sync_wait,
                 )));
@@ -357,7 +357,7 @@ fn spawn_cluster_writers(
                     async move {
                         let roots = async {
                             if cfg.root_config_map.enabled {
-                                crate::trust::configmap::publish(
+                                crate::publish::configmap::publish(
                                     client.clone(),
                                     id.clone(),
                                     Arc::new(cfg.root_config_map.clone()),
@@ -369,7 +369,7 @@ fn spawn_cluster_writers(
                         };
                         let istiod = async {
                             if cfg.istiod_cert.enabled {
-                                crate::trust::istiod_cert::maintain(
+                                crate::publish::istiod_cert::maintain(
                                     client.clone(),
                                     id.clone(),
                                     cfg.istiod_cert.clone(),

@@ -19,7 +19,9 @@ use async_trait::async_trait;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::backend::{Health, IssuedChain, SignError, SignRequest, Signer, SigningCaInfo};
+use crate::backend::{
+    Authority, Health, IssuedChain, SignError, SignRequest, Signer, SigningCaInfo,
+};
 use crate::config::{AuditConfig, AuditSink};
 use crate::metrics::Metrics;
 use crate::pki;
@@ -213,12 +215,20 @@ impl Audited {
     }
 }
 
-#[async_trait]
-impl Signer for Audited {
+impl Authority for Audited {
     fn kind(&self) -> &'static str {
         self.inner.kind()
     }
+    fn trust_bundle(&self) -> watch::Receiver<SharedBundle> {
+        self.inner.trust_bundle()
+    }
+    fn health(&self) -> Health {
+        self.inner.health()
+    }
+}
 
+#[async_trait]
+impl Signer for Audited {
     fn mode(&self) -> &'static str {
         self.inner.mode()
     }
@@ -234,14 +244,6 @@ impl Signer for Audited {
             }
         }
         Ok(issued)
-    }
-
-    fn trust_bundle(&self) -> watch::Receiver<SharedBundle> {
-        self.inner.trust_bundle()
-    }
-
-    fn health(&self) -> Health {
-        self.inner.health()
     }
 
     fn signing_ca(&self) -> SigningCaInfo {

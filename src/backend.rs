@@ -5,14 +5,23 @@
 //! `Arc<dyn Signer>`. Remote backends are slow, rate limited and sometimes down, so
 //! [`SignError`] tells the caller what to do (retry later, give up, back off) rather than
 //! what went wrong inside. Cross-cutting concerns (metrics now; limits, deadlines and
-//! coalescing later) are decorators over any `Signer`, see [`instrumented`].
+//! coalescing later) are decorators over any `Signer`, see [`instrumented`]; what every
+//! backend returns is verified once, by [`checked`].
+//!
+//! Each backend is a folder (`local/`, `vault/`, `aws_pca/`, `digicert/`) that owns its
+//! configuration type, its validation, its client and its unit tests, and implements
+//! [`Plugin`] for its config type. `crate::config` lists them in its registry;
+//! [`remote`] is the kit every remote backend calls its CA with, and [`intermediate`]
+//! turns any [`intermediate::UpstreamAuthority`] into a `Signer`. See
+//! docs/architecture.md, "Adding a backend".
 
 pub mod aws_pca;
+pub mod checked;
 pub mod digicert;
 pub mod instrumented;
 pub mod intermediate;
-pub mod limit;
 pub mod local;
+pub mod remote;
 pub mod vault;
 
 use std::sync::Arc;
@@ -22,29 +31,10 @@ use async_trait::async_trait;
 use rustls_pki_types::CertificateDer;
 use tokio::sync::watch;
 
-use crate::config::{BackendConfig, BackendMode};
-use crate::identity::SpiffeId;
+pub use crate::identity::Subject;
 use crate::metrics::Metrics;
 use crate::trust::SharedBundle;
-
-/// What a certificate is for. The backend builds the certificate from this, never from
-/// the CSR's own contents.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Subject {
-    /// A workload: one URI SAN, the SPIFFE ID; client and server auth.
-    Workload(SpiffeId),
-    /// The bridge's own serving certificate (or istiod's): DNS names / IP literals.
-    Server { dns_names: Vec<String> },
-}
-
-impl std::fmt::Display for Subject {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Subject::Workload(id) => write!(f, "{id}"),
-            Subject::Server { dns_names } => write!(f, "dns:{}", dns_names.join(",")),
-        }
-    }
-}
+use crate::validate::{FieldError, Shared};
 
 /// A checked request to sign. `public_key_der` is the SubjectPublicKeyInfo taken from a
 /// CSR whose signature was verified; `csr_der` is kept for remote backends whose API only
@@ -74,6 +64,19 @@ pub struct CallerRef {
 pub struct IssuedChain {
     pub leaf: CertificateDer<'static>,
     pub intermediates: Vec<CertificateDer<'static>>,
+    /// The bundle [`checked::Checked`] verified this chain against (so the answer ends in
+    /// exactly the roots it was checked with); `None` until it has been checked.
+    pub verified_with: Option<SharedBundle>,
+}
+
+impl IssuedChain {
+    pub fn new(leaf: CertificateDer<'static>, intermediates: Vec<CertificateDer<'static>>) -> Self {
+        Self {
+            leaf,
+            intermediates,
+            verified_with: None,
+        }
+    }
 }
 
 /// Why signing failed, phrased as what the caller should do about it.
@@ -122,157 +125,86 @@ pub struct SigningCaInfo {
     pub not_after: Option<i64>,
 }
 
-#[async_trait]
-pub trait Signer: Send + Sync + 'static {
+/// What every CA the bridge talks to has, whether it signs leaves ([`Signer`]) or the
+/// bridge's intermediates ([`intermediate::UpstreamAuthority`]).
+pub trait Authority: Send + Sync + 'static {
     /// Short backend name for logs and metric labels (`local`, `vault`, ...).
     fn kind(&self) -> &'static str;
 
+    /// The current trust bundle; the receiver sees every later change.
+    fn trust_bundle(&self) -> watch::Receiver<SharedBundle>;
+
+    /// Whether the CA can be used right now (drives /readyz).
+    fn health(&self) -> Health;
+}
+
+#[async_trait]
+pub trait Signer: Authority {
     /// `direct` when the backend signs each certificate, `intermediate` when the bridge
     /// signs with its own intermediate from the backend (audit records, logs).
     fn mode(&self) -> &'static str {
         "direct"
     }
 
-    /// Issues a certificate for `req.subject` with `req.public_key_der`.
+    /// Issues a certificate for `req.subject` with `req.public_key_der`. What comes back
+    /// is verified by [`checked::Checked`], not by the backend.
     async fn sign(&self, req: &SignRequest) -> Result<IssuedChain, SignError>;
 
-    /// The current trust bundle; the receiver sees every later change.
-    fn trust_bundle(&self) -> watch::Receiver<SharedBundle>;
-
-    fn health(&self) -> Health;
+    /// Re-reads the trust bundle now, out of schedule; true if it changed. Called when an
+    /// answer does not chain to the bundle (the CA's roots may have just rotated).
+    async fn refresh_trust_bundle(&self) -> bool {
+        false
+    }
 
     fn signing_ca(&self) -> SigningCaInfo {
         SigningCaInfo { not_after: None }
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum BuildError {
-    // The cause is the source, so error chains (`{:#}`) print it once.
-    #[error("local CA")]
-    Local(#[from] local::LocalError),
-    #[error("AWS Private CA")]
-    AwsPca(#[from] aws_pca::AwsPcaError),
-    #[error("vault")]
-    Vault(#[from] vault::VaultError),
-    #[error("DigiCert")]
-    Digicert(#[from] digicert::DigicertError),
-    #[error("intermediate mode")]
-    Intermediate(#[from] intermediate::IntermediateError),
+/// What building a backend needs from the rest of the config.
+#[derive(Clone)]
+pub struct BuildContext {
+    /// The top-level trust domain (the local CA's generated root is named after it).
+    pub trust_domain: String,
+    /// `policy.maxTtl`: intermediate mode switches early enough for it.
+    pub max_leaf_ttl: Duration,
+    pub metrics: Arc<Metrics>,
 }
 
-type UpstreamFuture = futures::future::BoxFuture<
-    'static,
-    Result<Arc<dyn intermediate::UpstreamAuthority>, BuildError>,
->;
+/// A backend that could not be built, with the cause as its source (so an error chain,
+/// `{:#}`, prints it once).
+#[derive(Debug, thiserror::Error)]
+#[error("{what}")]
+pub struct BuildError {
+    what: &'static str,
+    #[source]
+    source: Box<dyn std::error::Error + Send + Sync>,
+}
 
-/// How to connect to the upstream of intermediate mode (again, if the first try fails).
-fn upstream_connector(
-    cfg: &BackendConfig,
-    metrics: Arc<Metrics>,
-) -> (&'static str, Arc<dyn Fn() -> UpstreamFuture + Send + Sync>) {
-    match cfg {
-        BackendConfig::Vault(v) => {
-            let v = v.clone();
-            (
-                vault::KIND,
-                Arc::new(move || {
-                    let (v, metrics) = (v.clone(), metrics.clone());
-                    Box::pin(async move {
-                        let s = vault::VaultSigner::connect(&v, metrics).await?;
-                        Ok(Arc::new(s) as Arc<dyn intermediate::UpstreamAuthority>)
-                    })
-                }),
-            )
-        }
-        BackendConfig::AwsPca(a) => {
-            let a = a.clone();
-            (
-                aws_pca::KIND,
-                Arc::new(move || {
-                    let (a, metrics) = (a.clone(), metrics.clone());
-                    Box::pin(async move {
-                        let s = aws_pca::AwsPca::connect(&a, metrics).await?;
-                        Ok(s as Arc<dyn intermediate::UpstreamAuthority>)
-                    })
-                }),
-            )
-        }
-        BackendConfig::Local(_) | BackendConfig::Digicert(_) => {
-            unreachable!("only vault and awsPca have an intermediate mode")
+impl BuildError {
+    /// `what` names the backend as an operator knows it ("vault", "AWS Private CA").
+    pub fn new(
+        what: &'static str,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Self {
+            what,
+            source: source.into(),
         }
     }
 }
 
-/// Builds the configured backend. Remote backends log in and fetch their trust bundle
-/// here, so a bridge that cannot reach its CA fails at start with a clear error.
-///
-/// In intermediate mode the backend signs the bridge's first intermediate here too, so a
-/// backend whose answer is not a usable CA stops the start with the reason. If the backend
-/// cannot be reached but `intermediate.stateDir` holds a usable intermediate, the bridge
-/// starts with it and connects later ([`intermediate::LazyUpstream`]).
-/// `max_leaf_ttl` is `policy.maxTtl` (intermediate mode switches early enough for it).
-pub async fn build(
-    cfg: &BackendConfig,
-    trust_domain: &str,
-    max_leaf_ttl: Duration,
-    metrics: Arc<Metrics>,
-) -> Result<Arc<dyn Signer>, BuildError> {
-    let icfg = match cfg {
-        BackendConfig::Local(l) => {
-            return Ok(Arc::new(local::LocalCa::load_or_create(l, trust_domain)?));
-        }
-        BackendConfig::Digicert(d) => {
-            return Ok(Arc::new(digicert::Digicert::connect(d, metrics)?));
-        }
-        BackendConfig::AwsPca(a) if a.mode == BackendMode::Direct => {
-            return Ok(aws_pca::AwsPca::connect(a, metrics).await?);
-        }
-        BackendConfig::Vault(v) if v.mode == BackendMode::Direct => {
-            return Ok(Arc::new(vault::VaultSigner::connect(v, metrics).await?));
-        }
-        BackendConfig::AwsPca(a) => &a.intermediate,
-        BackendConfig::Vault(v) => &v.intermediate,
-    };
-    let (kind, connect) = upstream_connector(cfg, metrics.clone());
-    let upstream = match connect().await {
-        Ok(up) => up,
-        Err(e) => {
-            // A replica restarted during a backend outage starts from its stored
-            // intermediate, if it has a usable one, and connects later.
-            let stored = icfg
-                .state_dir
-                .as_deref()
-                .and_then(|d| intermediate::stored_bundle(d, icfg, trust_domain));
-            let Some(bundle) = stored else {
-                return Err(e);
-            };
-            let msg = format!("{:#}", anyhow::Error::new(e));
-            tracing::error!(
-                backend = kind,
-                error = %msg,
-                "BACKEND UNREACHABLE AT START: signing with the stored intermediate CA; no successor can be prepared until the backend answers"
-            );
-            intermediate::LazyUpstream::start(
-                kind,
-                bundle,
-                msg,
-                Box::new(move || {
-                    let c = connect();
-                    Box::pin(
-                        async move { c.await.map_err(|e| format!("{:#}", anyhow::Error::new(e))) },
-                    )
-                }),
-            )
-        }
-    };
-    let signer = intermediate::IntermediateSigner::start(
-        upstream,
-        icfg,
-        trust_domain,
-        max_leaf_ttl,
-        metrics,
-    )
-    .await?;
-    Ok(Arc::new(signer))
+/// A backend's side of the configuration: what the registry in `crate::config`
+/// dispatches to. Implemented by each backend's config type.
+#[async_trait]
+pub trait Plugin: Send + Sync {
+    /// The backend's name in logs and metric labels, as its `Signer` reports it.
+    fn kind(&self) -> &'static str;
+
+    /// Problems, with fields relative to the `backend` section.
+    fn problems(&self, shared: &Shared) -> Vec<FieldError>;
+
+    /// Logs in, fetches the trust bundle and returns the signer; in intermediate mode also
+    /// obtains the first intermediate.
+    async fn build(&self, ctx: &BuildContext) -> Result<Arc<dyn Signer>, BuildError>;
 }

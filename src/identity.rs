@@ -159,6 +159,25 @@ fn check_name(what: &'static str, value: &str) -> Result<(), IdentityError> {
     }
 }
 
+/// What a certificate is for. Backends build the certificate from this, never from the
+/// CSR's own contents, and every issued leaf is checked against it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Subject {
+    /// A workload: one URI SAN, the SPIFFE ID; client and server auth.
+    Workload(SpiffeId),
+    /// The bridge's own serving certificate (or istiod's): DNS names / IP literals.
+    Server { dns_names: Vec<String> },
+}
+
+impl std::fmt::Display for Subject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Subject::Workload(id) => write!(f, "{id}"),
+            Subject::Server { dns_names } => write!(f, "dns:{}", dns_names.join(",")),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,7 +11,6 @@
 //! Named `k8s` rather than `kube` so that paths into the `kube` crate stay unambiguous.
 
 pub mod leader;
-pub mod node_authz;
 pub mod pods;
 
 use std::sync::{Arc, Mutex};

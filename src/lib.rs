@@ -29,8 +29,10 @@ pub mod identity;
 pub mod k8s;
 pub mod metrics;
 pub mod pki;
+pub mod publish;
 pub mod server;
 pub mod trust;
+pub mod validate;
 
 /// Generated from `proto/ca.proto`.
 pub mod pb {

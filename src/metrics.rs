@@ -28,6 +28,7 @@ pub struct Metrics {
     pub backend_sign_duration: HistogramVec,
     pub issued: IntCounterVec,
     pub backend_ttl_capped: IntCounterVec,
+    pub backend_refused_answers: IntCounterVec,
     pub backend_logins: IntCounterVec,
     pub backend_token_renewals: IntCounterVec,
     pub root_expiry: Gauge,
@@ -194,6 +195,15 @@ impl Metrics {
                     "Certificates the backend issued with a shorter lifetime than requested (e.g. a Vault role's max_ttl)."
                 ),
                 &["backend"],
+                true
+            ),
+            backend_refused_answers: new!(
+                IntCounterVec,
+                Opts::new(
+                    "istio_ca_bridge_backend_refused_answers_total",
+                    "Certificates a backend issued that the bridge refused to hand out (wrong key, names or profile, untrusted chain), by reason."
+                ),
+                &["backend", "reason"],
                 true
             ),
             backend_logins: new!(

@@ -7,7 +7,14 @@ use rcgen::KeyPair;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use x509_parser::prelude::*;
 
-use crate::config::KeyType;
+/// A key algorithm the bridge generates or accepts (config: `rsa`, `ecdsaP256`, `ecdsaP384`).
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum KeyType {
+    Rsa,
+    EcdsaP256,
+    EcdsaP384,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {

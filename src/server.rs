@@ -2,7 +2,8 @@
 //!
 //! One request, end to end: authenticate the caller ([`authn`]), decide which identity it
 //! may be certified as ([`authz`]), check the CSR ([`csr`]) and the TTL ([`policy`]), have
-//! the backend sign, verify what came back and lay out the chain ([`chain`]). Every step
+//! the backend sign (its answer is verified by [`crate::backend::checked`]) and lay out
+//! the chain ([`chain`]). The serving certificate is [`serving`]'s. Every step
 //! has its own error type; [`to_status`] is the only place that turns them into gRPC
 //! codes (protocol doc section 7), with a short message for the caller and the full
 //! reason in the log.
@@ -12,10 +13,11 @@ pub mod authz;
 pub mod chain;
 pub mod csr;
 pub mod policy;
+pub mod serving;
 pub mod tls;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use tonic::{Code, Request, Response, Status};
 use tracing::Instrument;
@@ -42,8 +44,10 @@ pub enum RequestError {
     Ttl(#[from] policy::TtlError),
     #[error("signing failed: {0}")]
     Sign(#[from] SignError),
-    #[error("backend returned an unusable certificate: {0}")]
-    Chain(#[from] chain::ChainError),
+    /// The signer's answer reached the edge without passing
+    /// [`crate::backend::checked::Checked`]: a composition bug, never handed out.
+    #[error("bug: the issued chain was not verified before answering")]
+    BugUnchecked,
     #[error("request timed out after {0:?}")]
     Timeout(Duration),
     #[error("abandoned: the shutdown grace period is over")]
@@ -62,7 +66,7 @@ impl RequestError {
             | RequestError::Timeout(_)
             | RequestError::ShuttingDown => Some("CA_NOT_READY"),
             RequestError::Sign(SignError::Rejected(_)) => Some("CSR_ERROR"),
-            RequestError::Sign(_) | RequestError::Chain(_) => Some("CERT_GEN_ERROR"),
+            RequestError::Sign(_) | RequestError::BugUnchecked => Some("CERT_GEN_ERROR"),
         }
     }
 }
@@ -96,7 +100,7 @@ pub fn to_status(e: &RequestError) -> Status {
         RequestError::Sign(SignError::Rejected(_)) => {
             Status::invalid_argument("certificate backend rejected the request")
         }
-        RequestError::Sign(SignError::Internal(_)) | RequestError::Chain(_) => {
+        RequestError::Sign(SignError::Internal(_)) | RequestError::BugUnchecked => {
             Status::internal("certificate issuance failed")
         }
         RequestError::Timeout(_) => {
@@ -251,8 +255,11 @@ impl Inner {
             }),
         };
         let issued = self.signer.sign(&sign_req).await?;
-        let bundle = self.signer.trust_bundle().borrow().clone();
-        let chain = chain::finish(&issued, &bundle, &subject, SystemTime::now())?;
+        let bundle = issued
+            .verified_with
+            .as_ref()
+            .ok_or(RequestError::BugUnchecked)?;
+        let chain = chain::layout(&issued, bundle);
         Ok(Issued {
             chain,
             identity: target.to_string(),

@@ -1,13 +1,13 @@
 //! Trust material: the bundle of roots clients must trust, published to every reader
 //! (response builder, client-certificate authenticator, expiry gauges) through a
 //! `tokio::sync::watch` so that a rotation is seen everywhere at once without locks on
-//! the hot path. The serving certificate lives in [`serving`]; [`configmap`] publishes the
-//! bundle as Istio's root ConfigMap in Kubernetes and [`istiod_cert`] keeps istiod's
-//! serving certificate Secret.
+//! the hot path, and [`verify`]: path building against the bundle and the one check of
+//! every issued certificate. Distribution of the bundle into clusters is
+//! [`crate::publish`]'s.
 
-pub mod configmap;
-pub mod istiod_cert;
-pub mod serving;
+pub mod verify;
+
+pub use verify::{IssuedError, check_issued, verify_path};
 
 use std::sync::Arc;
 

@@ -13,10 +13,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fake_digicert::*;
-use istio_ca_bridge::config::{
-    BackendConfig, Config, DigicertBackendConfig, DigicertSeatStrategy, DigicertValidityUnit,
-    KeyType,
-};
+use istio_ca_bridge::backend::digicert::{DigicertSeatStrategy, DigicertValidityUnit};
+use istio_ca_bridge::config::{BackendConfig, Config, DigicertConfig, KeyType};
 use istio_ca_bridge::pki::{self, CsrShape};
 use support::*;
 use tokio::time::Instant;
@@ -55,9 +53,9 @@ impl Files {
         &self,
         c: &mut Config,
         fake: &FakeDigicert,
-        edit: impl FnOnce(&mut DigicertBackendConfig),
+        edit: impl FnOnce(&mut DigicertConfig),
     ) {
-        let mut d = DigicertBackendConfig {
+        let mut d = DigicertConfig {
             base_url: fake.base_url(),
             ca_file: Some(self.path("tls-ca.pem")),
             profile_id: PROFILE.into(),
@@ -70,10 +68,7 @@ impl Files {
     }
 }
 
-async fn start(
-    fake: &FakeDigicert,
-    edit: impl FnOnce(&mut DigicertBackendConfig),
-) -> (Bridge, Files) {
+async fn start(fake: &FakeDigicert, edit: impl FnOnce(&mut DigicertConfig)) -> (Bridge, Files) {
     let files = Files::new(fake);
     let b = Bridge::start_with(|c| files.configure(c, fake, edit)).await;
     assert_eq!(b.signer.kind(), "digicert");

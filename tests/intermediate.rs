@@ -53,7 +53,7 @@ async fn wait_until(what: &str, within: Duration, mut f: impl AsyncFnMut() -> bo
 async fn openbao() -> (
     OpenBao,
     tempfile::TempDir,
-    istio_ca_bridge::config::VaultBackendConfig,
+    istio_ca_bridge::config::VaultConfig,
 ) {
     let mut bao = OpenBao::start().await;
     bao.setup_pki("1h").await;
@@ -324,7 +324,7 @@ async fn rotation_under_continuous_load_fails_no_call_and_no_leaf_outlives_its_i
             .map(|p| pki::parse_certs_pem(p.as_bytes()).unwrap().remove(0))
             .collect();
         let when = pki::from_unix(*at);
-        istio_ca_bridge::server::chain::verify_path(
+        istio_ca_bridge::trust::verify_path(
             &certs[0],
             &certs[1..],
             &root,

@@ -1066,16 +1066,9 @@ struct Rotating {
     bundle: tokio::sync::watch::Sender<istio_ca_bridge::trust::SharedBundle>,
 }
 
-#[async_trait::async_trait]
-impl istio_ca_bridge::backend::Signer for Rotating {
+impl istio_ca_bridge::backend::Authority for Rotating {
     fn kind(&self) -> &'static str {
         self.inner.kind()
-    }
-    async fn sign(
-        &self,
-        req: &istio_ca_bridge::backend::SignRequest,
-    ) -> Result<istio_ca_bridge::backend::IssuedChain, istio_ca_bridge::backend::SignError> {
-        self.inner.sign(req).await
     }
     fn trust_bundle(&self) -> tokio::sync::watch::Receiver<istio_ca_bridge::trust::SharedBundle> {
         self.bundle.subscribe()
@@ -1085,9 +1078,19 @@ impl istio_ca_bridge::backend::Signer for Rotating {
     }
 }
 
+#[async_trait::async_trait]
+impl istio_ca_bridge::backend::Signer for Rotating {
+    async fn sign(
+        &self,
+        req: &istio_ca_bridge::backend::SignRequest,
+    ) -> Result<istio_ca_bridge::backend::IssuedChain, istio_ca_bridge::backend::SignError> {
+        self.inner.sign(req).await
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trust_bundle_change_reaches_every_configmap_and_istiod_tls() {
-    use istio_ca_bridge::config::{BackendConfig, LocalBackendConfig};
+    use istio_ca_bridge::config::{BackendConfig, LocalConfig};
     use istio_ca_bridge::trust::TrustBundle;
     let fake = FakeKube::start_new().await;
     for ns in ["default", "istio-system"] {
@@ -1095,15 +1098,15 @@ async fn trust_bundle_change_reaches_every_configmap_and_istiod_tls() {
     }
     let kdir = tempfile::tempdir().unwrap();
     let kc = cluster(&fake, kdir.path(), "Kubernetes", None);
-    let inner = istio_ca_bridge::backend::build(
-        &BackendConfig::Local(LocalBackendConfig {
-            state_dir: kdir.path().join("ca"),
-            ..Default::default()
-        }),
-        TD,
-        std::time::Duration::from_secs(86400),
-        std::sync::Arc::new(istio_ca_bridge::metrics::Metrics::new(false)),
-    )
+    let inner = BackendConfig::Local(LocalConfig {
+        state_dir: kdir.path().join("ca"),
+        ..Default::default()
+    })
+    .build(&istio_ca_bridge::backend::BuildContext {
+        trust_domain: TD.into(),
+        max_leaf_ttl: std::time::Duration::from_secs(86400),
+        metrics: std::sync::Arc::new(istio_ca_bridge::metrics::Metrics::new(false)),
+    })
     .await
     .unwrap();
     let old = inner.trust_bundle().borrow().clone();

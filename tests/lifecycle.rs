@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use istio_ca_bridge::app::Options;
 use istio_ca_bridge::backend::local::LocalCa;
 use istio_ca_bridge::backend::{Health, IssuedChain, SignError, SignRequest, Signer, Subject};
-use istio_ca_bridge::config::{KeyType, LocalBackendConfig, ServingCertMode};
+use istio_ca_bridge::config::{KeyType, LocalConfig, ServingCertMode};
 use istio_ca_bridge::pb::istio_certificate_service_client::IstioCertificateServiceClient;
 use istio_ca_bridge::pki::{self, CsrShape};
 use istio_ca_bridge::trust::SharedBundle;
@@ -411,7 +411,7 @@ struct SlowSigner {
 
 impl SlowSigner {
     fn new(dir: &Path, delay: Duration) -> Arc<SlowSigner> {
-        let cfg = LocalBackendConfig {
+        let cfg = LocalConfig {
             state_dir: dir.join("slow-ca"),
             ..Default::default()
         };
@@ -436,11 +436,20 @@ impl SlowSigner {
     }
 }
 
-#[async_trait]
-impl Signer for SlowSigner {
+impl istio_ca_bridge::backend::Authority for SlowSigner {
     fn kind(&self) -> &'static str {
         "slow"
     }
+    fn trust_bundle(&self) -> watch::Receiver<SharedBundle> {
+        self.inner.trust_bundle()
+    }
+    fn health(&self) -> Health {
+        self.inner.health()
+    }
+}
+
+#[async_trait]
+impl Signer for SlowSigner {
     async fn sign(&self, req: &SignRequest) -> Result<IssuedChain, SignError> {
         if !matches!(req.subject, Subject::Workload(_)) {
             return self.inner.sign(req).await;
@@ -450,12 +459,6 @@ impl Signer for SlowSigner {
         let r = self.inner.sign(req).await;
         self.finished.lock().unwrap().push(Instant::now());
         r
-    }
-    fn trust_bundle(&self) -> watch::Receiver<SharedBundle> {
-        self.inner.trust_bundle()
-    }
-    fn health(&self) -> Health {
-        self.inner.health()
     }
 }
 

@@ -8,7 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use istio_ca_bridge::backend::local::LocalCa;
-use istio_ca_bridge::config::{BackendConfig, KeyType, LocalBackendConfig};
+use istio_ca_bridge::config::{BackendConfig, KeyType, LocalConfig};
 use istio_ca_bridge::identity::SpiffeId;
 use istio_ca_bridge::pki::{self, CsrShape};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyUsagePurpose};
@@ -61,7 +61,7 @@ async fn ca_from_files_with_intermediate_clamps_to_issuer_expiry() {
     let fdir = files.path().to_path_buf();
     let (inter_pem, root_pem) = write_ca_files(&fdir, time::Duration::hours(2));
     let b = Bridge::start_with(move |c| {
-        c.backend = BackendConfig::Local(LocalBackendConfig {
+        c.backend = BackendConfig::Local(LocalConfig {
             ca_cert_file: Some(fdir.join("ca-cert.pem")),
             ca_key_file: Some(fdir.join("ca-key.pem")),
             root_bundle_file: Some(fdir.join("root.pem")),
@@ -116,13 +116,13 @@ fn ca_files_that_do_not_fit_together_are_refused() {
     write_ca_files(d, time::Duration::hours(2));
     let other = pki::generate_key(KeyType::EcdsaP256).unwrap();
     std::fs::write(d.join("other-key.pem"), other.serialize_pem()).unwrap();
-    let cfg = |cert: &str, key: &str, bundle: Option<&str>| LocalBackendConfig {
+    let cfg = |cert: &str, key: &str, bundle: Option<&str>| LocalConfig {
         ca_cert_file: Some(d.join(cert)),
         ca_key_file: Some(d.join(key)),
         root_bundle_file: bundle.map(|b| d.join(b)),
         ..Default::default()
     };
-    let err = |c: LocalBackendConfig| match LocalCa::load_or_create(&c, TD) {
+    let err = |c: LocalConfig| match LocalCa::load_or_create(&c, TD) {
         Ok(_) => panic!("accepted"),
         Err(e) => e.to_string(),
     };

@@ -24,10 +24,9 @@ mod support;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use istio_ca_bridge::backend::vault::{VaultAuthConfig, VaultJwtAuth, VaultTokenAuth};
 use istio_ca_bridge::backend::{SignRequest, Subject};
-use istio_ca_bridge::config::{
-    BackendConfig, KeyType, VaultAuthConfig, VaultBackendConfig, VaultJwtAuth, VaultTokenAuth,
-};
+use istio_ca_bridge::config::{BackendConfig, KeyType, VaultConfig};
 use istio_ca_bridge::identity::SpiffeId;
 use istio_ca_bridge::pki::{self, CsrShape};
 use openbao::*;
@@ -35,7 +34,7 @@ use serde_json::json;
 use support::*;
 use tonic::Code;
 
-async fn vault_bridge(backend: VaultBackendConfig) -> Bridge {
+async fn vault_bridge(backend: VaultConfig) -> Bridge {
     Bridge::start_with(move |cfg| cfg.backend = BackendConfig::Vault(backend)).await
 }
 
@@ -107,15 +106,15 @@ async fn istio_csrs_are_signed_by_the_openbao_role_and_verify_to_its_root() {
     let mut no_client_cert = backend.clone();
     no_client_cert.tls.client_cert_file = None;
     no_client_cert.tls.client_key_file = None;
-    let err = istio_ca_bridge::backend::build(
-        &BackendConfig::Vault(no_client_cert),
-        TD,
-        std::time::Duration::from_secs(86400),
-        std::sync::Arc::new(istio_ca_bridge::metrics::Metrics::new(false)),
-    )
-    .await
-    .err()
-    .expect("no client certificate, no login");
+    let err = BackendConfig::Vault(no_client_cert)
+        .build(&istio_ca_bridge::backend::BuildContext {
+            trust_domain: TD.into(),
+            max_leaf_ttl: std::time::Duration::from_secs(86400),
+            metrics: std::sync::Arc::new(istio_ca_bridge::metrics::Metrics::new(false)),
+        })
+        .await
+        .err()
+        .expect("no client certificate, no login");
     let msg = format!("{:#}", anyhow::Error::new(err));
     assert!(
         msg.starts_with("vault: login failed: cannot reach vault"),

@@ -18,6 +18,10 @@
 //! `GetCertificateAuthorityCertificate`) plus an optional extra roots file, re-read
 //! periodically.
 
+mod config;
+
+pub use config::*;
+
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
@@ -33,9 +37,10 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::intermediate::{IntermediateRequest, UpstreamAuthority};
-use super::limit::{TokenBucket, backoff};
-use super::{Health, IssuedChain, SignError, SignRequest, Signer, SigningCaInfo, Subject};
-use crate::config::AwsPcaBackendConfig;
+use super::remote::{TokenBucket, backoff};
+use super::{
+    Authority, Health, IssuedChain, SignError, SignRequest, Signer, SigningCaInfo, Subject,
+};
 use crate::metrics::Metrics;
 use crate::pki;
 use crate::trust::{SharedBundle, TrustBundle};
@@ -168,7 +173,7 @@ struct CaState {
 
 pub struct AwsPca {
     client: aws_sdk_acmpca::Client,
-    cfg: AwsPcaBackendConfig,
+    cfg: AwsPcaConfig,
     signing_algorithm: SigningAlgorithm,
     bucket: TokenBucket,
     ca: CaState,
@@ -180,7 +185,7 @@ impl AwsPca {
     /// role), reads the signing algorithm (unless configured) and the trust bundle, and
     /// starts the periodic bundle refresh.
     pub async fn connect(
-        cfg: &AwsPcaBackendConfig,
+        cfg: &AwsPcaConfig,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, AwsPcaError> {
         let region = cfg
@@ -464,10 +469,7 @@ impl AwsPca {
                 .inc();
         }
         let intermediates = pki::chain_links([chain_pem], &leaf).map_err(|e| bad(e.to_string()))?;
-        Ok(IssuedChain {
-            leaf,
-            intermediates,
-        })
+        Ok(IssuedChain::new(leaf, intermediates))
     }
 
     async fn refresh_bundle(&self) -> Result<(), AwsPcaError> {
@@ -488,7 +490,7 @@ impl AwsPca {
 /// form the bundle. Returns the bundle and the CA certificate's NotAfter.
 async fn fetch_bundle(
     client: &aws_sdk_acmpca::Client,
-    cfg: &AwsPcaBackendConfig,
+    cfg: &AwsPcaConfig,
 ) -> Result<(TrustBundle, i64), AwsPcaError> {
     let out = client
         .get_certificate_authority_certificate()
@@ -547,12 +549,25 @@ fn spawn_refresh(me: Weak<AwsPca>, every: Duration) {
     });
 }
 
-#[async_trait]
-impl Signer for AwsPca {
+impl Authority for AwsPca {
     fn kind(&self) -> &'static str {
         KIND
     }
+    fn trust_bundle(&self) -> watch::Receiver<SharedBundle> {
+        self.ca.bundle.subscribe()
+    }
+    fn health(&self) -> Health {
+        match *self.ca.not_after.lock().expect("lock") {
+            Some(t) if t <= pki::unix_secs(SystemTime::now()) => {
+                Health::NotReady("the AWS Private CA certificate has expired".into())
+            }
+            _ => Health::Ready,
+        }
+    }
+}
 
+#[async_trait]
+impl Signer for AwsPca {
     async fn sign(&self, req: &SignRequest) -> Result<IssuedChain, SignError> {
         let deadline = Instant::now() + self.cfg.issue_timeout;
         let token = idempotency_token(req);
@@ -569,19 +584,6 @@ impl Signer for AwsPca {
         self.assemble(req, &cert, &chain)
     }
 
-    fn trust_bundle(&self) -> watch::Receiver<SharedBundle> {
-        self.ca.bundle.subscribe()
-    }
-
-    fn health(&self) -> Health {
-        match *self.ca.not_after.lock().expect("lock") {
-            Some(t) if t <= pki::unix_secs(SystemTime::now()) => {
-                Health::NotReady("the AWS Private CA certificate has expired".into())
-            }
-            _ => Health::Ready,
-        }
-    }
-
     fn signing_ca(&self) -> SigningCaInfo {
         SigningCaInfo {
             not_after: *self.ca.not_after.lock().expect("lock"),
@@ -595,10 +597,6 @@ impl Signer for AwsPca {
 /// certificate without CA:TRUE, which is refused there with that reason.
 #[async_trait]
 impl UpstreamAuthority for AwsPca {
-    fn kind(&self) -> &'static str {
-        KIND
-    }
-
     async fn sign_intermediate(&self, req: &IntermediateRequest) -> Result<IssuedChain, SignError> {
         // A background task has more patience than a caller: three issue timeouts.
         let deadline = Instant::now() + self.cfg.issue_timeout * 3;
@@ -623,18 +621,37 @@ impl UpstreamAuthority for AwsPca {
             .remove(0);
         let intermediates =
             pki::chain_links([chain.as_str()], &leaf).map_err(|e| bad(e.to_string()))?;
-        Ok(IssuedChain {
-            leaf,
-            intermediates,
-        })
+        Ok(IssuedChain::new(leaf, intermediates))
+    }
+}
+
+#[async_trait]
+impl super::Plugin for AwsPcaConfig {
+    fn kind(&self) -> &'static str {
+        KIND
     }
 
-    fn trust_bundle(&self) -> watch::Receiver<SharedBundle> {
-        self.ca.bundle.subscribe()
+    fn problems(&self, shared: &crate::validate::Shared) -> Vec<crate::validate::FieldError> {
+        AwsPcaConfig::problems(self, shared)
     }
 
-    fn health(&self) -> Health {
-        Signer::health(self)
+    async fn build(&self, ctx: &super::BuildContext) -> Result<Arc<dyn Signer>, super::BuildError> {
+        let what = |e| super::BuildError::new("AWS Private CA", e);
+        if self.mode == super::intermediate::BackendMode::Direct {
+            let s = AwsPca::connect(self, ctx.metrics.clone())
+                .await
+                .map_err(what)?;
+            return Ok(s);
+        }
+        let (cfg, metrics) = (self.clone(), ctx.metrics.clone());
+        let connect: super::intermediate::UpstreamConnect = Arc::new(move || {
+            let (cfg, metrics) = (cfg.clone(), metrics.clone());
+            Box::pin(async move {
+                let s = AwsPca::connect(&cfg, metrics).await.map_err(what)?;
+                Ok(s as Arc<dyn super::intermediate::UpstreamAuthority>)
+            })
+        });
+        super::intermediate::build(KIND, connect, &self.intermediate, ctx).await
     }
 }
 

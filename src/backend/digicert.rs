@@ -28,6 +28,10 @@
 //! The signature check of that chain is left to the server's pre-answer check
 //! (`server::chain`), which runs on every issued chain.
 
+mod config;
+
+pub use config::*;
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -41,9 +45,10 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use x509_parser::prelude::*;
 
-use super::limit::{TokenBucket, backoff};
-use super::{Health, IssuedChain, SignError, SignRequest, Signer, SigningCaInfo, Subject};
-use crate::config::{DigicertBackendConfig, DigicertSeatStrategy};
+use super::remote::{TokenBucket, backoff};
+use super::{
+    Authority, Health, IssuedChain, SignError, SignRequest, Signer, SigningCaInfo, Subject,
+};
 use crate::metrics::Metrics;
 use crate::pki;
 use crate::trust::{SharedBundle, TrustBundle};
@@ -198,7 +203,7 @@ struct Shared {
     http: reqwest::Client,
     api: String,
     key: Option<ApiKey>,
-    cfg: DigicertBackendConfig,
+    cfg: DigicertConfig,
     bucket: TokenBucket,
     bundle: watch::Sender<SharedBundle>,
     /// Raw subjects of the trust bundle's roots (chain assembly stops at one of them).
@@ -218,10 +223,7 @@ impl Digicert {
     /// Reads the credentials, TLS material, trust bundle and intermediates; fails at start
     /// with a clear error when any of them is unusable. DigiCert itself is first reached by
     /// the first enrollment (the bridge's serving certificate, in most set-ups).
-    pub fn connect(
-        cfg: &DigicertBackendConfig,
-        metrics: Arc<Metrics>,
-    ) -> Result<Self, DigicertError> {
+    pub fn connect(cfg: &DigicertConfig, metrics: Arc<Metrics>) -> Result<Self, DigicertError> {
         let a = &cfg.auth;
         let identity = match (&a.client_cert_file, &a.client_key_file) {
             (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
@@ -625,10 +627,7 @@ impl Shared {
             self.issuing_ca_not_after
                 .store(info.not_after, Ordering::Relaxed);
         }
-        Ok(IssuedChain {
-            leaf,
-            intermediates,
-        })
+        Ok(IssuedChain::new(leaf, intermediates))
     }
 
     /// `GET /hello` with the current credentials: true if DigiCert accepts them.
@@ -702,12 +701,23 @@ fn spawn_denied_probe(me: Weak<Shared>) {
     });
 }
 
-#[async_trait]
-impl Signer for Digicert {
+impl Authority for Digicert {
     fn kind(&self) -> &'static str {
         KIND
     }
+    fn trust_bundle(&self) -> watch::Receiver<SharedBundle> {
+        self.shared.bundle.subscribe()
+    }
+    fn health(&self) -> Health {
+        match &*self.shared.denied.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(why) => Health::NotReady(format!("DigiCert refuses the credentials: {why}")),
+            None => Health::Ready,
+        }
+    }
+}
 
+#[async_trait]
+impl Signer for Digicert {
     async fn sign(&self, req: &SignRequest) -> Result<IssuedChain, SignError> {
         let sh = &self.shared;
         let deadline = Instant::now() + sh.cfg.request_timeout;
@@ -715,17 +725,6 @@ impl Signer for Digicert {
         // DigiCert answered with a certificate: the credentials work.
         sh.set_denied(None);
         sh.assemble(req, &pem)
-    }
-
-    fn trust_bundle(&self) -> watch::Receiver<SharedBundle> {
-        self.shared.bundle.subscribe()
-    }
-
-    fn health(&self) -> Health {
-        match &*self.shared.denied.lock().unwrap_or_else(|e| e.into_inner()) {
-            Some(why) => Health::NotReady(format!("DigiCert refuses the credentials: {why}")),
-            None => Health::Ready,
-        }
     }
 
     fn signing_ca(&self) -> SigningCaInfo {
@@ -736,10 +735,26 @@ impl Signer for Digicert {
     }
 }
 
+#[async_trait]
+impl super::Plugin for DigicertConfig {
+    fn kind(&self) -> &'static str {
+        KIND
+    }
+
+    fn problems(&self, shared: &crate::validate::Shared) -> Vec<crate::validate::FieldError> {
+        DigicertConfig::problems(self, shared)
+    }
+
+    async fn build(&self, ctx: &super::BuildContext) -> Result<Arc<dyn Signer>, super::BuildError> {
+        let d = Digicert::connect(self, ctx.metrics.clone())
+            .map_err(|e| super::BuildError::new("DigiCert", e))?;
+        Ok(Arc::new(d))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::DigicertValidityUnit;
 
     #[test]
     fn validity_rounds_down_with_a_minimum_of_one_unit() {

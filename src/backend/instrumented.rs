@@ -7,7 +7,9 @@ use std::time::Instant;
 use async_trait::async_trait;
 use tokio::sync::watch;
 
-use super::{Health, IssuedChain, SignError, SignRequest, Signer, SigningCaInfo, Subject};
+use super::{
+    Authority, Health, IssuedChain, SignError, SignRequest, Signer, SigningCaInfo, Subject,
+};
 use crate::metrics::Metrics;
 use crate::trust::SharedBundle;
 
@@ -22,12 +24,20 @@ impl Instrumented {
     }
 }
 
-#[async_trait]
-impl Signer for Instrumented {
+impl Authority for Instrumented {
     fn kind(&self) -> &'static str {
         self.inner.kind()
     }
+    fn trust_bundle(&self) -> watch::Receiver<SharedBundle> {
+        self.inner.trust_bundle()
+    }
+    fn health(&self) -> Health {
+        self.inner.health()
+    }
+}
 
+#[async_trait]
+impl Signer for Instrumented {
     fn mode(&self) -> &'static str {
         self.inner.mode()
     }
@@ -58,14 +68,6 @@ impl Signer for Instrumented {
                 .set(t as f64);
         }
         res
-    }
-
-    fn trust_bundle(&self) -> watch::Receiver<SharedBundle> {
-        self.inner.trust_bundle()
-    }
-
-    fn health(&self) -> Health {
-        self.inner.health()
     }
 
     fn signing_ca(&self) -> SigningCaInfo {

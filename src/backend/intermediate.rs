@@ -22,6 +22,10 @@
 //! Backends take part through the small [`UpstreamAuthority`] trait: Vault/OpenBao
 //! (`root/sign-intermediate`) and AWS Private CA (a SubordinateCACertificate template).
 
+mod config;
+
+pub use config::*;
+
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -34,12 +38,13 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use x509_parser::prelude::*;
 
 use super::local::{self, SigningCa};
-use super::{Health, IssuedChain, SignError, SignRequest, Signer, SigningCaInfo, Subject};
-use crate::config::IntermediateConfig;
+use super::{
+    Authority, Health, IssuedChain, SignError, SignRequest, Signer, SigningCaInfo, Subject,
+};
 use crate::identity::SpiffeId;
 use crate::metrics::Metrics;
 use crate::pki;
-use crate::server::chain::verify_path;
+use crate::trust::verify_path;
 use crate::trust::{SharedBundle, TrustBundle};
 
 const KEY_FILE: &str = "intermediate-key.pem";
@@ -65,19 +70,10 @@ pub struct IntermediateRequest {
 
 /// A backend that can sign the bridge's intermediate CA.
 #[async_trait]
-pub trait UpstreamAuthority: Send + Sync + 'static {
-    /// Short backend name for logs and metric labels (`vault`, `awsPca`).
-    fn kind(&self) -> &'static str;
-
+pub trait UpstreamAuthority: Authority {
     /// Signs a CA certificate for `req`. `leaf` of the answer is the intermediate;
     /// `intermediates` link it to a root of the trust bundle (roots excluded).
     async fn sign_intermediate(&self, req: &IntermediateRequest) -> Result<IssuedChain, SignError>;
-
-    /// The roots everything chains to.
-    fn trust_bundle(&self) -> watch::Receiver<SharedBundle>;
-
-    /// Whether the backend answers (informational in this mode: signing goes on without it).
-    fn health(&self) -> Health;
 }
 
 /// Connects to a backend, for [`LazyUpstream`].
@@ -119,8 +115,11 @@ impl LazyUpstream {
         tokio::spawn(async move {
             let mut attempt = 0u32;
             loop {
-                let delay =
-                    super::limit::backoff(attempt, Duration::from_secs(1), Duration::from_secs(60));
+                let delay = super::remote::backoff(
+                    attempt,
+                    Duration::from_secs(1),
+                    Duration::from_secs(60),
+                );
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(delay) => {}
@@ -168,12 +167,23 @@ impl LazyUpstream {
     }
 }
 
-#[async_trait]
-impl UpstreamAuthority for LazyUpstream {
+impl Authority for LazyUpstream {
     fn kind(&self) -> &'static str {
         self.kind
     }
+    fn trust_bundle(&self) -> watch::Receiver<SharedBundle> {
+        self.bundle.subscribe()
+    }
+    fn health(&self) -> Health {
+        match self.inner.get() {
+            Some(up) => up.health(),
+            None => Health::NotReady("not connected to the backend yet".into()),
+        }
+    }
+}
 
+#[async_trait]
+impl UpstreamAuthority for LazyUpstream {
     async fn sign_intermediate(&self, req: &IntermediateRequest) -> Result<IssuedChain, SignError> {
         match self.inner.get() {
             Some(up) => up.sign_intermediate(req).await,
@@ -181,17 +191,6 @@ impl UpstreamAuthority for LazyUpstream {
                 "not connected to the backend yet: {}",
                 self.last_error.lock().unwrap_or_else(|p| p.into_inner())
             ))),
-        }
-    }
-
-    fn trust_bundle(&self) -> watch::Receiver<SharedBundle> {
-        self.bundle.subscribe()
-    }
-
-    fn health(&self) -> Health {
-        match self.inner.get() {
-            Some(up) => up.health(),
-            None => Health::NotReady("not connected to the backend yet".into()),
         }
     }
 }
@@ -457,7 +456,7 @@ fn probe(
     trust_domain: &str,
     bundle: &TrustBundle,
 ) -> Result<(), IntermediateError> {
-    let key = pki::generate_key(crate::config::KeyType::EcdsaP256)
+    let key = pki::generate_key(crate::pki::KeyType::EcdsaP256)
         .map_err(|e| IntermediateError::Unusable(format!("probe key: {e}")))?;
     let id = SpiffeId::parse(&format!(
         "spiffe://{trust_domain}/ns/istio-system/sa/istio-ca-bridge-probe"
@@ -510,10 +509,7 @@ fn load_state(
     let mut certs = pki::parse_certs_pem(&std::fs::read(&cp).map_err(|e| state_err(&cp, e))?)
         .map_err(|e| state_err(&cp, e))?;
     let leaf = certs.remove(0);
-    let issued = IssuedChain {
-        leaf,
-        intermediates: certs,
-    };
+    let issued = IssuedChain::new(leaf, certs);
     match check_and_build(issued, key, cfg, trust_domain, bundle) {
         Ok(g) if g.remaining(now_secs()) > cfg.ready_margin.as_secs() as i64 => Ok(Some(g)),
         Ok(g) => {
@@ -751,27 +747,13 @@ async fn rotation_task(
     }
 }
 
-#[async_trait]
-impl Signer for IntermediateSigner {
+impl Authority for IntermediateSigner {
     fn kind(&self) -> &'static str {
         self.inner.kind()
     }
-
-    fn mode(&self) -> &'static str {
-        "intermediate"
-    }
-
-    async fn sign(&self, req: &SignRequest) -> Result<IssuedChain, SignError> {
-        // One generation per call: the leaf and its chain come from the same intermediate
-        // even if a switch happens meanwhile.
-        let g = self.inner.current.load_full();
-        g.ca.sign(req)
-    }
-
     fn trust_bundle(&self) -> watch::Receiver<SharedBundle> {
         self.inner.upstream.trust_bundle()
     }
-
     fn health(&self) -> Health {
         let g = self.inner.current.load();
         let left = g.remaining(now_secs());
@@ -790,6 +772,20 @@ impl Signer for IntermediateSigner {
             self.inner.cfg.ready_margin
         ))
     }
+}
+
+#[async_trait]
+impl Signer for IntermediateSigner {
+    fn mode(&self) -> &'static str {
+        "intermediate"
+    }
+
+    async fn sign(&self, req: &SignRequest) -> Result<IssuedChain, SignError> {
+        // One generation per call: the leaf and its chain come from the same intermediate
+        // even if a switch happens meanwhile.
+        let g = self.inner.current.load_full();
+        g.ca.sign(req)
+    }
 
     fn signing_ca(&self) -> SigningCaInfo {
         SigningCaInfo {
@@ -798,10 +794,70 @@ impl Signer for IntermediateSigner {
     }
 }
 
+/// Connects to the upstream of intermediate mode (again, if the first try fails).
+pub type UpstreamConnect = Arc<
+    dyn Fn() -> futures::future::BoxFuture<
+            'static,
+            Result<Arc<dyn UpstreamAuthority>, super::BuildError>,
+        > + Send
+        + Sync,
+>;
+
+/// Builds intermediate mode over any upstream: the backend signs the bridge's first
+/// intermediate here, so a backend whose answer is not a usable CA stops the start with
+/// the reason. If the backend cannot be reached but `stateDir` holds a usable
+/// intermediate, the bridge starts with it and connects later ([`LazyUpstream`]).
+pub async fn build(
+    kind: &'static str,
+    connect: UpstreamConnect,
+    icfg: &IntermediateConfig,
+    ctx: &super::BuildContext,
+) -> Result<Arc<dyn Signer>, super::BuildError> {
+    let upstream = match connect().await {
+        Ok(up) => up,
+        Err(e) => {
+            // A replica restarted during a backend outage starts from its stored
+            // intermediate, if it has a usable one, and connects later.
+            let stored = icfg
+                .state_dir
+                .as_deref()
+                .and_then(|d| stored_bundle(d, icfg, &ctx.trust_domain));
+            let Some(bundle) = stored else {
+                return Err(e);
+            };
+            let msg = super::remote::error_chain(&e);
+            tracing::error!(
+                backend = kind,
+                error = %msg,
+                "BACKEND UNREACHABLE AT START: signing with the stored intermediate CA; no successor can be prepared until the backend answers"
+            );
+            LazyUpstream::start(
+                kind,
+                bundle,
+                msg,
+                Box::new(move || {
+                    let c = connect();
+                    Box::pin(async move { c.await.map_err(|e| super::remote::error_chain(&e)) })
+                }),
+            )
+        }
+    };
+    let signer = IntermediateSigner::start(
+        upstream,
+        icfg,
+        &ctx.trust_domain,
+        ctx.max_leaf_ttl,
+        ctx.metrics.clone(),
+    )
+    .await
+    .map_err(|e| super::BuildError::new("intermediate mode", e))?;
+    Ok(Arc::new(signer))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::KeyType;
+    use crate::pki::KeyType;
 
     fn cfg() -> IntermediateConfig {
         IntermediateConfig {
@@ -866,10 +922,7 @@ mod tests {
         let int = ip.signed_by(&key, &issuer).unwrap();
         (
             TrustBundle::new(vec![root.der().clone()]).unwrap(),
-            IssuedChain {
-                leaf: int.der().clone(),
-                intermediates: vec![],
-            },
+            IssuedChain::new(int.der().clone(), vec![]),
             key,
         )
     }
@@ -995,12 +1048,22 @@ mod tests {
         }
     }
 
-    #[async_trait]
-    impl UpstreamAuthority for StubUpstream {
+    impl Authority for StubUpstream {
         fn kind(&self) -> &'static str {
             "stub"
         }
 
+        fn trust_bundle(&self) -> watch::Receiver<SharedBundle> {
+            self.bundle.subscribe()
+        }
+
+        fn health(&self) -> Health {
+            Health::Ready
+        }
+    }
+
+    #[async_trait]
+    impl UpstreamAuthority for StubUpstream {
         async fn sign_intermediate(
             &self,
             req: &IntermediateRequest,
@@ -1018,18 +1081,7 @@ mod tests {
             let spki = rcgen::SubjectPublicKeyInfo::from_der(&req.public_key_der).unwrap();
             let root = self.root.lock().unwrap();
             let cert = p.signed_by(&spki, &root.0).unwrap();
-            Ok(IssuedChain {
-                leaf: cert.der().clone(),
-                intermediates: vec![],
-            })
-        }
-
-        fn trust_bundle(&self) -> watch::Receiver<SharedBundle> {
-            self.bundle.subscribe()
-        }
-
-        fn health(&self) -> Health {
-            Health::Ready
+            Ok(IssuedChain::new(cert.der().clone(), vec![]))
         }
     }
 

@@ -6,6 +6,10 @@
 //! behind an `ArcSwap` so that a later intermediate mode can swap it without locking the
 //! signing path.
 
+mod config;
+
+pub use config::LocalConfig;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,8 +25,9 @@ use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
-use super::{Health, IssuedChain, SignError, SignRequest, Signer, SigningCaInfo, Subject};
-use crate::config::LocalBackendConfig;
+use super::{
+    Authority, Health, IssuedChain, SignError, SignRequest, Signer, SigningCaInfo, Subject,
+};
 use crate::pki::{self, PkiError};
 use crate::trust::{SharedBundle, TrustBundle};
 
@@ -163,10 +168,7 @@ impl SigningCa {
         let cert = params
             .signed_by(&public_key, &self.issuer)
             .map_err(|e| SignError::Internal(format!("signing failed: {e}")))?;
-        Ok(IssuedChain {
-            leaf: cert.der().clone(),
-            intermediates: self.chain.clone(),
-        })
+        Ok(IssuedChain::new(cert.der().clone(), self.chain.clone()))
     }
 }
 
@@ -207,10 +209,7 @@ impl LocalCa {
     }
 
     /// Loads the CA from files, or from/into the state directory when no files are set.
-    pub fn load_or_create(
-        cfg: &LocalBackendConfig,
-        trust_domain: &str,
-    ) -> Result<Self, LocalError> {
+    pub fn load_or_create(cfg: &LocalConfig, trust_domain: &str) -> Result<Self, LocalError> {
         let (ca, mut roots) = match (&cfg.ca_cert_file, &cfg.ca_key_file) {
             (Some(cert), Some(key)) => {
                 let certs = read_certs(cert)?;
@@ -255,26 +254,26 @@ impl LocalCa {
     }
 }
 
-#[async_trait]
-impl Signer for LocalCa {
+impl Authority for LocalCa {
     fn kind(&self) -> &'static str {
-        "local"
+        KIND
     }
-
-    async fn sign(&self, req: &SignRequest) -> Result<IssuedChain, SignError> {
-        self.ca.load().sign(req)
-    }
-
     fn trust_bundle(&self) -> watch::Receiver<SharedBundle> {
         self.bundle.subscribe()
     }
-
     fn health(&self) -> Health {
         if self.ca.load().not_after <= OffsetDateTime::now_utc() {
             Health::NotReady("the signing CA has expired".into())
         } else {
             Health::Ready
         }
+    }
+}
+
+#[async_trait]
+impl Signer for LocalCa {
+    async fn sign(&self, req: &SignRequest) -> Result<IssuedChain, SignError> {
+        self.ca.load().sign(req)
     }
 
     fn signing_ca(&self) -> SigningCaInfo {
@@ -299,7 +298,7 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, LocalError> {
 }
 
 fn load_or_generate_root(
-    cfg: &LocalBackendConfig,
+    cfg: &LocalConfig,
     trust_domain: &str,
 ) -> Result<(CertificateDer<'static>, KeyPair), LocalError> {
     let dir = &cfg.state_dir;
@@ -377,16 +376,36 @@ pub fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), LocalError>
     std::fs::rename(&tmp, path).map_err(io)
 }
 
+/// The backend's name in logs and metric labels.
+pub const KIND: &str = "local";
+
+#[async_trait]
+impl super::Plugin for LocalConfig {
+    fn kind(&self) -> &'static str {
+        KIND
+    }
+
+    fn problems(&self, shared: &crate::validate::Shared) -> Vec<crate::validate::FieldError> {
+        LocalConfig::problems(self, shared)
+    }
+
+    async fn build(&self, ctx: &super::BuildContext) -> Result<Arc<dyn Signer>, super::BuildError> {
+        let ca = LocalCa::load_or_create(self, &ctx.trust_domain)
+            .map_err(|e| super::BuildError::new("local CA", e))?;
+        Ok(Arc::new(ca))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::KeyType;
     use crate::identity::SpiffeId;
+    use crate::pki::KeyType;
     use x509_parser::prelude::*;
 
     fn ca() -> LocalCa {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = LocalBackendConfig {
+        let cfg = LocalConfig {
             state_dir: dir.path().join("ca"),
             ..Default::default()
         };

@@ -33,6 +33,10 @@
 //! without the cause); the binary's default log filter turns `vaultrs` and `rustify` off,
 //! since this module logs the same failures with their cause.
 
+mod config;
+
+pub use config::*;
+
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -48,11 +52,12 @@ use vaultrs::client::{VaultClient, VaultClientSettings};
 use x509_parser::prelude::*;
 
 use super::intermediate::{IntermediateRequest, UpstreamAuthority};
-use super::{Health, IssuedChain, SignError, SignRequest, Signer, SigningCaInfo, Subject};
-use crate::config::{VaultAuthConfig, VaultBackendConfig};
+use super::{
+    Authority, Health, IssuedChain, SignError, SignRequest, Signer, SigningCaInfo, Subject,
+};
 use crate::metrics::Metrics;
 use crate::pki;
-use crate::server::chain::verify_path;
+use crate::trust::verify_path;
 use crate::trust::{SharedBundle, TrustBundle};
 
 pub(crate) const KIND: &str = "vault";
@@ -244,7 +249,7 @@ impl Lifetime {
 
 /// Stateless access to one Vault server: URL, HTTP client, namespace.
 struct Conn {
-    cfg: VaultBackendConfig,
+    cfg: VaultConfig,
     http: reqwest::Client,
     base: String,
     url: reqwest::Url,
@@ -281,7 +286,7 @@ fn read_secret_file(path: &std::path::Path) -> Result<String, LoginError> {
 }
 
 impl Conn {
-    fn new(cfg: &VaultBackendConfig) -> Result<Self, VaultError> {
+    fn new(cfg: &VaultConfig) -> Result<Self, VaultError> {
         let identity = match (&cfg.tls.client_cert_file, &cfg.tls.client_key_file) {
             (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
             _ => None,
@@ -870,10 +875,7 @@ pub struct VaultSigner {
 
 impl VaultSigner {
     /// Logs in, fetches the trust bundle and starts the token and bundle maintenance.
-    pub async fn connect(
-        cfg: &VaultBackendConfig,
-        metrics: Arc<Metrics>,
-    ) -> Result<Self, VaultError> {
+    pub async fn connect(cfg: &VaultConfig, metrics: Arc<Metrics>) -> Result<Self, VaultError> {
         let conn = Conn::new(cfg)?;
         let login = conn.login().await;
         metrics
@@ -1080,19 +1082,35 @@ impl VaultSigner {
                 .issuing_ca_not_after
                 .store(info.not_after, Ordering::Relaxed);
         }
-        Ok(IssuedChain {
-            leaf,
-            intermediates,
-        })
+        Ok(IssuedChain::new(leaf, intermediates))
+    }
+}
+
+impl Authority for VaultSigner {
+    fn kind(&self) -> &'static str {
+        KIND
+    }
+    fn trust_bundle(&self) -> watch::Receiver<SharedBundle> {
+        self.shared.bundle.subscribe()
+    }
+    fn health(&self) -> Health {
+        let h = self.shared.health.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = &h.login {
+            Health::NotReady(format!("vault login failing: {m}"))
+        } else if let Some((at, m)) = &h.denied
+            && at.elapsed() < DENIED_NOT_READY
+        {
+            Health::NotReady(format!("vault permission denied: {m}"))
+        } else if let Some(m) = &h.unreachable {
+            Health::NotReady(format!("vault unavailable: {m}"))
+        } else {
+            Health::Ready
+        }
     }
 }
 
 #[async_trait]
 impl Signer for VaultSigner {
-    fn kind(&self) -> &'static str {
-        KIND
-    }
-
     async fn sign(&self, req: &SignRequest) -> Result<IssuedChain, SignError> {
         let sh = &self.shared;
         let role = match req.subject {
@@ -1112,25 +1130,6 @@ impl Signer for VaultSigner {
         self.assemble(data, req, asked_at).await
     }
 
-    fn trust_bundle(&self) -> watch::Receiver<SharedBundle> {
-        self.shared.bundle.subscribe()
-    }
-
-    fn health(&self) -> Health {
-        let h = self.shared.health.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(m) = &h.login {
-            Health::NotReady(format!("vault login failing: {m}"))
-        } else if let Some((at, m)) = &h.denied
-            && at.elapsed() < DENIED_NOT_READY
-        {
-            Health::NotReady(format!("vault permission denied: {m}"))
-        } else if let Some(m) = &h.unreachable {
-            Health::NotReady(format!("vault unavailable: {m}"))
-        } else {
-            Health::Ready
-        }
-    }
-
     fn signing_ca(&self) -> SigningCaInfo {
         let t = self.shared.issuing_ca_not_after.load(Ordering::Relaxed);
         SigningCaInfo {
@@ -1146,10 +1145,6 @@ impl Signer for VaultSigner {
 /// max_lease_ttl; the intermediate mode reads the real NotAfter from the certificate.
 #[async_trait]
 impl UpstreamAuthority for VaultSigner {
-    fn kind(&self) -> &'static str {
-        KIND
-    }
-
     async fn sign_intermediate(&self, req: &IntermediateRequest) -> Result<IssuedChain, SignError> {
         let sh = &self.shared;
         let mount = &sh.conn.cfg.mount;
@@ -1182,18 +1177,7 @@ impl UpstreamAuthority for VaultSigner {
             .remove(0);
         let intermediates =
             pki::chain_links(data.chain_pems(), &leaf).map_err(|e| bad(e.to_string()))?;
-        Ok(IssuedChain {
-            leaf,
-            intermediates,
-        })
-    }
-
-    fn trust_bundle(&self) -> watch::Receiver<SharedBundle> {
-        self.shared.bundle.subscribe()
-    }
-
-    fn health(&self) -> Health {
-        Signer::health(self)
+        Ok(IssuedChain::new(leaf, intermediates))
     }
 }
 
@@ -1286,6 +1270,36 @@ async fn probe_task(sh: Arc<Shared>, stop: CancellationToken) {
             }
             Err(e) => sh.set_health(|h| h.unreachable = Some(e.to_string())),
         }
+    }
+}
+
+#[async_trait]
+impl super::Plugin for VaultConfig {
+    fn kind(&self) -> &'static str {
+        KIND
+    }
+
+    fn problems(&self, shared: &crate::validate::Shared) -> Vec<crate::validate::FieldError> {
+        VaultConfig::problems(self, shared)
+    }
+
+    async fn build(&self, ctx: &super::BuildContext) -> Result<Arc<dyn Signer>, super::BuildError> {
+        let what = |e| super::BuildError::new("vault", e);
+        if self.mode == super::intermediate::BackendMode::Direct {
+            let s = VaultSigner::connect(self, ctx.metrics.clone())
+                .await
+                .map_err(what)?;
+            return Ok(Arc::new(s));
+        }
+        let (cfg, metrics) = (self.clone(), ctx.metrics.clone());
+        let connect: super::intermediate::UpstreamConnect = Arc::new(move || {
+            let (cfg, metrics) = (cfg.clone(), metrics.clone());
+            Box::pin(async move {
+                let s = VaultSigner::connect(&cfg, metrics).await.map_err(what)?;
+                Ok(Arc::new(s) as Arc<dyn super::intermediate::UpstreamAuthority>)
+            })
+        });
+        super::intermediate::build(KIND, connect, &self.intermediate, ctx).await
     }
 }
 

@@ -9,11 +9,11 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, bail};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
-use crate::backend::{IssuedChain, Subject};
-use crate::config::KeyType;
+use crate::backend::Subject;
 use crate::identity::SpiffeId;
 use crate::pb::IstioCertificateRequest;
 use crate::pb::istio_certificate_service_client::IstioCertificateServiceClient;
+use crate::pki::KeyType;
 use crate::pki::{self, CsrShape};
 use crate::trust::TrustBundle;
 
@@ -232,21 +232,17 @@ pub fn verify_response(
         .map(|p| pki::parse_certs_pem(p.as_bytes()).map(|mut v| v.remove(0)))
         .collect::<Result<_, _>>()?;
     let bundle = TrustBundle::from_pem(chain[chain.len() - 1].as_bytes())?;
-    let issued = IssuedChain {
-        leaf: leaf.clone(),
-        intermediates,
-    };
-    crate::server::chain::finish(
-        &issued,
+    // The same check the bridge applies before answering, here from the client's side.
+    crate::trust::check_issued(
+        &leaf,
+        &intermediates,
         &bundle,
         &Subject::Workload(target.clone()),
+        &rcgen::PublicKeyData::subject_public_key_info(key),
         SystemTime::now(),
     )
     .context("returned chain does not verify")?;
     let (_, cert) = x509_parser::parse_x509_certificate(&leaf)?;
-    if cert.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(key).as_slice() {
-        bail!("certificate is not for our key");
-    }
     let info = pki::cert_info(&leaf)?;
     Ok(format!(
         "identity:   {target}\nserial:     {}\nnot before: {}\nnot after:  {}\nissuer:     {}\nchain:      leaf + {} intermediate(s) + {} root(s)",

@@ -3,9 +3,11 @@
 //!
 //! Impersonation needs a pod-level check (the caller's pod and a pod with the requested
 //! service account on the same node), which is a [`NodeAuthorizer`] backed by the
-//! Kubernetes API (`crate::k8s::node_authz`, when `authn.kubernetes` is configured).
+//! Kubernetes API ([`node`], when `authn.kubernetes` is configured).
 //! Without one, every impersonation request is refused: the protocol notes call that check
 //! a requirement for any CA integrating with ztunnel.
+
+pub mod node;
 
 use std::sync::Arc;
 

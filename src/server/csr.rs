@@ -14,8 +14,8 @@ use x509_parser::oid_registry::{
 };
 use x509_parser::prelude::*;
 
-use crate::config::KeyType;
 use crate::identity::SpiffeId;
+use crate::pki::KeyType;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CsrError {

@@ -15,7 +15,7 @@ use aws_sdk_acmpca::types::{
     Asn1Subject, CertificateAuthorityConfiguration, CertificateAuthorityType, KeyAlgorithm,
     SigningAlgorithm, Validity, ValidityPeriodType,
 };
-use istio_ca_bridge::config::{AwsPcaBackendConfig, BackendConfig, Config, KeyType};
+use istio_ca_bridge::config::{AwsPcaConfig, BackendConfig, Config, KeyType};
 use istio_ca_bridge::pki;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -170,9 +170,9 @@ pub fn aws_backend(
     c: &mut Config,
     ca_arn: &str,
     endpoint: &str,
-    edit: impl FnOnce(&mut AwsPcaBackendConfig),
+    edit: impl FnOnce(&mut AwsPcaConfig),
 ) {
-    let mut a = AwsPcaBackendConfig {
+    let mut a = AwsPcaConfig {
         ca_arn: ca_arn.to_string(),
         endpoint: Some(endpoint.to_string()),
         ..Default::default()

@@ -9,9 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use istio_ca_bridge::config::{
-    KeyType, VaultAppRoleAuth, VaultAuthConfig, VaultBackendConfig, VaultTlsConfig,
-};
+use istio_ca_bridge::backend::vault::{VaultAppRoleAuth, VaultAuthConfig, VaultTlsConfig};
+use istio_ca_bridge::config::{KeyType, VaultConfig};
 use istio_ca_bridge::pki;
 use serde_json::{Value, json};
 
@@ -426,8 +425,8 @@ log_level = "warn"
         secret
     }
 
-    pub fn backend(&self, auth: VaultAuthConfig) -> VaultBackendConfig {
-        VaultBackendConfig {
+    pub fn backend(&self, auth: VaultAuthConfig) -> VaultConfig {
+        VaultConfig {
             address: self.addr.clone(),
             tls: VaultTlsConfig {
                 ca_file: Some(self.ca_file.clone()),

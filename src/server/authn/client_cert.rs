@@ -15,8 +15,8 @@ use tokio::sync::watch;
 use super::{AuthMethod, Authenticator, AuthnError, Caller, RequestContext};
 use crate::identity::SpiffeId;
 use crate::pki;
-use crate::server::chain::verify_path;
 use crate::trust::SharedBundle;
+use crate::trust::verify_path;
 
 pub struct ClientCertAuthenticator {
     bundle: watch::Receiver<SharedBundle>,

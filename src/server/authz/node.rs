@@ -13,10 +13,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::Clusters;
+use super::{NodeAuthorizer, NodeDenial};
 use crate::identity::SpiffeId;
+use crate::k8s::Clusters;
 use crate::server::authn::Caller;
-use crate::server::authz::{NodeAuthorizer, NodeDenial};
 
 pub struct KubeNodeAuthorizer {
     clusters: Arc<Clusters>,

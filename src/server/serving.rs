@@ -14,10 +14,10 @@ use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{SignRequest, Signer, Subject};
-use crate::config::{KeyType, ServerTlsConfig};
+use crate::config::ServerTlsConfig;
 use crate::metrics::Metrics;
 use crate::pki;
-use crate::server::chain::verify_path;
+use crate::pki::KeyType;
 use crate::server::tls::CertResolver;
 
 #[derive(Debug, thiserror::Error)]
@@ -53,7 +53,7 @@ pub struct IssuedServerCert {
 }
 
 /// Generates a P-256 key and a CSR for `dns_names`, has `signer` issue a server certificate
-/// and verifies it (used for the bridge's own serving certificate and istiod's).
+/// (verified by [`crate::backend::checked`]; used for the bridge's own serving certificate and istiod's).
 pub async fn issue_server_cert(
     signer: &dyn Signer,
     dns_names: &[String],
@@ -81,15 +81,11 @@ pub async fn issue_server_cert(
         caller: None,
     };
     let issued = signer.sign(&req).await?;
-    let bundle = signer.trust_bundle().borrow().clone();
-    verify_path(
-        &issued.leaf,
-        &issued.intermediates,
-        &bundle,
-        webpki::KeyUsage::server_auth(),
-        SystemTime::now(),
-    )
-    .map_err(ServingError::Verify)?;
+    // `signer` is the composed one: its answer was verified for server auth and these names.
+    let bundle = issued
+        .verified_with
+        .clone()
+        .ok_or_else(|| ServingError::Verify("bug: the signer's answer was not verified".into()))?;
     let not_after = pki::cert_info(&issued.leaf)
         .map_err(|e| ServingError::Verify(e.to_string()))?
         .not_after;

@@ -20,8 +20,8 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::Signer;
 use crate::config::IstiodCertConfig;
 use crate::pki;
-use crate::server::chain::verify_path;
 use crate::trust::TrustBundle;
+use crate::trust::verify_path;
 
 const FIELD_MANAGER: &str = "istio-ca-bridge";
 /// Even when nothing is due, the Secret is re-checked this often.
@@ -78,7 +78,7 @@ fn still_good(
 }
 
 async fn issue(signer: &dyn Signer, names: &[String], ttl: Duration) -> Result<Material, String> {
-    let c = crate::trust::serving::issue_server_cert(signer, names, ttl)
+    let c = crate::server::serving::issue_server_cert(signer, names, ttl)
         .await
         .map_err(|e| e.to_string())?;
     let mut cert_chain = pki::cert_pem(&c.leaf);

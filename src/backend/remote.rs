@@ -1,0 +1,303 @@
+//! The kit every remote backend calls its CA with (Vault, AWS Private CA, DigiCert, and
+//! the upstream calls of intermediate mode), so each backend only says how to make one
+//! call and how to read its failures:
+//! - [`Failure`]: what one failed call means for the caller: throttled (with the CA's
+//!   retry-after), transient (retry), not ready yet (poll again) or final;
+//! - [`Retry::run`]: retries until the deadline, each attempt behind the client-side
+//!   [`TokenBucket`] and after a jittered [`backoff`], counting retries and throttles;
+//! - [`error_chain`]: an error and its sources on one line, for logs and messages;
+//! - [`issued_chain`]: a leaf and the PEM chain texts the CA answered, as an
+//!   [`IssuedChain`] (roots and repeats dropped).
+
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rustls_pki_types::CertificateDer;
+use tokio::time::Instant;
+
+use super::{IssuedChain, SignError};
+use crate::metrics::Metrics;
+use crate::pki;
+
+/// How one failed remote call should be handled.
+#[derive(Debug)]
+pub enum Failure {
+    /// The CA throttled the call: wait (its retry-after, else backoff) and retry while the
+    /// deadline allows; at the deadline the caller is told to back off.
+    Throttled {
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    /// Nothing happened at the CA (or the call is idempotent): retry while the deadline
+    /// allows; at the deadline the CA counts as unavailable.
+    Transient(String),
+    /// Accepted but not finished (AWS RequestInProgress, a DigiCert PENDING enrollment):
+    /// poll again while the deadline allows.
+    Pending(String),
+    /// Do not retry: this is the answer.
+    Final(SignError),
+}
+
+/// Backoff bounds: the first delay and the cap.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    pub first: Duration,
+    pub cap: Duration,
+}
+
+/// How to retry calls to one CA until a deadline.
+pub struct Retry<'a> {
+    /// Backend name for metric labels and logs.
+    pub kind: &'static str,
+    pub metrics: &'a Metrics,
+    /// The client-side rate limit each attempt waits for, if the backend has one.
+    pub bucket: Option<&'a TokenBucket>,
+    /// A slot is only taken if it leaves this much before the deadline for the call.
+    pub keep: Duration,
+    pub throttled: Backoff,
+    pub transient: Backoff,
+}
+
+impl Retry<'_> {
+    /// Runs `call(attempt)` until it succeeds, fails finally, or the deadline leaves no
+    /// room for another attempt. `op` names the call in messages ("IssueCertificate").
+    pub async fn run<T, F, Fut>(
+        &self,
+        op: &str,
+        deadline: Instant,
+        mut call: F,
+    ) -> Result<T, SignError>
+    where
+        F: FnMut(u32) -> Fut,
+        Fut: Future<Output = Result<T, Failure>>,
+    {
+        let mut attempt = 0u32;
+        loop {
+            if let Some(b) = self.bucket {
+                b.acquire(deadline, self.keep, self.kind, self.metrics)
+                    .await?;
+            }
+            let failure = match tokio::time::timeout_at(deadline, call(attempt)).await {
+                Err(_) => {
+                    return Err(SignError::Unavailable(format!(
+                        "{op}: no answer before the deadline"
+                    )));
+                }
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(f)) => f,
+            };
+            let (delay, reason, on_deadline) = match failure {
+                Failure::Final(e) => return Err(e),
+                Failure::Throttled {
+                    message,
+                    retry_after,
+                } => {
+                    self.metrics
+                        .backend_throttles
+                        .with_label_values(&[self.kind, "remote"])
+                        .inc();
+                    let d = retry_after.unwrap_or_else(|| {
+                        backoff(attempt, self.throttled.first, self.throttled.cap)
+                    });
+                    (
+                        d,
+                        "throttled",
+                        SignError::Throttled {
+                            reason: message,
+                            retry_after: Some(d),
+                        },
+                    )
+                }
+                Failure::Transient(m) => (
+                    backoff(attempt, self.transient.first, self.transient.cap),
+                    "transient",
+                    SignError::Unavailable(m),
+                ),
+                Failure::Pending(m) => (
+                    backoff(attempt, self.transient.first, self.transient.cap),
+                    "pending",
+                    SignError::Unavailable(format!("{m} (still pending at the deadline)")),
+                ),
+            };
+            if Instant::now() + delay >= deadline {
+                return Err(on_deadline);
+            }
+            tracing::debug!(backend = self.kind, op, reason, attempt, delay = ?delay, "retrying");
+            self.metrics
+                .backend_retries
+                .with_label_values(&[self.kind, reason])
+                .inc();
+            attempt += 1;
+            tokio::time::sleep(delay).await;
+        }
+    }
+}
+
+/// An error and its sources on one line (`a: b: c`), for logs and messages.
+pub fn error_chain(e: &(dyn std::error::Error + '_)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Why an answer's certificates could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ChainTextError {
+    #[error("certificate: {0}")]
+    Leaf(pki::PkiError),
+    #[error("chain: {0}")]
+    Chain(pki::PkiError),
+}
+
+/// The leaf (first certificate of `leaf_pem`) and the certificates of `chain_pems` that
+/// link it to a root: in order, without roots, the leaf itself or repeats. The result is
+/// checked by [`super::checked`] like every answer.
+pub fn issued_chain<'a>(
+    leaf_pem: &str,
+    chain_pems: impl IntoIterator<Item = &'a str>,
+) -> Result<IssuedChain, ChainTextError> {
+    let leaf: CertificateDer<'static> = pki::parse_certs_pem(leaf_pem.as_bytes())
+        .map_err(ChainTextError::Leaf)?
+        .into_iter()
+        .next()
+        .ok_or(ChainTextError::Leaf(pki::PkiError::NoCertificate))?;
+    let links = pki::chain_links(chain_pems, &leaf).map_err(ChainTextError::Chain)?;
+    Ok(IssuedChain::new(leaf, links))
+}
+
+/// Client-side rate limit: a token bucket that hands out reservations, so concurrent
+/// callers are served in arrival order at `rate` per second after an initial `burst`.
+pub struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    /// (tokens, last refill). Tokens go negative: that is the queue of reservations.
+    state: Mutex<(f64, Instant)>,
+}
+
+impl TokenBucket {
+    pub fn new(rate: f64, burst: u32) -> Self {
+        let burst = f64::from(burst.max(1));
+        Self {
+            rate,
+            burst,
+            state: Mutex::new((burst, Instant::now())),
+        }
+    }
+
+    pub fn rate(&self) -> f64 {
+        self.rate
+    }
+
+    /// Reserves one call. Returns how long the caller must wait before making it, or, when
+    /// that would exceed `max_wait`, the wait it would have needed (nothing is reserved).
+    pub fn reserve(&self, max_wait: Duration) -> Result<Duration, Duration> {
+        let mut st = self.state.lock().expect("token bucket lock");
+        let now = Instant::now();
+        let refill = now.duration_since(st.1).as_secs_f64() * self.rate;
+        st.0 = (st.0 + refill).min(self.burst);
+        st.1 = now;
+        let after = st.0 - 1.0;
+        let wait = if after >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-after / self.rate)
+        };
+        if wait > max_wait {
+            return Err(wait);
+        }
+        st.0 = after;
+        Ok(wait)
+    }
+
+    /// Waits for a slot, or fails with `Throttled` at once if none comes in time. A slot is
+    /// only taken if it leaves `keep` before `deadline` for the call itself: a caller refused
+    /// now can retry elsewhere, a caller whose slot comes too late would just time out after
+    /// using up quota. Waits are observed in `backend_rate_limit_wait`, refusals counted as
+    /// local throttles.
+    pub async fn acquire(
+        &self,
+        deadline: Instant,
+        keep: Duration,
+        kind: &'static str,
+        metrics: &Metrics,
+    ) -> Result<(), SignError> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match self.reserve(left.saturating_sub(keep)) {
+            Ok(wait) => {
+                metrics
+                    .backend_rate_limit_wait
+                    .with_label_values(&[kind])
+                    .observe(wait.as_secs_f64());
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
+                Ok(())
+            }
+            Err(wait) => {
+                metrics
+                    .backend_throttles
+                    .with_label_values(&[kind, "local"])
+                    .inc();
+                Err(SignError::Throttled {
+                    reason: format!(
+                        "client-side rate limit of {}/s: next slot in {wait:?}",
+                        self.rate
+                    ),
+                    retry_after: Some(wait),
+                })
+            }
+        }
+    }
+}
+
+/// Exponential backoff with full jitter: a random delay in [base/2, base] for attempt n.
+pub fn backoff(attempt: u32, first: Duration, cap: Duration) -> Duration {
+    let base = first
+        .saturating_mul(2u32.saturating_pow(attempt.min(16)))
+        .min(cap);
+    let jitter: f64 = rand::random::<f64>() * 0.5 + 0.5;
+    base.mul_f64(jitter)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bucket_allows_burst_then_rate() {
+        let b = TokenBucket::new(10.0, 5);
+        for _ in 0..5 {
+            assert_eq!(b.reserve(Duration::ZERO), Ok(Duration::ZERO));
+        }
+        // The sixth waits 1/rate; the seventh 2/rate (reservations queue up).
+        let w6 = b.reserve(Duration::from_secs(1)).unwrap();
+        let w7 = b.reserve(Duration::from_secs(1)).unwrap();
+        assert!((w6.as_secs_f64() - 0.1).abs() < 0.01, "{w6:?}");
+        assert!((w7.as_secs_f64() - 0.2).abs() < 0.01, "{w7:?}");
+        // A caller that cannot wait that long reserves nothing.
+        assert!(b.reserve(Duration::from_millis(50)).is_err());
+        tokio::time::sleep(Duration::from_millis(1300)).await;
+        // Refilled, but never above the burst.
+        for _ in 0..5 {
+            assert_eq!(b.reserve(Duration::ZERO), Ok(Duration::ZERO));
+        }
+        assert!(b.reserve(Duration::ZERO).is_err());
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_with_jitter() {
+        let first = Duration::from_millis(100);
+        let cap = Duration::from_secs(1);
+        for attempt in 0..10 {
+            let d = backoff(attempt, first, cap);
+            let base = (first * 2u32.pow(attempt)).min(cap);
+            assert!(d >= base / 2 && d <= base, "{attempt}: {d:?}");
+        }
+    }
+}

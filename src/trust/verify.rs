@@ -1,0 +1,157 @@
+//! The one check of every issued certificate, whatever backend or mode issued it.
+//!
+//! Before anyone sees a leaf it must:
+//! - chain to the trust bundle (path built by rustls-webpki, as ztunnel builds it), for
+//!   client auth (workloads) or server auth (serving certificates);
+//! - certify exactly the public key that was asked for;
+//! - carry the workload profile (not a CA; serverAuth and clientAuth) and exactly the
+//!   SPIFFE ID asked for, or, for a serving certificate, every name asked for;
+//! - not outlive any certificate of its chain.
+//!
+//! Backends do not check their own answers; [`crate::backend::checked`] calls this for
+//! every `Signer`.
+
+use std::sync::LazyLock;
+use std::time::SystemTime;
+
+use rustls_pki_types::{CertificateDer, SignatureVerificationAlgorithm, UnixTime};
+use x509_parser::prelude::*;
+
+use super::TrustBundle;
+use crate::identity::Subject;
+use crate::pki;
+
+/// Why an issued certificate was refused. Each is a backend (or bridge) bug or
+/// misconfiguration, never the caller's fault.
+#[derive(Debug, thiserror::Error)]
+pub enum IssuedError {
+    #[error("malformed certificate: {0}")]
+    Malformed(String),
+    #[error("the chain does not verify against the trust bundle: {0}")]
+    Untrusted(String),
+    #[error("the certificate is for another public key than the one asked for")]
+    WrongKey,
+    #[error("the certificate has the wrong names: {0}")]
+    WrongNames(String),
+    #[error("the certificate has the wrong profile: {0}")]
+    Profile(String),
+}
+
+static ALGS: LazyLock<&'static [&'static dyn SignatureVerificationAlgorithm]> =
+    LazyLock::new(|| {
+        rustls::crypto::aws_lc_rs::default_provider()
+            .signature_verification_algorithms
+            .all
+    });
+
+/// Verifies a chain against the bundle for the given usage (client or server auth).
+pub fn verify_path(
+    leaf: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    bundle: &TrustBundle,
+    usage: webpki::KeyUsage,
+    now: SystemTime,
+) -> Result<(), String> {
+    let ee = webpki::EndEntityCert::try_from(leaf).map_err(|e| format!("{e:?}"))?;
+    let time = UnixTime::since_unix_epoch(
+        now.duration_since(SystemTime::UNIX_EPOCH)
+            .map_err(|e| e.to_string())?,
+    );
+    ee.verify_for_usage(
+        &ALGS,
+        bundle.anchors(),
+        intermediates,
+        time,
+        usage,
+        None,
+        None,
+    )
+    .map(|_| ())
+    .map_err(|e| format!("{e:?}"))
+}
+
+/// The usage a certificate for `subject` is verified for.
+pub fn usage_for(subject: &Subject) -> webpki::KeyUsage {
+    match subject {
+        Subject::Workload(_) => webpki::KeyUsage::client_auth(),
+        Subject::Server { .. } => webpki::KeyUsage::server_auth(),
+    }
+}
+
+/// Checks an issued leaf and its intermediates (roots excluded) for `subject` and
+/// `public_key_der` (the SubjectPublicKeyInfo that was asked to be certified).
+pub fn check_issued(
+    leaf_der: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    bundle: &TrustBundle,
+    subject: &Subject,
+    public_key_der: &[u8],
+    now: SystemTime,
+) -> Result<(), IssuedError> {
+    let (_, leaf) =
+        parse_x509_certificate(leaf_der).map_err(|e| IssuedError::Malformed(e.to_string()))?;
+    if leaf.public_key().raw != public_key_der {
+        return Err(IssuedError::WrongKey);
+    }
+    check_profile(&leaf, subject)?;
+    verify_path(leaf_der, intermediates, bundle, usage_for(subject), now)
+        .map_err(IssuedError::Untrusted)?;
+    let leaf_not_after = leaf.validity().not_after.timestamp();
+    for c in intermediates {
+        let info = pki::cert_info(c).map_err(|e| IssuedError::Malformed(e.to_string()))?;
+        if info.not_after < leaf_not_after {
+            return Err(IssuedError::Profile(format!(
+                "leaf outlives its issuer {} ({} > {})",
+                info.subject, leaf_not_after, info.not_after
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn check_profile(leaf: &X509Certificate<'_>, subject: &Subject) -> Result<(), IssuedError> {
+    if matches!(leaf.basic_constraints(), Ok(Some(bc)) if bc.value.ca) {
+        return Err(IssuedError::Profile("leaf is a CA certificate".into()));
+    }
+    let eku = leaf
+        .extended_key_usage()
+        .map_err(|e| IssuedError::Malformed(e.to_string()))?
+        .ok_or_else(|| IssuedError::Profile("no extended key usage".into()))?;
+    let names = match leaf.subject_alternative_name() {
+        Ok(Some(san)) => san.value.general_names.as_slice(),
+        Ok(None) => &[],
+        Err(e) => return Err(IssuedError::Malformed(e.to_string())),
+    };
+    match subject {
+        Subject::Workload(id) => {
+            if !(eku.value.server_auth && eku.value.client_auth) {
+                return Err(IssuedError::Profile(
+                    "extended key usage must include serverAuth and clientAuth".into(),
+                ));
+            }
+            let want = id.uri();
+            let exact =
+                names.len() == 1 && matches!(&names[0], GeneralName::URI(u) if *u == want.as_str());
+            if !exact {
+                return Err(IssuedError::WrongNames(format!(
+                    "subjectAltName is {names:?}, expected exactly URI:{want}"
+                )));
+            }
+        }
+        Subject::Server { dns_names } => {
+            if !eku.value.server_auth {
+                return Err(IssuedError::Profile(
+                    "extended key usage must include serverAuth".into(),
+                ));
+            }
+            for n in dns_names {
+                if !pki::names_include(names, n) {
+                    return Err(IssuedError::WrongNames(format!(
+                        "{n} missing from subjectAltName"
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
+}
