@@ -17,15 +17,12 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 
-use crate::backend::{
-    Authority, Health, IssuedChain, SignError, SignRequest, Signer, SigningCaInfo,
-};
+use crate::backend::{IssuedChain, SignError, SignRequest, Signer, SigningCaInfo};
 use crate::config::{AuditConfig, AuditSink};
 use crate::metrics::Metrics;
 use crate::pki;
-use crate::trust::SharedBundle;
 
 /// Records that may wait for the writer before callers are slowed down.
 const QUEUE: usize = 8192;
@@ -215,17 +212,7 @@ impl Audited {
     }
 }
 
-impl Authority for Audited {
-    fn kind(&self) -> &'static str {
-        self.inner.kind()
-    }
-    fn trust_bundle(&self) -> watch::Receiver<SharedBundle> {
-        self.inner.trust_bundle()
-    }
-    fn health(&self) -> Health {
-        self.inner.health()
-    }
-}
+crate::backend::forward_authority!(Audited, inner);
 
 #[async_trait]
 impl Signer for Audited {

@@ -138,6 +138,24 @@ pub trait Authority: Send + Sync + 'static {
     fn health(&self) -> Health;
 }
 
+/// Implements [`Authority`] for a decorator by forwarding to the signer in `self.$field`.
+macro_rules! forward_authority {
+    ($ty:ty, $field:ident) => {
+        impl $crate::backend::Authority for $ty {
+            fn kind(&self) -> &'static str {
+                self.$field.kind()
+            }
+            fn trust_bundle(&self) -> tokio::sync::watch::Receiver<$crate::trust::SharedBundle> {
+                self.$field.trust_bundle()
+            }
+            fn health(&self) -> $crate::backend::Health {
+                self.$field.health()
+            }
+        }
+    };
+}
+pub(crate) use forward_authority;
+
 #[async_trait]
 pub trait Signer: Authority {
     /// `direct` when the backend signs each certificate, `intermediate` when the bridge

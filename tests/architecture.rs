@@ -150,7 +150,10 @@ fn no_source_file_is_over_800_lines_and_the_config_root_under_500() {
         .collect();
     assert!(long.is_empty(), "files over 800 lines: {long:?}");
     let config = std::fs::read_to_string(root.join("src/config.rs")).unwrap();
-    assert!(config.lines().count() < 500, "src/config.rs is the config root; keep it small");
+    assert!(
+        config.lines().count() < 500,
+        "src/config.rs is the config root; keep it small"
+    );
 }
 
 #[test]

@@ -12,9 +12,8 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use async_trait::async_trait;
-use tokio::sync::watch;
 
-use super::{Authority, Health, IssuedChain, SignError, SignRequest, Signer, SigningCaInfo};
+use super::{IssuedChain, SignError, SignRequest, Signer, SigningCaInfo};
 use crate::metrics::Metrics;
 use crate::trust::{IssuedError, SharedBundle, check_issued};
 
@@ -59,19 +58,7 @@ impl Checked {
     }
 }
 
-impl Authority for Checked {
-    fn kind(&self) -> &'static str {
-        self.inner.kind()
-    }
-
-    fn trust_bundle(&self) -> watch::Receiver<SharedBundle> {
-        self.inner.trust_bundle()
-    }
-
-    fn health(&self) -> Health {
-        self.inner.health()
-    }
-}
+crate::backend::forward_authority!(Checked, inner);
 
 #[async_trait]
 impl Signer for Checked {

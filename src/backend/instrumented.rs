@@ -5,13 +5,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
-use tokio::sync::watch;
 
-use super::{
-    Authority, Health, IssuedChain, SignError, SignRequest, Signer, SigningCaInfo, Subject,
-};
+use super::{IssuedChain, SignError, SignRequest, Signer, SigningCaInfo, Subject};
 use crate::metrics::Metrics;
-use crate::trust::SharedBundle;
 
 pub struct Instrumented {
     inner: Arc<dyn Signer>,
@@ -24,17 +20,7 @@ impl Instrumented {
     }
 }
 
-impl Authority for Instrumented {
-    fn kind(&self) -> &'static str {
-        self.inner.kind()
-    }
-    fn trust_bundle(&self) -> watch::Receiver<SharedBundle> {
-        self.inner.trust_bundle()
-    }
-    fn health(&self) -> Health {
-        self.inner.health()
-    }
-}
+crate::backend::forward_authority!(Instrumented, inner);
 
 #[async_trait]
 impl Signer for Instrumented {
