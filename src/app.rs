@@ -97,6 +97,7 @@ impl App {
                 trust_domain: None,
                 cluster_id: None,
                 refresh_interval: std::time::Duration::from_secs(60),
+                insecure_http: false,
             });
         }
 

@@ -876,6 +876,7 @@ async fn jwks_from_a_url_is_fetched_and_refreshed_on_unknown_kid() {
             trust_domain: Some("remote.example".into()),
             cluster_id: Some("remote".into()),
             refresh_interval: Duration::from_secs(300),
+            insecure_http: true,
         });
     })
     .await;

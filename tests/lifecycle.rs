@@ -670,6 +670,7 @@ authn:
   jwt:
     - issuer: {iss}
       jwksUri: http://{jwks_addr}/jwks
+      insecureHttp: true
       refreshInterval: 5m
 backend:
   type: local

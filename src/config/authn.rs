@@ -139,6 +139,12 @@ pub struct JwtIssuerConfig {
     pub cluster_id: Option<String>,
     #[serde(default = "default_jwks_refresh", with = "humantime_serde")]
     pub refresh_interval: Duration,
+    /// Allow a plain `http://` jwksUri for this issuer (a test server, or a proxy on
+    /// loopback). Keys fetched in clear can be replaced in transit, so this is off by
+    /// default, and never allowed together with `jwksTokenFile` (the bridge's own token
+    /// would travel in clear).
+    #[serde(default)]
+    pub insecure_http: bool,
 }
 
 fn default_audiences() -> Vec<String> {
@@ -268,6 +274,21 @@ impl JwtIssuerConfig {
             (None, Some(u)) if !(u.starts_with("https://") || u.starts_with("http://")) => {
                 p.push("jwksUri", format!("{u:?} is not an http(s) URL"))
             }
+            (None, Some(u)) if u.starts_with("http://") => {
+                if !self.insecure_http {
+                    p.push(
+                        "jwksUri",
+                        "plain http: keys fetched in clear can be replaced in transit; use https, \
+                         or set insecureHttp: true for this issuer",
+                    );
+                }
+                if self.jwks_token_file.is_some() {
+                    p.push(
+                        "jwksTokenFile",
+                        "not sent over plain http (the token would travel in clear); use an https jwksUri",
+                    );
+                }
+            }
             (Some(_), None) if self.jwks_token_file.is_some() || self.jwks_ca_file.is_some() => p
                 .push(
                     "jwksTokenFile",
@@ -282,6 +303,14 @@ impl JwtIssuerConfig {
             && let Err(e) = check_trust_domain(td)
         {
             p.push("trustDomain", e);
+        }
+        if self.insecure_http
+            && !self
+                .jwks_uri
+                .as_ref()
+                .is_some_and(|u| u.starts_with("http://"))
+        {
+            p.push("insecureHttp", "only applies to an http:// jwksUri");
         }
         p.at_least(
             "refreshInterval",

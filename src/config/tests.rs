@@ -102,3 +102,28 @@ fn cluster_writers_validation_names_fields() {
         vec!["istiod.istio-system.svc", "istiod-canary.istio-system.svc"]
     );
 }
+
+#[test]
+fn plain_http_jwks_needs_the_issuers_own_flag_and_never_carries_a_token() {
+    let base = "authn:\n  jwt:\n    - issuer: https://a.test\n      jwksUri: http://a.test/jwks\n";
+    let fields = |yaml: &str| -> Vec<String> {
+        match Config::parse(yaml).unwrap().validate() {
+            Ok(()) => Vec::new(),
+            Err(errs) => errs.into_iter().map(|e| e.field).collect(),
+        }
+    };
+    assert_eq!(fields(base), ["authn.jwt[0].jwksUri"]);
+    assert!(fields(&format!("{base}      insecureHttp: true\n")).is_empty());
+    assert_eq!(
+        fields(&format!(
+            "{base}      insecureHttp: true\n      jwksTokenFile: /var/run/token\n"
+        )),
+        ["authn.jwt[0].jwksTokenFile"]
+    );
+    assert_eq!(
+        fields(
+            "authn:\n  jwt:\n    - issuer: https://a.test\n      jwksUri: https://a.test/jwks\n      insecureHttp: true\n"
+        ),
+        ["authn.jwt[0].insecureHttp"]
+    );
+}

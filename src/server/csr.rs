@@ -4,7 +4,11 @@
 //!
 //! The default is istio-csr's strict policy: the only name allowed is one URI SAN equal
 //! to the identity being certified; no CN, DNS, IP or email names; only the SAN, key
-//! usage and extended key usage extensions; CA requests are refused.
+//! usage and extended key usage extensions; CA requests are refused. The subject must be
+//! one of the two shapes Istio's clients send: empty (ztunnel) or a single empty `O`
+//! (istio-agent); anything else would be copied into the certificate by backends whose
+//! template takes the subject from the CSR. The CSR must be signed with SHA-256 or
+//! stronger (no SHA-1 proof of possession).
 
 use x509_parser::oid_registry::{
     OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_PKCS1_RSAENCRYPTION,
@@ -35,8 +39,10 @@ pub enum CsrError {
     KeyNotAllowed(String),
     #[error("RSA key of {0} bits is too small")]
     WeakRsa(usize),
-    #[error("subject must be empty or O= only; found {0}")]
+    #[error("subject must be empty or a single empty O (what Istio's clients send); found {0}")]
     SubjectNotAllowed(String),
+    #[error("CSR signature algorithm {0} is not allowed (SHA-256 or stronger required)")]
+    WeakSignature(String),
     #[error("{0} SANs are not allowed")]
     SanNotAllowed(&'static str),
     #[error("CSR must carry exactly one URI SAN, found {0}")]
@@ -66,7 +72,7 @@ impl CsrError {
             CsrError::Empty | CsrError::NotPem(_) | CsrError::WrongPem(_) => "not_pem",
             CsrError::TooLarge(_) => "too_large",
             CsrError::Malformed(_) => "malformed",
-            CsrError::BadSignature => "bad_signature",
+            CsrError::BadSignature | CsrError::WeakSignature(_) => "bad_signature",
             CsrError::KeyNotAllowed(_) | CsrError::WeakRsa(_) => "key",
             CsrError::SubjectNotAllowed(_) => "subject",
             CsrError::SanNotAllowed(_) | CsrError::UriCount(_) | CsrError::NotSpiffe(_) => "san",
@@ -99,12 +105,14 @@ pub fn decode(input: &[u8], max_bytes: usize) -> Result<Vec<u8>, CsrError> {
     if input.len() > max_bytes {
         return Err(CsrError::TooLarge(input.len()));
     }
+    // DER is taken as it is: trimming "whitespace" would cut a signature whose last byte
+    // happens to be 0x20, 0x0a, ... (about one CSR in fifty).
+    if input.first() == Some(&0x30) {
+        return Ok(input.to_vec());
+    }
     let trimmed = input.trim_ascii();
     if trimmed.is_empty() {
         return Err(CsrError::Empty);
-    }
-    if trimmed[0] == 0x30 {
-        return Ok(trimmed.to_vec());
     }
     let blocks = ::pem::parse_many(trimmed).map_err(|e| CsrError::NotPem(e.to_string()))?;
     match blocks.as_slice() {
@@ -127,6 +135,7 @@ pub fn check(input: &[u8], target: &SpiffeId, policy: &CsrPolicy) -> Result<Chec
     }
     let info = &csr.certification_request_info;
     let key_type = check_key(&info.subject_pki, policy)?;
+    check_signature_algorithm(&csr.signature_algorithm.algorithm)?;
     csr.verify_signature().map_err(|_| CsrError::BadSignature)?;
     check_subject(&info.subject)?;
     let mut uris = Vec::new();
@@ -195,20 +204,62 @@ fn check_key(spki: &SubjectPublicKeyInfo<'_>, policy: &CsrPolicy) -> Result<KeyT
     Ok(kind)
 }
 
-fn check_subject(subject: &X509Name<'_>) -> Result<(), CsrError> {
-    for attr in subject.iter_attributes() {
-        let t = attr.attr_type();
-        if *t == OID_X509_ORGANIZATION_NAME {
-            continue;
-        }
-        let what = if *t == OID_X509_COMMON_NAME {
-            "CN".to_string()
-        } else {
-            t.to_id_string()
-        };
-        return Err(CsrError::SubjectNotAllowed(what));
+/// The signature algorithms a proof of possession may use: SHA-256 or stronger.
+fn check_signature_algorithm(alg: &x509_parser::der_parser::Oid<'_>) -> Result<(), CsrError> {
+    use x509_parser::oid_registry::{
+        OID_PKCS1_SHA256WITHRSA, OID_PKCS1_SHA384WITHRSA, OID_PKCS1_SHA512WITHRSA,
+        OID_SIG_ECDSA_WITH_SHA256, OID_SIG_ECDSA_WITH_SHA384, OID_SIG_ECDSA_WITH_SHA512,
+    };
+    let allowed = [
+        OID_PKCS1_SHA256WITHRSA,
+        OID_PKCS1_SHA384WITHRSA,
+        OID_PKCS1_SHA512WITHRSA,
+        OID_SIG_ECDSA_WITH_SHA256,
+        OID_SIG_ECDSA_WITH_SHA384,
+        OID_SIG_ECDSA_WITH_SHA512,
+    ];
+    if allowed.contains(alg) {
+        Ok(())
+    } else {
+        Err(CsrError::WeakSignature(alg.to_id_string()))
     }
-    Ok(())
+}
+
+/// Empty, or exactly one RDN holding one empty `O`: the two shapes Istio's clients send.
+/// The message names attribute types only, never their values.
+fn check_subject(subject: &X509Name<'_>) -> Result<(), CsrError> {
+    let attrs: Vec<_> = subject.iter_attributes().collect();
+    let rdns = subject.iter_rdn().count();
+    match attrs.as_slice() {
+        [] => Ok(()),
+        [o] if rdns == 1
+            && *o.attr_type() == OID_X509_ORGANIZATION_NAME
+            && o.as_str().is_ok_and(str::is_empty) =>
+        {
+            Ok(())
+        }
+        _ => {
+            let names: Vec<String> = attrs
+                .iter()
+                .map(|a| {
+                    let t = a.attr_type();
+                    if *t == OID_X509_COMMON_NAME {
+                        "CN".to_string()
+                    } else if *t == OID_X509_ORGANIZATION_NAME {
+                        if a.as_str().is_ok_and(str::is_empty) {
+                            "O=(empty)".to_string()
+                        } else {
+                            "O=(a value)".to_string()
+                        }
+                    } else {
+                        t.to_id_string()
+                    }
+                })
+                .take(8)
+                .collect();
+            Err(CsrError::SubjectNotAllowed(names.join(", ")))
+        }
+    }
 }
 
 fn check_extension(ext: &X509Extension<'_>, uris: &mut Vec<String>) -> Result<(), CsrError> {
@@ -322,6 +373,85 @@ mod tests {
             check(good_pem().as_bytes(), &id(), &p),
             Err(CsrError::KeyNotAllowed(_))
         ));
+    }
+
+    /// A CSR made by OpenSSL (an independent encoder) with the given subject and digest.
+    fn openssl_csr(subj: &str, digest: &str) -> Vec<u8> {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("csr.der");
+        let st = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-new",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+            ])
+            .args([
+                "-nodes", digest, "-subj", subj, "-outform", "DER", "-keyout",
+            ])
+            .arg(dir.path().join("key.pem"))
+            .arg("-addext")
+            .arg(format!("subjectAltName=critical,URI:{}", id().uri()))
+            .arg("-out")
+            .arg(&out)
+            .output()
+            .expect("openssl is required: apt-get install openssl");
+        assert!(
+            st.status.success(),
+            "{}",
+            String::from_utf8_lossy(&st.stderr)
+        );
+        std::fs::read(out).unwrap()
+    }
+
+    #[test]
+    fn only_the_two_istio_subject_shapes_pass() {
+        // ztunnel (empty) and istio-agent (one empty O), from rcgen.
+        let key = pki::generate_key(KeyType::EcdsaP256).unwrap();
+        for shape in [CsrShape::Ztunnel, CsrShape::IstioAgent] {
+            let pem = pki::workload_csr(&key, &id().uri(), shape).unwrap();
+            check(pem.as_bytes(), &id(), &policy()).unwrap();
+        }
+        // What AWS's EndEntityCertificate/V1 would copy into the certificate.
+        for subj in [
+            "/O=system:masters/O=Acme Admins",
+            "/O=system:masters",
+            "/CN=admin",
+            "/OU=x",
+            "/C=US",
+        ] {
+            let e = check(&openssl_csr(subj, "-sha256"), &id(), &policy()).unwrap_err();
+            assert!(matches!(e, CsrError::SubjectNotAllowed(_)), "{subj}: {e}");
+            assert!(
+                !e.to_string().contains("masters"),
+                "values are not echoed: {e}"
+            );
+        }
+        check(&openssl_csr("/", "-sha256"), &id(), &policy()).unwrap();
+    }
+
+    #[test]
+    fn der_is_not_trimmed() {
+        // A DER CSR whose signature ends in a byte that is ASCII whitespace must parse:
+        // make CSRs until one does (about one in fifty), then check it.
+        let key = pki::generate_key(KeyType::EcdsaP256).unwrap();
+        let der = (0..2000)
+            .map(|_| {
+                let pem = pki::workload_csr(&key, &id().uri(), CsrShape::Ztunnel).unwrap();
+                ::pem::parse(&pem).unwrap().into_contents()
+            })
+            .find(|d| d.last().is_some_and(|b| b.is_ascii_whitespace()))
+            .expect("a CSR ending in a whitespace byte");
+        check(&der, &id(), &policy()).unwrap();
+    }
+
+    #[test]
+    fn sha1_proof_of_possession_is_refused() {
+        let e = check(&openssl_csr("/", "-sha1"), &id(), &policy()).unwrap_err();
+        assert!(matches!(e, CsrError::WeakSignature(_)), "{e}");
+        check(&openssl_csr("/", "-sha384"), &id(), &policy()).unwrap();
     }
 
     #[test]

@@ -4,8 +4,9 @@
 //! - chain to the trust bundle (path built by rustls-webpki, as ztunnel builds it), for
 //!   client auth (workloads) or server auth (serving certificates);
 //! - certify exactly the public key that was asked for;
-//! - carry the workload profile (not a CA; serverAuth and clientAuth) and exactly the
-//!   SPIFFE ID asked for, or, for a serving certificate, every name asked for;
+//! - carry the workload profile (not a CA; extended key usage exactly serverAuth and
+//!   clientAuth; an empty subject, or the single empty `O` istio-agent asks for) and
+//!   exactly the SPIFFE ID asked for, or, for a serving certificate, every name asked for;
 //! - not outlive any certificate of its chain.
 //!
 //! Backends do not check their own answers; [`crate::backend::checked`] calls this for
@@ -109,6 +110,29 @@ pub fn check_issued(
     Ok(())
 }
 
+/// A workload leaf's subject is what the CSR check allowed: empty, or one empty `O`
+/// (backends whose template copies the CSR's subject). Never anything with a value.
+fn check_workload_subject(subject: &X509Name<'_>) -> Result<(), IssuedError> {
+    let attrs: Vec<_> = subject.iter_attributes().collect();
+    let ok = match attrs.as_slice() {
+        [] => true,
+        [o] => {
+            subject.iter_rdn().count() == 1
+                && *o.attr_type() == x509_parser::oid_registry::OID_X509_ORGANIZATION_NAME
+                && o.as_str().is_ok_and(str::is_empty)
+        }
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(IssuedError::Profile(format!(
+            "workload subject must be empty, found {} attribute(s)",
+            attrs.len()
+        )))
+    }
+}
+
 fn check_profile(leaf: &X509Certificate<'_>, subject: &Subject) -> Result<(), IssuedError> {
     if matches!(leaf.basic_constraints(), Ok(Some(bc)) if bc.value.ca) {
         return Err(IssuedError::Profile("leaf is a CA certificate".into()));
@@ -124,11 +148,21 @@ fn check_profile(leaf: &X509Certificate<'_>, subject: &Subject) -> Result<(), Is
     };
     match subject {
         Subject::Workload(id) => {
-            if !(eku.value.server_auth && eku.value.client_auth) {
+            let e = &eku.value;
+            let only_both = e.server_auth
+                && e.client_auth
+                && !e.any
+                && !e.code_signing
+                && !e.email_protection
+                && !e.time_stamping
+                && !e.ocsp_signing
+                && e.other.is_empty();
+            if !only_both {
                 return Err(IssuedError::Profile(
-                    "extended key usage must include serverAuth and clientAuth".into(),
+                    "extended key usage must be exactly serverAuth and clientAuth".into(),
                 ));
             }
+            check_workload_subject(leaf.subject())?;
             let want = id.uri();
             let exact =
                 names.len() == 1 && matches!(&names[0], GeneralName::URI(u) if *u == want.as_str());

@@ -173,6 +173,7 @@ pub fn test_config(dir: &Path, issuer: &TestIssuer) -> Config {
         trust_domain: None,
         cluster_id: None,
         refresh_interval: Duration::from_secs(300),
+        insecure_http: false,
     }];
     cfg
 }

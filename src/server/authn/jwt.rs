@@ -23,6 +23,10 @@ use super::{AuthMethod, Authenticator, AuthnError, Caller, RequestContext};
 use crate::config::JwtIssuerConfig;
 use crate::identity::{ServiceAccount, SpiffeId};
 
+/// A JWKS document larger than this is refused (real ones are a few KiB; a hostile or
+/// broken server must not make the bridge buffer without bound).
+pub const MAX_JWKS_BYTES: usize = 1024 * 1024;
+
 /// Tokens are accepted this long past `exp` / before `nbf` (clock skew).
 const LEEWAY_SECS: u64 = 30;
 /// An unknown `kid` triggers at most one JWKS refresh per issuer in this interval.
@@ -120,12 +124,18 @@ impl Source {
     async fn fetch(&self) -> Result<Vec<KeyEntry>, JwksError> {
         let body = match self {
             Source::File(path) => {
-                tokio::fs::read(path)
-                    .await
-                    .map_err(|source| JwksError::Read {
-                        path: path.clone(),
-                        source,
-                    })?
+                let read = |source| JwksError::Read {
+                    path: path.clone(),
+                    source,
+                };
+                let len = tokio::fs::metadata(path).await.map_err(read)?.len();
+                if len > MAX_JWKS_BYTES as u64 {
+                    return Err(JwksError::Parse(format!(
+                        "{} is over {MAX_JWKS_BYTES} bytes",
+                        path.display()
+                    )));
+                }
+                tokio::fs::read(path).await.map_err(read)?
             }
             Source::Url {
                 url,
@@ -148,14 +158,24 @@ impl Source {
                             })?;
                     req = req.bearer_auth(token.trim());
                 }
-                let resp = req.send().await.map_err(|e| fetch(e.to_string()))?;
+                let mut resp = req.send().await.map_err(|e| fetch(e.to_string()))?;
                 if !resp.status().is_success() {
                     return Err(fetch(format!("HTTP {}", resp.status())));
                 }
-                resp.bytes()
-                    .await
-                    .map_err(|e| fetch(e.to_string()))?
-                    .to_vec()
+                if resp
+                    .content_length()
+                    .is_some_and(|n| n > MAX_JWKS_BYTES as u64)
+                {
+                    return Err(fetch(format!("answer over {MAX_JWKS_BYTES} bytes")));
+                }
+                let mut body = Vec::new();
+                while let Some(chunk) = resp.chunk().await.map_err(|e| fetch(e.to_string()))? {
+                    if body.len() + chunk.len() > MAX_JWKS_BYTES {
+                        return Err(fetch(format!("answer over {MAX_JWKS_BYTES} bytes")));
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                body
             }
         };
         let set: JwkSet =
@@ -563,6 +583,7 @@ mod tests {
             trust_domain: None,
             cluster_id: cluster.map(str::to_string),
             refresh_interval: Duration::from_secs(300),
+            insecure_http: false,
         }
     }
 

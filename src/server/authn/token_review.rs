@@ -321,10 +321,7 @@ impl Authenticator for TokenReviewAuthenticator {
         {
             return Ok(None);
         }
-        if claims
-            .exp
-            .is_some_and(|exp| exp + EXPIRY_LEEWAY_SECS < unix_now())
-        {
+        if long_expired(claims.exp, unix_now()) {
             return Err(AuthnError::Invalid(
                 "token expired (no TokenReview sent)".into(),
             ));
@@ -380,9 +377,25 @@ impl Authenticator for TokenReviewAuthenticator {
     }
 }
 
+/// True when `exp` (unverified, so anything up to u64::MAX) is past by more than the
+/// leeway. Saturating: a huge `exp` must not overflow.
+fn long_expired(exp: Option<u64>, now: u64) -> bool {
+    exp.is_some_and(|exp| exp.saturating_add(EXPIRY_LEEWAY_SECS) < now)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn expiry_check_does_not_overflow() {
+        let now = unix_now();
+        assert!(!long_expired(Some(u64::MAX), now));
+        assert!(!long_expired(Some(u64::MAX - 1), now));
+        assert!(long_expired(Some(5), now));
+        assert!(!long_expired(Some(now), now));
+        assert!(!long_expired(None, now));
+    }
 
     #[test]
     fn only_jwt_shaped_tokens_have_a_payload() {
