@@ -22,7 +22,12 @@ pub struct ServerConfig {
     /// How long SIGTERM waits for in-flight calls before the process exits anyway.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// HTTP/2 streams (calls) one connection may have open at once. Istio's clients make
+    /// one call at a time; each open stream may buffer up to its flow-control window.
     pub max_concurrent_streams: u32,
+    /// Connections served at once; further ones wait in the listen backlog until one
+    /// closes (bounds memory under a connection flood).
+    pub max_connections: usize,
     /// A TLS handshake slower than this is dropped (slowloris protection).
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
@@ -30,7 +35,9 @@ pub struct ServerConfig {
     /// server must bound its own work; keep it below the clients' patience.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
-    /// CSRs larger than this are refused before parsing (istio CSRs are ~1 KiB).
+    /// CSRs larger than this are refused before parsing (istio CSRs are ~1 KiB). The gRPC
+    /// message limit is derived from it, so a larger request is refused from its length
+    /// prefix, before it is buffered.
     pub max_csr_bytes: usize,
 }
 
@@ -42,7 +49,8 @@ impl Default for ServerConfig {
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(20),
-            max_concurrent_streams: 1024,
+            max_concurrent_streams: 100,
+            max_connections: 4096,
             handshake_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(10),
             max_csr_bytes: 64 * 1024,
@@ -112,6 +120,12 @@ impl Default for AdminConfig {
 }
 
 impl ServerConfig {
+    /// The largest CreateCertificate message accepted: the CSR plus room for the other
+    /// fields (validity, the metadata struct with ImpersonatedIdentity).
+    pub fn max_message_bytes(&self) -> usize {
+        self.max_csr_bytes + 16 * 1024
+    }
+
     /// Problems, with fields relative to `server`.
     pub fn problems(&self) -> Vec<FieldError> {
         let mut p = Problems::new();
@@ -121,8 +135,13 @@ impl ServerConfig {
         if self.max_concurrent_streams == 0 {
             p.push("maxConcurrentStreams", "must be > 0");
         }
+        if self.max_connections == 0 {
+            p.push("maxConnections", "must be > 0");
+        }
         if self.max_csr_bytes < 512 {
             p.push("maxCsrBytes", "must be at least 512");
+        } else if self.max_csr_bytes > 1024 * 1024 {
+            p.push("maxCsrBytes", "must be at most 1 MiB");
         }
         p.nest("tls", self.tls.problems());
         p.into_vec()

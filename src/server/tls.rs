@@ -120,17 +120,86 @@ pub fn server_config(resolver: Arc<CertResolver>) -> Arc<rustls::ServerConfig> {
     Arc::new(cfg)
 }
 
-/// Accepts TCP connections until `shutdown`, handshaking each in its own task.
+/// A served connection: the TLS stream and the permit that counts it against
+/// `server.maxConnections` (released when the connection is dropped).
+pub struct Counted {
+    stream: TlsStream<TcpStream>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl tonic::transport::server::Connected for Counted {
+    // The TLS stream's own, so `Request::peer_certs` and `remote_addr` work unchanged.
+    type ConnectInfo = <TlsStream<TcpStream> as tonic::transport::server::Connected>::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+impl tokio::io::AsyncRead for Counted {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Counted {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// Accepts TCP connections until `shutdown`, handshaking each in its own task; at most
+/// `max_connections` are open (handshaking or served) at once.
 pub fn incoming(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     handshake_timeout: Duration,
+    max_connections: usize,
     shutdown: CancellationToken,
-) -> ReceiverStream<Result<TlsStream<TcpStream>, io::Error>> {
+) -> ReceiverStream<Result<Counted, io::Error>> {
     let (tx, rx) = mpsc::channel(256);
     let acceptor = TlsAcceptor::from(tls);
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
     tokio::spawn(async move {
         loop {
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                p = slots.clone().acquire_owned() => p.expect("never closed"),
+            };
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 r = listener.accept() => r,
@@ -143,7 +212,12 @@ pub fn incoming(
                     tokio::spawn(async move {
                         match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                             Ok(Ok(stream)) => {
-                                let _ = tx.send(Ok(stream)).await;
+                                let _ = tx
+                                    .send(Ok(Counted {
+                                        stream,
+                                        _permit: permit,
+                                    }))
+                                    .await;
                             }
                             Ok(Err(e)) => {
                                 tracing::debug!(%peer, error = %e, "TLS handshake failed")
@@ -174,12 +248,26 @@ pub async fn serve(
     opts: &ServerConfig,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
-    let stream = incoming(listener, tls, opts.handshake_timeout, shutdown.clone());
+    let stream = incoming(
+        listener,
+        tls,
+        opts.handshake_timeout,
+        opts.max_connections,
+        shutdown.clone(),
+    );
+    // Bounds before any credential is looked at: the message size (refused from the gRPC
+    // length prefix, never buffered), streams per connection, and the whole call including
+    // reading its body (the handler's own timeout starts only once the body is in; this
+    // one is a little longer so the handler's clearer UNAVAILABLE wins when both apply).
+    let grpc = IstioCertificateServiceServer::new(service)
+        .max_decoding_message_size(opts.max_message_bytes())
+        .max_encoding_message_size(4 * 1024 * 1024);
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(opts.keepalive_interval))
         .http2_keepalive_timeout(Some(opts.keepalive_timeout))
         .max_concurrent_streams(Some(opts.max_concurrent_streams))
-        .add_service(IstioCertificateServiceServer::new(service))
+        .timeout(opts.request_timeout + Duration::from_secs(1))
+        .add_service(grpc)
         .serve_with_incoming_shutdown(stream, shutdown.cancelled_owned())
         .await
 }
