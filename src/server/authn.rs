@@ -87,6 +87,9 @@ pub struct PodRef {
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub identity: SpiffeId,
+    /// The cluster the credential proves (a TokenReview by that cluster's API server, or a
+    /// JWT issuer configured with `clusterId`); `None` when nothing proves one, whatever
+    /// the `clusterid` header says. Audit records carry this.
     pub cluster: Option<String>,
     pub via: AuthMethod,
     pub pod: Option<PodRef>,

@@ -73,7 +73,8 @@ impl Authenticator for ClientCertAuthenticator {
         }
         Ok(Some(Caller {
             identity,
-            cluster: ctx.cluster().map(str::to_string),
+            // A certificate proves an identity, not a cluster: the header is not evidence.
+            cluster: None,
             via: AuthMethod::ClientCert,
             pod: None,
         }))

@@ -313,7 +313,7 @@ impl JwtAuthenticator {
         Some(
             v.issuer
                 .check_cluster(ctx)
-                .map(|()| v.issuer.caller_for(v.identity.clone(), ctx)),
+                .map(|()| v.issuer.caller_for(v.identity.clone())),
         )
     }
 
@@ -467,7 +467,7 @@ impl JwtAuthenticator {
                     Ok(data) => {
                         let identity = issuer.identity(&data.claims)?;
                         self.remember(digest, issuer.clone(), identity.clone(), data.claims.exp);
-                        return Ok(issuer.caller_for(identity, ctx));
+                        return Ok(issuer.caller_for(identity));
                     }
                     Err(e) => last_err = Some(e),
                 }
@@ -506,13 +506,12 @@ impl Issuer {
         }
     }
 
-    fn caller_for(&self, identity: SpiffeId, ctx: &RequestContext<'_>) -> Caller {
+    fn caller_for(&self, identity: SpiffeId) -> Caller {
         Caller {
             identity,
-            cluster: self
-                .cluster_id
-                .clone()
-                .or_else(|| ctx.cluster().map(str::to_string)),
+            // Only a cluster the issuer is configured for is proven by the token; the
+            // `clusterid` header alone is the caller's say-so.
+            cluster: self.cluster_id.clone(),
             via: AuthMethod::Jwt,
             pod: None,
         }
@@ -641,4 +640,26 @@ mod tests {
         let e = a.authenticate(&ctx(&h, Some("west"))).await.unwrap_err();
         assert!(e.to_string().contains("cluster"), "{e}");
     }
+
+    #[tokio::test]
+    async fn the_cluster_is_the_issuers_never_the_header() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::dev::ensure(dir.path()).unwrap();
+        let tok =
+            crate::dev::mint(dir.path(), "ns", "sa", "istio-ca", Duration::from_secs(600)).unwrap();
+        let h = format!("Bearer {tok}");
+        for (configured, header, proven) in [
+            (None, Some("east"), None),
+            (None, None, None),
+            (Some("east"), Some("east"), Some("east")),
+            (Some("east"), None, Some("east")),
+        ] {
+            let a = JwtAuthenticator::new(&[issuer_cfg(dir.path(), configured)], "cluster.local")
+                .await
+                .unwrap();
+            let c = a.authenticate(&ctx(&h, header)).await.unwrap().unwrap();
+            assert_eq!(c.cluster.as_deref(), proven, "{configured:?} {header:?}");
+        }
+    }
+
 }
