@@ -7,8 +7,11 @@
 //!   leaves it, unless a state directory is configured (key file mode 0600).
 //! - What comes back is checked before use: a CA certificate for our key, with
 //!   pathLenConstraint 0 when asked, still valid, and chaining to the trust bundle. The last
-//!   check signs a probe leaf and verifies it the way clients do (rustls-webpki), so an
-//!   intermediate that clients would refuse is never used.
+//!   check signs a probe leaf and puts it through the one leaf check
+//!   ([`crate::trust::check_issued`], which verifies as clients do, with rustls-webpki), so
+//!   an intermediate whose leaves clients or the bridge would refuse is never used. The
+//!   leaves it then signs are checked once each, like every backend's, by
+//!   [`super::checked`]; nothing here checks them again.
 //! - Rotation: the successor is prepared at `prepareAt` of the lifetime (SPIRE's 1/2) and
 //!   takes over at `activateAt` (5/6) or earlier, once the current one has less than
 //!   `policy.maxTtl` left, so leaves are not cut short. A leaf never outlives the

@@ -16,7 +16,7 @@ use crate::backend::{IssuedChain, SignError, SignRequest, Subject};
 use crate::identity::SpiffeId;
 use crate::metrics::Metrics;
 use crate::pki;
-use crate::trust::{TrustBundle, verify_path};
+use crate::trust::{TrustBundle, check_issued};
 
 /// One preparation (the backend call) may take this long before it counts as failed.
 const PREPARE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -171,8 +171,11 @@ pub(super) fn check_and_build(
     })
 }
 
-/// Signs a throwaway leaf and verifies it as clients will: the chain must reach the
-/// bundle's roots and every constraint on the way must admit a SPIFFE workload.
+/// Signs a throwaway leaf and puts it through the check every answer gets
+/// ([`check_issued`], as [`crate::backend::checked`] applies it): the chain must reach the
+/// bundle's roots as clients build it (rustls-webpki) and every constraint on the way must
+/// admit a SPIFFE workload. This checks the CA at preparation, not the leaves it will
+/// sign: those are checked centrally, once each.
 pub(super) fn probe(
     ca: &SigningCa,
     trust_domain: &str,
@@ -184,27 +187,25 @@ pub(super) fn probe(
         "spiffe://{trust_domain}/ns/istio-system/sa/istio-ca-bridge-probe"
     ))
     .map_err(|e| IntermediateError::Unusable(format!("probe identity: {e}")))?;
+    let req = SignRequest {
+        subject: Subject::Workload(id),
+        public_key_der: rcgen::PublicKeyData::subject_public_key_info(&key),
+        csr_der: Vec::new(),
+        ttl: Duration::from_secs(60),
+        caller: None,
+    };
     let issued = ca
-        .sign(&SignRequest {
-            subject: Subject::Workload(id),
-            public_key_der: rcgen::PublicKeyData::subject_public_key_info(&key),
-            csr_der: Vec::new(),
-            ttl: Duration::from_secs(60),
-            caller: None,
-        })
+        .sign(&req)
         .map_err(|e| IntermediateError::Unusable(format!("probe leaf: {e}")))?;
-    verify_path(
+    check_issued(
         &issued.leaf,
         &issued.intermediates,
         bundle,
-        webpki::KeyUsage::client_auth(),
+        &req.subject,
+        &req.public_key_der,
         SystemTime::now(),
     )
-    .map_err(|e| {
-        IntermediateError::Unusable(format!(
-            "a leaf it signs does not verify against the trust bundle: {e}"
-        ))
-    })
+    .map_err(|e| IntermediateError::Unusable(format!("a leaf it signs would be refused: {e}")))
 }
 
 #[cfg(test)]
