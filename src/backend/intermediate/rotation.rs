@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::generation::{Generation, count_preparation, prepare, probe};
 use super::{IntermediateConfig, IntermediateError, UpstreamAuthority, now_secs, state};
+use crate::backend::remote;
 use crate::metrics::Metrics;
 use crate::trust::SharedBundle;
 
@@ -51,15 +52,20 @@ fn schedule(nb: i64, na: i64, cfg: &IntermediateConfig, max_leaf: Duration) -> (
     (prepare, latest.max(prepare))
 }
 
-/// Backoff after `failures` failed preparations, never longer than a quarter of what is
-/// left of the current intermediate (so a short outage near the end is retried often).
+/// Wait after `failures` failed preparations: [`remote::backoff`] from `retryBackoff`
+/// doubling up to `retryMaxBackoff` (jittered, so replicas that failed together do not
+/// retry together), never longer than a quarter of what is left of the current
+/// intermediate (so a short outage near the end is retried often), never shorter than
+/// `retryBackoff`.
 fn retry_delay(cfg: &IntermediateConfig, failures: u32, remaining: i64) -> Duration {
-    let exp = cfg
-        .retry_backoff
-        .saturating_mul(2u32.saturating_pow(failures.saturating_sub(1).min(20)))
-        .min(cfg.retry_max_backoff);
     let quarter = Duration::from_secs((remaining.max(0) / 4) as u64);
-    exp.min(quarter.max(cfg.retry_backoff))
+    remote::backoff(
+        failures.saturating_sub(1),
+        cfg.retry_backoff,
+        cfg.retry_max_backoff,
+    )
+    .min(quarter)
+    .max(cfg.retry_backoff)
 }
 
 impl Rotation {
@@ -165,23 +171,16 @@ pub(super) async fn run(
             &inner.cfg,
             inner.max_leaf_ttl,
         );
-        let (step, at) = match (has_next, urgent) {
-            (true, true) => (Step::Activate, now),
-            (true, false) => (Step::Activate, activate_at),
+        let until = |at: i64| Duration::from_secs((at - now).max(0) as u64);
+        let (step, wait) = match (has_next, urgent) {
+            (true, true) => (Step::Activate, Duration::ZERO),
+            (true, false) => (Step::Activate, until(activate_at)),
             (false, _) if failures > 0 => (
                 Step::Prepare,
-                now + retry_delay(&inner.cfg, failures, cur.remaining(now)).as_secs() as i64,
+                retry_delay(&inner.cfg, failures, cur.remaining(now)),
             ),
-            (false, true) => (Step::Prepare, now),
-            (false, false) => (Step::Prepare, prepare_at),
-        };
-        let wait = Duration::from_secs((at - now).max(0) as u64);
-        // Whole seconds are coarse for short test lifetimes; a failed attempt always waits
-        // at least the configured backoff.
-        let wait = if step == Step::Prepare && failures > 0 {
-            wait.max(inner.cfg.retry_backoff)
-        } else {
-            wait
+            (false, true) => (Step::Prepare, Duration::ZERO),
+            (false, false) => (Step::Prepare, until(prepare_at)),
         };
         // Never two preparations closer than a second: a backend that grants far less
         // than asked must not be asked in a tight loop.
@@ -269,11 +268,27 @@ mod tests {
     #[test]
     fn retries_back_off_but_stay_frequent_near_expiry() {
         let c = cfg();
-        assert_eq!(retry_delay(&c, 1, 86400), Duration::from_secs(1));
-        assert_eq!(retry_delay(&c, 4, 86400), Duration::from_secs(8));
-        assert_eq!(retry_delay(&c, 30, 86400), Duration::from_secs(300));
-        assert_eq!(retry_delay(&c, 30, 40), Duration::from_secs(10));
-        assert_eq!(retry_delay(&c, 30, 0), Duration::from_secs(1));
+        let secs = Duration::from_secs;
+        for _ in 0..200 {
+            // The first retry waits retryBackoff: jitter never takes a wait below it.
+            assert_eq!(retry_delay(&c, 1, 86400), secs(1));
+            // Doubling, jittered into the upper half: 8 s after 4 failures, the 5 min cap
+            // after many.
+            let d = retry_delay(&c, 4, 86400);
+            assert!((secs(4)..=secs(8)).contains(&d), "{d:?}");
+            let d = retry_delay(&c, 30, 86400);
+            assert!((secs(150)..=secs(300)).contains(&d), "{d:?}");
+            // Near the end: a quarter of what is left, and never below retryBackoff.
+            assert_eq!(retry_delay(&c, 30, 40), secs(10));
+            assert_eq!(retry_delay(&c, 30, 0), secs(1));
+        }
+    }
+
+    #[test]
+    fn replicas_that_failed_together_do_not_retry_together() {
+        let draws: std::collections::HashSet<Duration> =
+            (0..20).map(|_| retry_delay(&cfg(), 4, 86400)).collect();
+        assert!(draws.len() > 1, "{draws:?}");
     }
 
     #[tokio::test]
