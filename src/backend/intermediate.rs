@@ -59,9 +59,11 @@ use std::time::SystemTime;
 use super::{SignError, Signer};
 use crate::pki;
 
+/// Why no intermediate could be had. Causes are sources, not part of the message: log
+/// and report these with [`super::remote::error_chain`] (or `{:#}`).
 #[derive(Debug, thiserror::Error)]
 pub enum IntermediateError {
-    #[error("the backend could not sign the bridge's intermediate CA: {0}")]
+    #[error("the backend could not sign the bridge's intermediate CA")]
     Sign(#[from] SignError),
     #[error("the backend's intermediate CA certificate is unusable: {0}")]
     Unusable(String),

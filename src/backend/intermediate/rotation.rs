@@ -124,7 +124,7 @@ impl Rotation {
         if let Some(dir) = &self.cfg.state_dir
             && let Err(e) = state::save(dir, &next, &self.upstream.trust_bundle().borrow())
         {
-            tracing::warn!(error = %e, "could not store the intermediate CA; a restart will ask the backend again");
+            tracing::warn!(error = %remote::error_chain(&e), "could not store the intermediate CA; a restart will ask the backend again");
         }
     }
 
@@ -213,6 +213,7 @@ pub(super) async fn run(
                     Err(e) => {
                         failures += 1;
                         let left = inner.current.load().remaining(now_secs());
+                        let e = remote::error_chain(&e);
                         tracing::warn!(
                             backend = inner.kind(),
                             error = %e,
@@ -220,8 +221,7 @@ pub(super) async fn run(
                             remaining_secs = left,
                             "preparing the next intermediate CA failed; still signing with the current one, retrying"
                         );
-                        *inner.last_error.lock().unwrap_or_else(|e| e.into_inner()) =
-                            Some(e.to_string());
+                        *inner.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
                     }
                 }
             }

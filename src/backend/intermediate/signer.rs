@@ -144,7 +144,7 @@ impl Signer for IntermediateSigner {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::intermediate::test_support::{StubUpstream, eventually, workload};
+    use crate::backend::intermediate::test_support::{StubUpstream, cfg, eventually, workload};
 
     #[tokio::test]
     async fn an_outage_keeps_signing_then_readiness_fails_inside_the_margin() {
@@ -199,6 +199,29 @@ mod tests {
                 .with_label_values(&["stub"])
                 .get(),
             1
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_first_preparation_names_the_backend_error_once() {
+        let up = StubUpstream::new();
+        up.down.store(true, std::sync::atomic::Ordering::Relaxed);
+        let e = IntermediateSigner::start(
+            up,
+            &cfg(),
+            "cluster.local",
+            Duration::from_secs(86400),
+            Arc::new(Metrics::new(false)),
+        )
+        .await
+        .err()
+        .expect("no intermediate without the backend");
+        // As the start error reaches the operator (`{:#}`, one line of sources).
+        let msg = crate::backend::remote::error_chain(&e);
+        assert_eq!(msg.matches("stub is down").count(), 1, "{msg}");
+        assert!(
+            msg.contains("could not sign the bridge's intermediate CA"),
+            "{msg}"
         );
     }
 }

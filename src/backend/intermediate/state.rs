@@ -7,8 +7,7 @@ use std::path::Path;
 
 use super::generation::{Generation, check_and_build};
 use super::{IntermediateConfig, IntermediateError, now_secs};
-use crate::backend::IssuedChain;
-use crate::backend::local;
+use crate::backend::{IssuedChain, local, remote};
 use crate::pki;
 use crate::trust::TrustBundle;
 
@@ -50,7 +49,7 @@ pub(super) fn load(
             Ok(None)
         }
         Err(e) => {
-            tracing::warn!(error = %e, "the stored intermediate CA is unusable; getting a new one");
+            tracing::warn!(error = %remote::error_chain(&e), "the stored intermediate CA is unusable; getting a new one");
             Ok(None)
         }
     }
