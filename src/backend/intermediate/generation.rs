@@ -44,13 +44,6 @@ impl Generation {
     }
 }
 
-pub(super) fn count_preparation(metrics: &Metrics, kind: &str, ok: bool) {
-    metrics
-        .intermediate_preparations
-        .with_label_values(&[kind, if ok { "success" } else { "failure" }])
-        .inc();
-}
-
 /// The subject of our intermediates: the trust domain and this replica's name, so an
 /// operator can tell replicas apart in the enterprise CA's records.
 fn common_name() -> String {
@@ -63,8 +56,26 @@ fn common_name() -> String {
     cn
 }
 
-/// Generates a key, has the backend sign it as a CA and checks the answer.
+/// Generates a key, has the backend sign it as a CA and checks the answer; counted in
+/// `istio_ca_bridge_intermediate_preparations_total{backend, result}`.
 pub(super) async fn prepare(
+    upstream: &dyn UpstreamAuthority,
+    cfg: &IntermediateConfig,
+    trust_domain: &str,
+    metrics: &Metrics,
+) -> Result<Generation, IntermediateError> {
+    let r = prepare_uncounted(upstream, cfg, trust_domain).await;
+    metrics
+        .intermediate_preparations
+        .with_label_values(&[
+            upstream.kind(),
+            if r.is_ok() { "success" } else { "failure" },
+        ])
+        .inc();
+    r
+}
+
+async fn prepare_uncounted(
     upstream: &dyn UpstreamAuthority,
     cfg: &IntermediateConfig,
     trust_domain: &str,

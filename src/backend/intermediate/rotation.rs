@@ -10,7 +10,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::generation::{Generation, count_preparation, prepare, probe};
+use super::generation::{Generation, prepare, probe};
 use super::{IntermediateConfig, IntermediateError, UpstreamAuthority, now_secs, state};
 use crate::backend::remote;
 use crate::metrics::Metrics;
@@ -129,9 +129,13 @@ impl Rotation {
     }
 
     async fn prepare_next(&self) -> Result<(), IntermediateError> {
-        let r = prepare(self.upstream.as_ref(), &self.cfg, &self.trust_domain).await;
-        count_preparation(&self.metrics, self.kind(), r.is_ok());
-        let g = r?;
+        let g = prepare(
+            self.upstream.as_ref(),
+            &self.cfg,
+            &self.trust_domain,
+            &self.metrics,
+        )
+        .await?;
         tracing::info!(
             backend = self.kind(),
             serial = %g.serial(),

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use tokio::sync::watch;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::generation::{count_preparation, prepare};
+use super::generation::prepare;
 use super::rotation::{self, Rotation};
 use super::{IntermediateConfig, IntermediateError, UpstreamAuthority, now_secs, state};
 use crate::backend::{
@@ -52,9 +52,7 @@ impl IntermediateSigner {
                 g
             }
             None => {
-                let r = prepare(upstream.as_ref(), cfg, trust_domain).await;
-                count_preparation(&metrics, kind, r.is_ok());
-                let g = r?;
+                let g = prepare(upstream.as_ref(), cfg, trust_domain, &metrics).await?;
                 if let Some(dir) = &cfg.state_dir {
                     state::save(dir, &g, &upstream.trust_bundle().borrow())?;
                 }
