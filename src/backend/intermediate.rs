@@ -48,9 +48,7 @@ mod upstream;
 pub use config::*;
 pub use signer::IntermediateSigner;
 pub use state::stored_bundle;
-pub use upstream::{
-    Connect, IntermediateRequest, LazyUpstream, UpstreamAuthority, UpstreamConnect,
-};
+pub use upstream::{IntermediateRequest, LazyUpstream, UpstreamAuthority, UpstreamConnect};
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -103,15 +101,7 @@ pub async fn build(
                 error = %msg,
                 "BACKEND UNREACHABLE AT START: signing with the stored intermediate CA; no successor can be prepared until the backend answers"
             );
-            LazyUpstream::start(
-                kind,
-                bundle,
-                msg,
-                Box::new(move || {
-                    let c = connect();
-                    Box::pin(async move { c.await.map_err(|e| super::remote::error_chain(&e)) })
-                }),
-            )
+            LazyUpstream::start(kind, bundle, msg, connect)
         }
     };
     let signer = IntermediateSigner::start(

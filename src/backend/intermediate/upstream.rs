@@ -33,13 +33,6 @@ pub trait UpstreamAuthority: Authority {
     async fn sign_intermediate(&self, req: &IntermediateRequest) -> Result<IssuedChain, SignError>;
 }
 
-/// Connects to a backend, for [`LazyUpstream`].
-pub type Connect = Box<
-    dyn Fn() -> futures::future::BoxFuture<'static, Result<Arc<dyn UpstreamAuthority>, String>>
-        + Send
-        + Sync,
->;
-
 /// An upstream that is not connected yet: a replica restarted during a backend outage
 /// starts with its stored intermediate and this, which keeps trying to connect (with
 /// backoff) and answers UNAVAILABLE to preparations until it has. The trust bundle is the
@@ -57,7 +50,7 @@ impl LazyUpstream {
         kind: &'static str,
         stored: TrustBundle,
         first_error: String,
-        connect: Connect,
+        connect: UpstreamConnect,
     ) -> Arc<Self> {
         let (tx, _) = watch::channel(Arc::new(stored));
         let stop = CancellationToken::new();
@@ -79,7 +72,7 @@ impl LazyUpstream {
                     _ = tokio::time::sleep(delay) => {}
                 }
                 attempt += 1;
-                match connect().await {
+                match connect().await.map_err(|e| remote::error_chain(&e)) {
                     Ok(up) => {
                         let Some(me) = weak.upgrade() else { return };
                         tracing::info!(
@@ -155,3 +148,76 @@ pub type UpstreamConnect = Arc<
         + Send
         + Sync,
 >;
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+    use crate::backend::intermediate::test_support::{StubUpstream, eventually, new_root};
+    use crate::pki::{self, KeyType};
+
+    fn request() -> IntermediateRequest {
+        let key = pki::generate_key(KeyType::EcdsaP256).unwrap();
+        IntermediateRequest {
+            csr_der: Vec::new(),
+            public_key_der: rcgen::PublicKeyData::subject_public_key_info(&key),
+            common_name: "istio-ca-bridge test".into(),
+            ttl: Duration::from_secs(3600),
+            path_len_zero: true,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lazy_upstream_is_unavailable_until_connected_then_is_the_backend() {
+        let (_, stored) = new_root("stored root");
+        let backend = StubUpstream::new();
+        let attempts = Arc::new(AtomicU32::new(0));
+        let connect: UpstreamConnect = {
+            let (backend, attempts) = (backend.clone(), attempts.clone());
+            Arc::new(move || {
+                let backend = backend.clone();
+                let n = attempts.fetch_add(1, Ordering::SeqCst) + 1;
+                Box::pin(async move {
+                    if n < 2 {
+                        Err(BuildError::new("stub", "still down"))
+                    } else {
+                        Ok(backend as Arc<dyn UpstreamAuthority>)
+                    }
+                })
+            })
+        };
+        let lazy = LazyUpstream::start("stub", stored.clone(), "down at start".into(), connect);
+        // Before connecting: the stored bundle, not ready, and preparations are told why.
+        assert_eq!(lazy.trust_bundle().borrow().roots(), stored.roots());
+        assert!(matches!(lazy.health(), Health::NotReady(_)));
+        let e = lazy.sign_intermediate(&request()).await.unwrap_err();
+        assert!(
+            matches!(&e, SignError::Unavailable(m) if m.contains("down at start")),
+            "{e}"
+        );
+        eventually("the failed retry is the reason now", || {
+            lazy.last_error.lock().unwrap().contains("stub: still down")
+        })
+        .await;
+        // Connected: the backend's health, bundle (and its later changes) and signatures.
+        eventually("connected", || lazy.health() == Health::Ready).await;
+        assert_eq!(
+            attempts.load(Ordering::SeqCst),
+            2,
+            "no retries once connected"
+        );
+        eventually("the backend's bundle", || {
+            lazy.trust_bundle().borrow().roots() == backend.trust_bundle().borrow().roots()
+        })
+        .await;
+        let rotated = backend.rotate_root();
+        eventually("the backend's new bundle", || {
+            lazy.trust_bundle().borrow().roots() == rotated.roots()
+        })
+        .await;
+        lazy.sign_intermediate(&request())
+            .await
+            .expect("signed by the backend");
+    }
+}
