@@ -222,34 +222,36 @@ pub(super) fn probe(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::intermediate::test_support::{cfg, chain};
+    use crate::backend::intermediate::test_support::{cfg, chain, generation};
     use crate::pki::KeyType;
-    use crate::trust::TrustBundle;
+
+    /// Why `check_and_build` refuses this answer of the backend (the bundle, the
+    /// intermediate, the key it should certify).
+    fn refusal(
+        (bundle, issued, key): (TrustBundle, IssuedChain, KeyPair),
+        cfg: &IntermediateConfig,
+    ) -> String {
+        check_and_build(issued, key, cfg, "cluster.local", &bundle)
+            .err()
+            .expect("refused")
+            .to_string()
+    }
 
     #[test]
     fn a_proper_intermediate_is_accepted_and_its_leaves_verify() {
-        let (bundle, issued, key) = chain(Some(0), true);
-        let g = check_and_build(issued, key, &cfg(), "cluster.local", &bundle).unwrap();
+        let (_, g) = generation();
         assert_eq!(g.ca.chain().len(), 1);
     }
 
     #[test]
     fn a_certificate_without_ca_true_is_refused_naming_the_reason() {
-        let (bundle, issued, key) = chain(None, false);
-        let e = check_and_build(issued, key, &cfg(), "cluster.local", &bundle)
-            .err()
-            .unwrap()
-            .to_string();
+        let e = refusal(chain(None, false), &cfg());
         assert!(e.contains("not a CA certificate"), "{e}");
     }
 
     #[test]
     fn a_missing_path_length_is_refused_when_asked_for() {
-        let (bundle, issued, key) = chain(None, true);
-        let e = check_and_build(issued, key, &cfg(), "cluster.local", &bundle)
-            .err()
-            .unwrap()
-            .to_string();
+        let e = refusal(chain(None, true), &cfg());
         assert!(e.contains("pathLenConstraint"), "{e}");
         let (bundle, issued, key) = chain(None, true);
         let lax = IntermediateConfig {
@@ -263,17 +265,11 @@ mod tests {
     fn an_intermediate_for_another_key_or_root_is_refused() {
         let (bundle, issued, _key) = chain(Some(0), true);
         let other = pki::generate_key(KeyType::EcdsaP256).unwrap();
-        let e = check_and_build(issued, other, &cfg(), "cluster.local", &bundle)
-            .err()
-            .unwrap()
-            .to_string();
+        let e = refusal((bundle, issued, other), &cfg());
         assert!(e.contains("another public key"), "{e}");
         let (_, issued, key) = chain(Some(0), true);
         let (other_bundle, _, _) = chain(Some(0), true);
-        let e = check_and_build(issued, key, &cfg(), "cluster.local", &other_bundle)
-            .err()
-            .unwrap()
-            .to_string();
+        let e = refusal((other_bundle, issued, key), &cfg());
         assert!(e.contains("does not verify"), "{e}");
     }
 

@@ -90,12 +90,11 @@ pub(super) fn save(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::intermediate::test_support::{cfg, chain};
+    use crate::backend::intermediate::test_support::{cfg, chain, generation};
 
     #[test]
     fn state_round_trips_with_a_private_key_file() {
-        let (bundle, issued, key) = chain(Some(0), true);
-        let g = check_and_build(issued, key, &cfg(), "cluster.local", &bundle).unwrap();
+        let (bundle, g) = generation();
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("int");
         save(&state, &g, &bundle).unwrap();

@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use rcgen::{CertificateParams, DnType, KeyPair};
 use tokio::sync::watch;
 
+use super::generation::{Generation, check_and_build};
 use super::{IntermediateConfig, IntermediateRequest, UpstreamAuthority};
 use crate::backend::{Authority, Health, IssuedChain, SignError, SignRequest, Subject};
 use crate::identity::SpiffeId;
@@ -44,6 +45,13 @@ pub(super) fn chain(path_len: Option<u8>, ca: bool) -> (TrustBundle, IssuedChain
         IssuedChain::new(int.der().clone(), vec![]),
         key,
     )
+}
+
+/// A checked generation under a fresh root, and the bundle of that root.
+pub(super) fn generation() -> (TrustBundle, Generation) {
+    let (bundle, issued, key) = chain(Some(0), true);
+    let g = check_and_build(issued, key, &cfg(), "cluster.local", &bundle).unwrap();
+    (bundle, g)
 }
 
 /// An upstream signing intermediates with an rcgen root that the test can swap (a root
