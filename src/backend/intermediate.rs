@@ -15,10 +15,12 @@
 //! - Rotation: the successor is prepared at `prepareAt` of the lifetime (SPIRE's 1/2) and
 //!   takes over at `activateAt` (5/6) or earlier, once the current one has less than
 //!   `policy.maxTtl` left, so leaves are not cut short. A leaf never outlives the
-//!   intermediate that signed it ([`SigningCa::sign`] clamps), and its chain always carries
-//!   that intermediate: each call reads one generation, so no call fails across a switch.
+//!   intermediate that signed it ([`super::local::SigningCa::sign`] clamps), and its chain
+//!   always carries that intermediate: each call reads one generation, so no call fails
+//!   across a switch.
 //! - Outage: while the backend is down the current intermediate keeps signing; preparation
-//!   is retried with backoff. `/readyz` stays true until less than `readyMargin` is left.
+//!   is retried with jittered backoff. `/readyz` stays true until less than `readyMargin`
+//!   is left.
 //! - A trust-bundle change that the current intermediate no longer chains to (a root
 //!   removed) makes the successor take over, or one be prepared, at once.
 //!
