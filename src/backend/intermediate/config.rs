@@ -57,7 +57,7 @@ pub struct IntermediateConfig {
     /// successor could be prepared): new pods then go to replicas that can still sign.
     #[serde(with = "humantime_serde")]
     pub ready_margin: Duration,
-    /// Backoff between failed preparations, doubling up to `retryMaxBackoff`.
+    /// Backoff between failed preparations, doubling (with jitter) up to `retryMaxBackoff`.
     #[serde(with = "humantime_serde")]
     pub retry_backoff: Duration,
     #[serde(with = "humantime_serde")]
