@@ -148,6 +148,7 @@ impl App {
                 node_authorizer = Some(Arc::new(authz::node::KubeNodeAuthorizer::new(
                     clusters.clone(),
                     k.pod_sync_wait,
+                    k.pod_cache_max_staleness,
                 )));
             }
             tracing::info!(clusters = ?clusters.ids(), impersonation = node_authorizer.is_some(), "Kubernetes TokenReview enabled");

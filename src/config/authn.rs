@@ -62,6 +62,11 @@ pub struct KubernetesAuthnConfig {
     /// start (then they are denied until it arrives).
     #[serde(with = "humantime_serde")]
     pub pod_sync_wait: Duration,
+    /// Impersonation is refused (UNAVAILABLE) once a cluster's pod watch has been failing
+    /// this long: the cache may still show pods deleted meanwhile. It resumes when the
+    /// watch is back (the bridge lists again every 30s while it fails).
+    #[serde(with = "humantime_serde")]
+    pub pod_cache_max_staleness: Duration,
 }
 
 impl Default for KubernetesAuthnConfig {
@@ -73,6 +78,7 @@ impl Default for KubernetesAuthnConfig {
             cache_max_ttl: Duration::from_secs(600),
             request_timeout: Duration::from_secs(5),
             pod_sync_wait: Duration::from_secs(2),
+            pod_cache_max_staleness: Duration::from_secs(180),
         }
     }
 }
@@ -221,6 +227,7 @@ impl KubernetesAuthnConfig {
             p.push("cacheSize", "must be > 0");
         }
         p.positive("cacheMaxTtl", self.cache_max_ttl);
+        p.positive("podCacheMaxStaleness", self.pod_cache_max_staleness);
         if self.request_timeout.is_zero() {
             p.push("requestTimeout", "must be > 0");
         } else if self.request_timeout >= server_request_timeout {

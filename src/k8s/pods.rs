@@ -5,11 +5,16 @@
 //! Fed by `kube::runtime::watcher` (LIST, then WATCH from the list's resourceVersion, with
 //! bookmarks, re-listing on expiry and backing off on errors), so an impersonation check
 //! is a map lookup and never an API call. Only the few fields the check needs are kept.
-//! During an outage the last known state is kept and the watch retries.
+//! During an outage the last known state is kept and the watch retries, but only for so
+//! long: [`PodCache::stale_for`] says how long the watch has been failing, and the
+//! impersonation check refuses (UNAVAILABLE) once that exceeds
+//! `authn.kubernetes.podCacheMaxStaleness`. While failing, the watch is restarted with a
+//! full list every [`RELIST_WHILE_FAILING`], because a resumed watch of a quiet cluster
+//! says nothing that would prove the cache fresh again.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::RwLock;
-use std::time::Duration;
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
@@ -17,6 +22,9 @@ use kube::api::Api;
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+
+/// While the watch fails, it is restarted (LIST + WATCH) this often.
+pub const RELIST_WHILE_FAILING: Duration = Duration::from_secs(30);
 
 /// What the impersonation check needs to know about a pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,6 +108,8 @@ pub struct PodCache {
     index: RwLock<Index>,
     /// True once the first full list has been applied.
     synced: watch::Sender<bool>,
+    /// When the watch started failing without a good event since; `None` while healthy.
+    failing_since: Mutex<Option<Instant>>,
 }
 
 impl Default for PodCache {
@@ -113,7 +123,27 @@ impl PodCache {
         Self {
             index: RwLock::new(Index::default()),
             synced: watch::channel(false).0,
+            failing_since: Mutex::new(None),
         }
+    }
+
+    /// How long the watch has been failing with no good event since (zero while healthy).
+    pub fn stale_for(&self) -> Duration {
+        self.failing_since
+            .lock()
+            .expect("pod cache")
+            .map_or(Duration::ZERO, |t| t.elapsed())
+    }
+
+    fn watch_failed(&self) {
+        self.failing_since
+            .lock()
+            .expect("pod cache")
+            .get_or_insert_with(Instant::now);
+    }
+
+    fn watch_progressed(&self) {
+        *self.failing_since.lock().expect("pod cache") = None;
     }
 
     /// Waits up to `limit` for the first full list; false if it has not arrived.
@@ -204,40 +234,60 @@ pub fn spawn_watch(
         // (kube only sends resourceVersion=0 for an unpaginated list.)
         let mut config = watcher::Config::default().any_semantic();
         config.page_size = None;
-        let stream = watcher(api, config).default_backoff();
-        futures::pin_mut!(stream);
-        let mut pending = None;
         let mut failing = false;
-        loop {
-            let next = tokio::select! {
-                _ = stop.cancelled() => return,
-                n = stream.next() => n,
-            };
-            match next {
-                None => return,
-                Some(Ok(ev)) => {
-                    let done = matches!(ev, watcher::Event::InitDone);
-                    cache.apply(ev, &mut pending);
-                    if done {
-                        tracing::info!(cluster = %cluster, pods = cache.len(), "pod cache synced");
+        'restart: loop {
+            let stream = watcher(api.clone(), config.clone()).default_backoff();
+            futures::pin_mut!(stream);
+            let mut pending = None;
+            let mut relist_at = None;
+            loop {
+                let next = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = sleep_until_opt(relist_at) => {
+                        tracing::debug!(cluster = %cluster, "pod watch still failing: listing again");
+                        continue 'restart;
                     }
-                    if failing {
-                        failing = false;
-                        tracing::info!(cluster = %cluster, "pod watch recovered");
+                    n = stream.next() => n,
+                };
+                match next {
+                    None => return,
+                    Some(Ok(ev)) => {
+                        let done = matches!(ev, watcher::Event::InitDone);
+                        cache.apply(ev, &mut pending);
+                        cache.watch_progressed();
+                        relist_at = None;
+                        if done {
+                            tracing::info!(cluster = %cluster, pods = cache.len(), "pod cache synced");
+                        }
+                        if failing {
+                            failing = false;
+                            tracing::info!(cluster = %cluster, "pod watch recovered");
+                        }
                     }
-                }
-                Some(Err(e)) => {
-                    // Logged once per outage; the stream backs off and retries by itself.
-                    if !failing {
-                        tracing::warn!(cluster = %cluster, error = %e, "pod watch failed; keeping the last known pods and retrying");
-                    } else {
-                        tracing::debug!(cluster = %cluster, error = %e, "pod watch still failing");
+                    Some(Err(e)) => {
+                        // Logged once per outage; the stream backs off and retries by itself.
+                        if !failing {
+                            tracing::warn!(cluster = %cluster, error = %e, "pod watch failed; keeping the last known pods for now and retrying");
+                        } else {
+                            tracing::debug!(cluster = %cluster, error = %e, "pod watch still failing");
+                        }
+                        failing = true;
+                        cache.watch_failed();
+                        relist_at.get_or_insert_with(|| {
+                            tokio::time::Instant::now() + RELIST_WHILE_FAILING
+                        });
                     }
-                    failing = true;
                 }
             }
         }
     });
+}
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 #[cfg(test)]
@@ -299,5 +349,21 @@ mod tests {
         c.apply(watcher::Event::InitDone, &mut pending);
         assert!(c.get("u1").is_none());
         assert!(c.has_live_pod_on_node("x", "y", "n9"));
+    }
+
+    #[test]
+    fn staleness_counts_from_the_first_failure_until_a_good_event() {
+        let c = PodCache::new();
+        assert_eq!(c.stale_for(), Duration::ZERO);
+        c.watch_failed();
+        std::thread::sleep(Duration::from_millis(20));
+        c.watch_failed();
+        let s = c.stale_for();
+        assert!(
+            s >= Duration::from_millis(20),
+            "{s:?}: counted from the first failure"
+        );
+        c.watch_progressed();
+        assert_eq!(c.stale_for(), Duration::ZERO);
     }
 }

@@ -661,5 +661,4 @@ mod tests {
             assert_eq!(c.cluster.as_deref(), proven, "{configured:?} {header:?}");
         }
     }
-
 }

@@ -22,13 +22,17 @@ pub struct KubeNodeAuthorizer {
     clusters: Arc<Clusters>,
     /// How long a check right after start waits for the cluster's first pod list.
     sync_wait: Duration,
+    /// A cache whose watch has been failing longer than this no longer authorizes:
+    /// pods deleted meanwhile would still look live.
+    max_staleness: Duration,
 }
 
 impl KubeNodeAuthorizer {
-    pub fn new(clusters: Arc<Clusters>, sync_wait: Duration) -> Self {
+    pub fn new(clusters: Arc<Clusters>, sync_wait: Duration, max_staleness: Duration) -> Self {
         Self {
             clusters,
             sync_wait,
+            max_staleness,
         }
     }
 }
@@ -52,6 +56,15 @@ impl NodeAuthorizer for KubeNodeAuthorizer {
             return Err(NodeDenial::NotReady(format!(
                 "pods of cluster {} are not listed yet (API server unreachable?)",
                 cluster.id
+            )));
+        }
+        let stale = pods.stale_for();
+        if stale > self.max_staleness {
+            return Err(NodeDenial::NotReady(format!(
+                "the pod watch of cluster {} has been failing for {}s (over podCacheMaxStaleness); \
+                 impersonation resumes once it is fresh again",
+                cluster.id,
+                stale.as_secs()
             )));
         }
         let pod = pods.get(&pod_ref.uid).ok_or_else(|| -> NodeDenial {
