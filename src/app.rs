@@ -103,10 +103,23 @@ impl App {
 
         let mut chain: Vec<Arc<dyn Authenticator>> = Vec::new();
         if cfg.authn.client_cert {
-            chain.push(Arc::new(authn::client_cert::ClientCertAuthenticator::new(
-                signer.trust_bundle(),
+            let extra = match &cfg.authn.client_cert_issuers_file {
+                Some(p) => {
+                    let text = std::fs::read(p).with_context(|| {
+                        format!("reading authn.clientCertIssuersFile {}", p.display())
+                    })?;
+                    crate::pki::parse_certs_pem(&text)
+                        .with_context(|| format!("authn.clientCertIssuersFile {}", p.display()))?
+                }
+                None => Vec::new(),
+            };
+            let a = authn::client_cert::ClientCertAuthenticator::new(
+                signer.clone(),
+                &extra,
                 cfg.trust_domains(),
-            )));
+            )
+            .map_err(|e| anyhow::anyhow!("authn.clientCertIssuersFile: {e}"))?;
+            chain.push(Arc::new(a));
         }
         let trusted_node_accounts = config::parse_accounts(&cfg.authn.trusted_node_accounts)
             .map_err(|e| anyhow::anyhow!("authn.trustedNodeAccounts: {e}"))?;

@@ -236,6 +236,10 @@ impl Signer for Audited {
     fn signing_ca(&self) -> SigningCaInfo {
         self.inner.signing_ca()
     }
+
+    fn issued_under(&self, issuer: &crate::backend::IssuerRef<'_>) -> bool {
+        self.inner.issued_under(issuer)
+    }
 }
 
 fn open_append(path: &Path) -> Result<std::fs::File, AuditError> {

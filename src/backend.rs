@@ -118,6 +118,15 @@ pub enum Health {
     NotReady(String),
 }
 
+/// The certificate that signed a presented client certificate, as renewal decides on it.
+#[derive(Debug, Clone, Copy)]
+pub struct IssuerRef<'a> {
+    /// Its SubjectPublicKeyInfo (DER).
+    pub spki: &'a [u8],
+    /// Its subject's common name, if any.
+    pub common_name: Option<&'a str>,
+}
+
 /// Facts about the CA that signs leaves, for expiry gauges and TTL clamping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SigningCaInfo {
@@ -176,6 +185,13 @@ pub trait Signer: Authority {
 
     fn signing_ca(&self) -> SigningCaInfo {
         SigningCaInfo { not_after: None }
+    }
+
+    /// Whether leaves signed by `issuer` were issued by this deployment, so that a client
+    /// certificate under it may renew itself (`authn.clientCert`). Default: no; the
+    /// operator lists the backend's issuing CAs in `authn.clientCertIssuersFile`.
+    fn issued_under(&self, _issuer: &IssuerRef<'_>) -> bool {
+        false
     }
 }
 

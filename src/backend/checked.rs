@@ -89,4 +89,8 @@ impl Signer for Checked {
     fn signing_ca(&self) -> SigningCaInfo {
         self.inner.signing_ca()
     }
+
+    fn issued_under(&self, issuer: &crate::backend::IssuerRef<'_>) -> bool {
+        self.inner.issued_under(issuer)
+    }
 }

@@ -59,4 +59,8 @@ impl Signer for Instrumented {
     fn signing_ca(&self) -> SigningCaInfo {
         self.inner.signing_ca()
     }
+
+    fn issued_under(&self, issuer: &crate::backend::IssuerRef<'_>) -> bool {
+        self.inner.issued_under(issuer)
+    }
 }

@@ -63,6 +63,9 @@ pub struct SigningCa {
     /// Certificates between the leaf and a root: the signing CA itself unless it is a root,
     /// then its own chain.
     chain: Vec<CertificateDer<'static>>,
+    /// The CA certificate's SubjectPublicKeyInfo: leaves it signed may renew with a client
+    /// certificate.
+    spki: Vec<u8>,
 }
 
 impl SigningCa {
@@ -85,6 +88,7 @@ impl SigningCa {
                 "the CA key does not match the CA certificate".into(),
             ));
         }
+        let spki = parsed.public_key().raw.to_vec();
         let not_after = OffsetDateTime::from_unix_timestamp(info.not_after)
             .map_err(|e| LocalError::Invalid(e.to_string()))?;
         let not_before = OffsetDateTime::from_unix_timestamp(info.not_before)
@@ -113,6 +117,7 @@ impl SigningCa {
                 not_after,
                 serial_hex: info.serial_hex,
                 chain: links,
+                spki,
             },
             roots,
         ))
@@ -128,6 +133,11 @@ impl SigningCa {
 
     pub fn serial_hex(&self) -> &str {
         &self.serial_hex
+    }
+
+    /// The CA certificate's SubjectPublicKeyInfo (DER).
+    pub fn spki(&self) -> &[u8] {
+        &self.spki
     }
 
     /// The certificates a leaf of this CA is answered with (leaf-most first, no roots).
@@ -280,6 +290,10 @@ impl Signer for LocalCa {
         SigningCaInfo {
             not_after: Some(self.ca.load().not_after.unix_timestamp()),
         }
+    }
+
+    fn issued_under(&self, issuer: &super::IssuerRef<'_>) -> bool {
+        issuer.spki == self.ca.load().spki()
     }
 }
 

@@ -14,6 +14,11 @@ pub struct AuthnConfig {
     /// Accept a client certificate chaining to the trust bundle as proof of identity
     /// (how VMs renew once their token has expired).
     pub client_cert: bool,
+    /// Issuing CA certificates (PEM) whose leaves may renew with a client certificate,
+    /// besides the bridge's own local CA and intermediates (which are always accepted).
+    /// With a remote backend in direct mode, list the backend's issuing CA here; a leaf
+    /// from any other CA under the same root is refused.
+    pub client_cert_issuers_file: Option<PathBuf>,
     /// OIDC/JWT issuers, typically one per cluster.
     pub jwt: Vec<JwtIssuerConfig>,
     /// Development only: a local token issuer whose key lives in `dir`; mint tokens with
@@ -32,6 +37,7 @@ impl Default for AuthnConfig {
     fn default() -> Self {
         Self {
             client_cert: true,
+            client_cert_issuers_file: None,
             jwt: Vec::new(),
             dev_issuer: None,
             kubernetes: None,
@@ -146,9 +152,8 @@ pub struct JwtIssuerConfig {
     #[serde(default = "default_jwks_refresh", with = "humantime_serde")]
     pub refresh_interval: Duration,
     /// Allow a plain `http://` jwksUri for this issuer (a test server, or a proxy on
-    /// loopback). Keys fetched in clear can be replaced in transit, so this is off by
-    /// default, and never allowed together with `jwksTokenFile` (the bridge's own token
-    /// would travel in clear).
+    /// loopback). Keys fetched in clear can be replaced in transit (and a `jwksTokenFile`
+    /// token read), so this is off by default and logged as a warning at start.
     #[serde(default)]
     pub insecure_http: bool,
 }
@@ -281,21 +286,16 @@ impl JwtIssuerConfig {
             (None, Some(u)) if !(u.starts_with("https://") || u.starts_with("http://")) => {
                 p.push("jwksUri", format!("{u:?} is not an http(s) URL"))
             }
-            (None, Some(u)) if u.starts_with("http://") => {
-                if !self.insecure_http {
-                    p.push(
-                        "jwksUri",
-                        "plain http: keys fetched in clear can be replaced in transit; use https, \
-                         or set insecureHttp: true for this issuer",
-                    );
-                }
+            (None, Some(u)) if u.starts_with("http://") && !self.insecure_http => p.push(
+                "jwksUri",
                 if self.jwks_token_file.is_some() {
-                    p.push(
-                        "jwksTokenFile",
-                        "not sent over plain http (the token would travel in clear); use an https jwksUri",
-                    );
-                }
-            }
+                    "plain http: keys fetched in clear can be replaced in transit, and jwksTokenFile's \
+                     token would travel in clear; use https, or set insecureHttp: true for this issuer"
+                } else {
+                    "plain http: keys fetched in clear can be replaced in transit; use https, \
+                     or set insecureHttp: true for this issuer"
+                },
+            ),
             (Some(_), None) if self.jwks_token_file.is_some() || self.jwks_ca_file.is_some() => p
                 .push(
                     "jwksTokenFile",

@@ -120,6 +120,34 @@ pub fn server_config(resolver: Arc<CertResolver>) -> Arc<rustls::ServerConfig> {
     Arc::new(cfg)
 }
 
+/// tonic refuses a message over the decoding limit with OUT_OF_RANGE before any handler
+/// runs. For Istio's clients an oversized CSR is bad input like any other, so it gets
+/// INVALID_ARGUMENT (protocol doc section 7; never retried) and a message naming the limit.
+fn too_large_is_invalid_argument(
+    mut r: http::Response<tonic::body::Body>,
+    max_csr_bytes: usize,
+) -> http::Response<tonic::body::Body> {
+    let out_of_range = tonic::Code::OutOfRange as i32;
+    let is_too_large = r
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        == Some(out_of_range);
+    if is_too_large {
+        let h = r.headers_mut();
+        h.insert(
+            "grpc-status",
+            http::HeaderValue::from(tonic::Code::InvalidArgument as i32),
+        );
+        let msg = format!("request too large (the CSR limit is {max_csr_bytes} bytes)");
+        if let Ok(v) = http::HeaderValue::from_str(&msg) {
+            h.insert("grpc-message", v);
+        }
+    }
+    r
+}
+
 /// A served connection: the TLS stream and the permit that counts it against
 /// `server.maxConnections` (released when the connection is dropped).
 pub struct Counted {
@@ -262,11 +290,15 @@ pub async fn serve(
     let grpc = IstioCertificateServiceServer::new(service)
         .max_decoding_message_size(opts.max_message_bytes())
         .max_encoding_message_size(4 * 1024 * 1024);
+    let limit = opts.max_csr_bytes;
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(opts.keepalive_interval))
         .http2_keepalive_timeout(Some(opts.keepalive_timeout))
         .max_concurrent_streams(Some(opts.max_concurrent_streams))
         .timeout(opts.request_timeout + Duration::from_secs(1))
+        .layer(tower::util::MapResponseLayer::new(
+            move |r: http::Response<tonic::body::Body>| too_large_is_invalid_argument(r, limit),
+        ))
         .add_service(grpc)
         .serve_with_incoming_shutdown(stream, shutdown.cancelled_owned())
         .await

@@ -133,7 +133,11 @@ fn check_workload_subject(subject: &X509Name<'_>) -> Result<(), IssuedError> {
     }
 }
 
-fn check_profile(leaf: &X509Certificate<'_>, subject: &Subject) -> Result<(), IssuedError> {
+/// The workload profile every leaf the bridge hands out has: not a CA, extended key usage
+/// exactly serverAuth + clientAuth, an empty subject (or one empty `O`) and exactly one
+/// SAN, a URI, which is returned. Client certificates presented for renewal must have it
+/// too.
+pub fn workload_profile<'a>(leaf: &'a X509Certificate<'_>) -> Result<&'a str, IssuedError> {
     if matches!(leaf.basic_constraints(), Ok(Some(bc)) if bc.value.ca) {
         return Err(IssuedError::Profile("leaf is a CA certificate".into()));
     }
@@ -141,43 +145,62 @@ fn check_profile(leaf: &X509Certificate<'_>, subject: &Subject) -> Result<(), Is
         .extended_key_usage()
         .map_err(|e| IssuedError::Malformed(e.to_string()))?
         .ok_or_else(|| IssuedError::Profile("no extended key usage".into()))?;
-    let names = match leaf.subject_alternative_name() {
-        Ok(Some(san)) => san.value.general_names.as_slice(),
-        Ok(None) => &[],
-        Err(e) => return Err(IssuedError::Malformed(e.to_string())),
-    };
+    let e = &eku.value;
+    let only_both = e.server_auth
+        && e.client_auth
+        && !e.any
+        && !e.code_signing
+        && !e.email_protection
+        && !e.time_stamping
+        && !e.ocsp_signing
+        && e.other.is_empty();
+    if !only_both {
+        return Err(IssuedError::Profile(
+            "extended key usage must be exactly serverAuth and clientAuth".into(),
+        ));
+    }
+    check_workload_subject(leaf.subject())?;
+    match san_names(leaf)? {
+        [GeneralName::URI(u)] => Ok(u),
+        names => Err(IssuedError::WrongNames(format!(
+            "subjectAltName must be exactly one URI, is {names:?}"
+        ))),
+    }
+}
+
+fn san_names<'a>(leaf: &'a X509Certificate<'_>) -> Result<&'a [GeneralName<'a>], IssuedError> {
+    match leaf.subject_alternative_name() {
+        Ok(Some(san)) => Ok(san.value.general_names.as_slice()),
+        Ok(None) => Ok(&[]),
+        Err(e) => Err(IssuedError::Malformed(e.to_string())),
+    }
+}
+
+fn check_profile(leaf: &X509Certificate<'_>, subject: &Subject) -> Result<(), IssuedError> {
     match subject {
         Subject::Workload(id) => {
-            let e = &eku.value;
-            let only_both = e.server_auth
-                && e.client_auth
-                && !e.any
-                && !e.code_signing
-                && !e.email_protection
-                && !e.time_stamping
-                && !e.ocsp_signing
-                && e.other.is_empty();
-            if !only_both {
-                return Err(IssuedError::Profile(
-                    "extended key usage must be exactly serverAuth and clientAuth".into(),
-                ));
-            }
-            check_workload_subject(leaf.subject())?;
             let want = id.uri();
-            let exact =
-                names.len() == 1 && matches!(&names[0], GeneralName::URI(u) if *u == want.as_str());
-            if !exact {
+            let uri = workload_profile(leaf)?;
+            if uri != want {
                 return Err(IssuedError::WrongNames(format!(
-                    "subjectAltName is {names:?}, expected exactly URI:{want}"
+                    "subjectAltName is URI:{uri}, expected exactly URI:{want}"
                 )));
             }
         }
         Subject::Server { dns_names } => {
+            if matches!(leaf.basic_constraints(), Ok(Some(bc)) if bc.value.ca) {
+                return Err(IssuedError::Profile("leaf is a CA certificate".into()));
+            }
+            let eku = leaf
+                .extended_key_usage()
+                .map_err(|e| IssuedError::Malformed(e.to_string()))?
+                .ok_or_else(|| IssuedError::Profile("no extended key usage".into()))?;
             if !eku.value.server_auth {
                 return Err(IssuedError::Profile(
                     "extended key usage must include serverAuth".into(),
                 ));
             }
+            let names = san_names(leaf)?;
             for n in dns_names {
                 if !pki::names_include(names, n) {
                     return Err(IssuedError::WrongNames(format!(

@@ -46,12 +46,17 @@ impl Generation {
 
 /// The subject of our intermediates: the trust domain and this replica's name, so an
 /// operator can tell replicas apart in the enterprise CA's records.
+/// Every intermediate the bridge asks for is named `<prefix><host>`: leaves under any of
+/// them (this replica's, earlier ones, other replicas') may renew with a client
+/// certificate.
+pub const COMMON_NAME_PREFIX: &str = "istio-ca-bridge ";
+
 fn common_name() -> String {
     let host = std::env::var("HOSTNAME")
         .ok()
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "replica".into());
-    let mut cn = format!("istio-ca-bridge {host}");
+    let mut cn = format!("{COMMON_NAME_PREFIX}{host}");
     cn.truncate(64);
     cn
 }

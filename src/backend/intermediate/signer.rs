@@ -137,6 +137,14 @@ impl Signer for IntermediateSigner {
             not_after: Some(self.inner.current.load().not_after()),
         }
     }
+
+    fn issued_under(&self, issuer: &crate::backend::IssuerRef<'_>) -> bool {
+        // The chain to the upstream's roots is verified by the caller; what is ours is
+        // the name the bridge gives every intermediate it asks for.
+        issuer
+            .common_name
+            .is_some_and(|cn| cn.starts_with(super::generation::COMMON_NAME_PREFIX))
+    }
 }
 
 #[cfg(test)]
