@@ -227,6 +227,21 @@ pub fn prefixed(section: &str, errs: Vec<FieldError>) -> Vec<FieldError> {
     p.into_vec()
 }
 
+/// Backend config tests: the `backend` section of a whole config (its `type` tag
+/// dropped), as the top-level parser reads it.
+#[cfg(test)]
+pub fn backend_section<T: serde::de::DeserializeOwned>(yaml: &str) -> Result<T, (String, String)> {
+    section(yaml, "backend", "type")
+}
+
+/// Backend config tests: `Ok` without problems, else the problems named as the top-level
+/// validation names them (`backend.field`).
+#[cfg(test)]
+pub fn backend_problems(errs: Vec<FieldError>) -> Result<(), Vec<FieldError>> {
+    let errs = prefixed("backend", errs);
+    if errs.is_empty() { Ok(()) } else { Err(errs) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

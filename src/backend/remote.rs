@@ -7,16 +7,19 @@
 //!   [`TokenBucket`] and after a jittered [`backoff`], counting retries and throttles;
 //! - [`error_chain`]: an error and its sources on one line, for logs and messages;
 //! - [`issued_chain`]: a leaf and the PEM chain texts the CA answered, as an
-//!   [`IssuedChain`] (roots and repeats dropped).
+//!   [`IssuedChain`] (roots and repeats dropped);
+//! - [`retry_after`]: an HTTP answer's `Retry-After`;
+//! - [`build_in_mode`]: a backend's `Plugin::build` for `direct` and `intermediate` mode.
 
 use std::future::Future;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rustls_pki_types::CertificateDer;
 use tokio::time::Instant;
 
-use super::{IssuedChain, SignError};
+use super::intermediate::{BackendMode, IntermediateConfig, UpstreamAuthority, UpstreamConnect};
+use super::{BuildContext, BuildError, IssuedChain, SignError, Signer};
 use crate::metrics::Metrics;
 use crate::pki;
 
@@ -171,6 +174,51 @@ pub fn issued_chain<'a>(
     Ok(IssuedChain::new(leaf, links))
 }
 
+/// An HTTP answer's `Retry-After`: delay-seconds or an HTTP date (a date in the past is
+/// no delay).
+pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let v = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+/// `Plugin::build` of a backend that can run in either mode: in `direct` mode `connect`
+/// is called once and its signer signs every certificate; in `intermediate` mode it is the
+/// upstream that signs the bridge's intermediates (called again whenever intermediate mode
+/// needs to connect).
+pub async fn build_in_mode<B, F, Fut>(
+    kind: &'static str,
+    mode: BackendMode,
+    intermediate: &IntermediateConfig,
+    ctx: &BuildContext,
+    connect: F,
+) -> Result<Arc<dyn Signer>, BuildError>
+where
+    B: Signer + UpstreamAuthority,
+    F: Fn(Arc<Metrics>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Arc<B>, BuildError>> + Send + 'static,
+{
+    if mode == BackendMode::Direct {
+        return Ok(connect(ctx.metrics.clone()).await?);
+    }
+    let metrics = ctx.metrics.clone();
+    let upstream: UpstreamConnect = Arc::new(move || {
+        let connecting = connect(metrics.clone());
+        Box::pin(async move { Ok(connecting.await? as Arc<dyn UpstreamAuthority>) })
+    });
+    super::intermediate::build(kind, upstream, intermediate, ctx).await
+}
+
 /// Client-side rate limit: a token bucket that hands out reservations, so concurrent
 /// callers are served in arrival order at `rate` per second after an initial `burst`.
 pub struct TokenBucket {
@@ -288,6 +336,27 @@ mod tests {
             assert_eq!(b.reserve(Duration::ZERO), Ok(Duration::ZERO));
         }
         assert!(b.reserve(Duration::ZERO).is_err());
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates() {
+        use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
+        let with = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(RETRY_AFTER, HeaderValue::from_str(v).unwrap());
+            retry_after(&h)
+        };
+        assert_eq!(with("3"), Some(Duration::from_secs(3)));
+        assert_eq!(with(" 0 "), Some(Duration::ZERO));
+        let in_a_minute = std::time::SystemTime::now() + Duration::from_secs(60);
+        let d = with(&httpdate::fmt_http_date(in_a_minute)).unwrap();
+        assert!(
+            d > Duration::from_secs(55) && d <= Duration::from_secs(60),
+            "{d:?}"
+        );
+        assert_eq!(with("Thu, 01 Jan 1970 00:00:00 GMT"), Some(Duration::ZERO));
+        assert_eq!(with("soon"), None);
+        assert_eq!(retry_after(&HeaderMap::new()), None);
     }
 
     #[test]

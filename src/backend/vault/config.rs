@@ -282,17 +282,14 @@ fn check_vault_path(p: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::validate::{prefixed, section};
+    use crate::validate::{backend_problems, backend_section};
 
-    /// The `backend` section of a whole config, as the top-level parser reads it.
     fn parse(yaml: &str) -> Result<VaultConfig, (String, String)> {
-        section(yaml, "backend", "type")
+        backend_section(yaml)
     }
 
-    /// Its problems, named as the top-level validation names them.
     fn validate(cfg: &VaultConfig) -> Result<(), Vec<FieldError>> {
-        let errs = prefixed("backend", cfg.problems(&Shared::default()));
-        if errs.is_empty() { Ok(()) } else { Err(errs) }
+        backend_problems(cfg.problems(&Shared::default()))
     }
 
     const VAULT: &str =
