@@ -236,6 +236,19 @@ mod tests {
     }
 
     #[test]
+    fn validity_rounds_down_with_a_minimum_of_one_unit() {
+        let h = DigicertValidityUnit::Hours;
+        let d = DigicertValidityUnit::Days;
+        assert_eq!(h.duration_for(Duration::from_secs(24 * 3600)), 24);
+        assert_eq!(h.duration_for(Duration::from_secs(3600 + 3599)), 1);
+        assert_eq!(h.duration_for(Duration::from_secs(600)), 1);
+        assert_eq!(d.duration_for(Duration::from_secs(24 * 3600)), 1);
+        assert_eq!(d.duration_for(Duration::from_secs(47 * 3600)), 1);
+        assert_eq!(d.duration_for(Duration::from_secs(3600)), 1);
+        assert_eq!(d.duration_for(Duration::from_secs(90 * 86400)), 90);
+    }
+
+    #[test]
     fn digicert_backend_defaults_and_validation_names_fields() {
         let ok = "backend:\n  type: digicert\n  auth: {apiKeyFile: /k}\n  profileId: p1\n  trustBundleFile: /r.pem\n";
         let cfg = parse(ok).unwrap();
