@@ -227,6 +227,14 @@ pub fn prefixed(section: &str, errs: Vec<FieldError>) -> Vec<FieldError> {
     p.into_vec()
 }
 
+/// Backend section tests: a backend's problems named as the top-level validation names
+/// them (`backend.field`); `Ok` when there are none.
+#[cfg(test)]
+pub fn backend_problems(errs: Vec<FieldError>) -> Result<(), Vec<FieldError>> {
+    let errs = prefixed("backend", errs);
+    if errs.is_empty() { Ok(()) } else { Err(errs) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

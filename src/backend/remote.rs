@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime};
 use rustls_pki_types::CertificateDer;
 use tokio::time::Instant;
 
-use super::{IssuedChain, SignError, Subject};
+use super::{IssuedChain, SignError, SignRequest};
 use crate::metrics::Metrics;
 use crate::pki;
 
@@ -229,7 +229,7 @@ pub fn issued_chain<'a>(
     Ok(IssuedChain::new(leaf, links))
 }
 
-/// Counts a leaf that lives longer than the `ttl` asked for (beyond five minutes of slack
+/// Counts a leaf that lives longer than the request's `ttl` (beyond five minutes of slack
 /// for clocks and issuance) in `backend_ttl_exceeded{backend}` and logs it: at debug when
 /// `routine` (DigiCert's whole validity units round short lifetimes up), else as a warning
 /// (a template or CA setting overrides the validity). Accepted all the same: a leaf cannot
@@ -238,12 +238,12 @@ pub fn issued_chain<'a>(
 pub fn longer_than_asked(
     kind: &'static str,
     metrics: &Metrics,
-    subject: &Subject,
-    leaf: &CertificateDer<'_>,
-    ttl: Duration,
+    req: &SignRequest,
+    issued: &IssuedChain,
     routine: bool,
 ) -> bool {
-    let Ok(info) = pki::cert_info(leaf) else {
+    let (subject, ttl) = (&req.subject, req.ttl);
+    let Ok(info) = pki::cert_info(&issued.leaf) else {
         // Unreadable: the central check refuses it.
         return false;
     };

@@ -53,6 +53,15 @@ pub struct Pems {
     pub chain: String,
 }
 
+impl Pems {
+    fn of(certificate: Option<&str>, chain: Option<&str>) -> Self {
+        Pems {
+            certificate: certificate.unwrap_or_default().to_string(),
+            chain: chain.unwrap_or_default().to_string(),
+        }
+    }
+}
+
 /// The Private CA calls the backend makes, each failure already classified.
 #[async_trait]
 pub trait PcaClient: Send + Sync + 'static {
@@ -139,10 +148,7 @@ impl PcaClient for SdkClient {
             .send()
             .await
             .map_err(|e| classify("GetCertificateAuthorityCertificate", &e))?;
-        Ok(Pems {
-            certificate: out.certificate().unwrap_or_default().to_string(),
-            chain: out.certificate_chain().unwrap_or_default().to_string(),
-        })
+        Ok(Pems::of(out.certificate(), out.certificate_chain()))
     }
 
     async fn issue_certificate(&self, req: &Issue<'_>) -> Result<String, Failure> {
@@ -178,10 +184,7 @@ impl PcaClient for SdkClient {
             .send()
             .await
             .map_err(|e| classify("GetCertificate", &e))?;
-        Ok(Pems {
-            certificate: out.certificate().unwrap_or_default().to_string(),
-            chain: out.certificate_chain().unwrap_or_default().to_string(),
-        })
+        Ok(Pems::of(out.certificate(), out.certificate_chain()))
     }
 }
 

@@ -288,14 +288,7 @@ impl Signer for AwsPca {
                 deadline,
             )
             .await?;
-        remote::longer_than_asked(
-            KIND,
-            &self.metrics,
-            &req.subject,
-            &issued.leaf,
-            req.ttl,
-            false,
-        );
+        remote::longer_than_asked(KIND, &self.metrics, req, &issued, false);
         Ok(issued)
     }
 

@@ -222,18 +222,7 @@ impl DigicertConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::validate::{prefixed, section};
-
-    /// The `backend` section of a whole config, as the top-level parser reads it.
-    fn parse(yaml: &str) -> Result<DigicertConfig, (String, String)> {
-        section(yaml, "backend", "type")
-    }
-
-    /// Its problems, named as the top-level validation names them.
-    fn validate(cfg: &DigicertConfig) -> Result<(), Vec<FieldError>> {
-        let errs = prefixed("backend", cfg.problems(&Shared::default()));
-        if errs.is_empty() { Ok(()) } else { Err(errs) }
-    }
+    use crate::validate::{backend_problems, section};
 
     #[test]
     fn validity_rounds_down_with_a_minimum_of_one_unit() {
@@ -250,6 +239,9 @@ mod tests {
 
     #[test]
     fn digicert_backend_defaults_and_validation_names_fields() {
+        // The `backend` section as the top-level parser reads it, and its problems.
+        let parse = |yaml: &str| section::<DigicertConfig>(yaml, "backend", "type");
+        let validate = |cfg: &DigicertConfig| backend_problems(cfg.problems(&Shared::default()));
         let ok = "backend:\n  type: digicert\n  auth: {apiKeyFile: /k}\n  profileId: p1\n  trustBundleFile: /r.pem\n";
         let cfg = parse(ok).unwrap();
         let d = &cfg;

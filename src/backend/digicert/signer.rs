@@ -253,14 +253,7 @@ impl Signer for Digicert {
         // DigiCert answered with a certificate: the credentials work.
         self.client.set_denied(None);
         let issued = self.chain(&pem)?;
-        remote::longer_than_asked(
-            KIND,
-            &self.metrics,
-            &req.subject,
-            &issued.leaf,
-            req.ttl,
-            true,
-        );
+        remote::longer_than_asked(KIND, &self.metrics, req, &issued, true);
         Ok(issued)
     }
 
