@@ -25,7 +25,7 @@ mod client;
 mod config;
 mod signer;
 
-pub use client::{AwsPcaError, Issue, PcaClient, Pems, SdkClient, classify};
+pub use client::{AwsPcaError, Issue, PcaClient, Pems, SdkClient};
 pub use config::*;
 pub use signer::{AwsPca, idempotency_token};
 

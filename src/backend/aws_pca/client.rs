@@ -194,7 +194,7 @@ fn unusable(op: &str, what: &str) -> Failure {
 
 /// What a failed SDK call means: throttled, in progress (poll again), transient (retry) or
 /// final, with the SignError the caller gets.
-pub fn classify<E, R>(op: &str, e: &SdkError<E, R>) -> remote::Failure
+fn classify<E, R>(op: &str, e: &SdkError<E, R>) -> remote::Failure
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
     R: std::fmt::Debug,
