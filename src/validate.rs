@@ -234,8 +234,8 @@ pub fn backend_section<T: serde::de::DeserializeOwned>(yaml: &str) -> Result<T, 
     section(yaml, "backend", "type")
 }
 
-/// Backend config tests: `Ok` without problems, else the problems named as the top-level
-/// validation names them (`backend.field`).
+/// Backend section tests: a backend's problems named as the top-level validation names
+/// them (`backend.field`); `Ok` when there are none.
 #[cfg(test)]
 pub fn backend_problems(errs: Vec<FieldError>) -> Result<(), Vec<FieldError>> {
     let errs = prefixed("backend", errs);

@@ -5,21 +5,25 @@
 //!   retry-after), transient (retry), not ready yet (poll again) or final;
 //! - [`Retry::run`]: retries until the deadline, each attempt behind the client-side
 //!   [`TokenBucket`] and after a jittered [`backoff`], counting retries and throttles;
+//!   [`Retry::run_polling`] the same, with the CA's own pace ([`Polling`]) for answers that
+//!   are not ready yet;
 //! - [`error_chain`]: an error and its sources on one line, for logs and messages;
 //! - [`issued_chain`]: a leaf and the PEM chain texts the CA answered, as an
 //!   [`IssuedChain`] (roots and repeats dropped);
 //! - [`retry_after`]: an HTTP answer's `Retry-After`;
 //! - [`build_in_mode`]: a backend's `Plugin::build` for `direct` and `intermediate` mode.
+//! - [`longer_than_asked`]: counts a leaf that lives longer than requested (accepted).
 
+use std::fmt;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use rustls_pki_types::CertificateDer;
 use tokio::time::Instant;
 
 use super::intermediate::{BackendMode, IntermediateConfig, UpstreamAuthority, UpstreamConnect};
-use super::{BuildContext, BuildError, IssuedChain, SignError, Signer};
+use super::{BuildContext, BuildError, IssuedChain, SignError, SignRequest, Signer};
 use crate::metrics::Metrics;
 use crate::pki;
 
@@ -42,6 +46,18 @@ pub enum Failure {
     Final(SignError),
 }
 
+impl fmt::Display for Failure {
+    /// What went wrong, for a caller that does not retry (start-up, background refresh).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::Throttled { message, .. } => write!(f, "throttled: {message}"),
+            Failure::Transient(m) => f.write_str(m),
+            Failure::Pending(m) => write!(f, "{m} (not ready)"),
+            Failure::Final(e) => write!(f, "{e}"),
+        }
+    }
+}
+
 /// Backoff bounds: the first delay and the cap.
 #[derive(Debug, Clone, Copy)]
 pub struct Backoff {
@@ -62,13 +78,43 @@ pub struct Retry<'a> {
     pub transient: Backoff,
 }
 
+/// How [`Retry::run_polling`] waits after a [`Failure::Pending`]: the CA sets the pace of
+/// an answer that is not ready, not the backoff of a failure.
+#[derive(Debug, Clone, Copy)]
+pub struct Polling {
+    /// The `backend_retries` reason of each poll (`pending`; AWS documents `in_progress`).
+    pub reason: &'static str,
+    /// Poll n (from 0) waits `first`·2ⁿ, at most `cap`.
+    pub every: Backoff,
+    /// Jittered like [`backoff`] (many callers polling one CA), or exactly that schedule
+    /// (a pace the operator configured).
+    pub jitter: bool,
+}
+
 impl Retry<'_> {
     /// Runs `call(attempt)` until it succeeds, fails finally, or the deadline leaves no
     /// room for another attempt. `op` names the call in messages ("IssueCertificate").
-    pub async fn run<T, F, Fut>(
+    /// A [`Failure::Pending`] waits like a transient failure and counts as `pending`.
+    pub async fn run<T, F, Fut>(&self, op: &str, deadline: Instant, call: F) -> Result<T, SignError>
+    where
+        F: FnMut(u32) -> Fut,
+        Fut: Future<Output = Result<T, Failure>>,
+    {
+        let polling = Polling {
+            reason: "pending",
+            every: self.transient,
+            jitter: true,
+        };
+        self.run_polling(op, deadline, polling, call).await
+    }
+
+    /// [`Self::run`], with a [`Failure::Pending`] polled again as `polling` says. `attempt`
+    /// counts every call so far; the polling schedule only the polls.
+    pub async fn run_polling<T, F, Fut>(
         &self,
         op: &str,
         deadline: Instant,
+        polling: Polling,
         mut call: F,
     ) -> Result<T, SignError>
     where
@@ -76,6 +122,7 @@ impl Retry<'_> {
         Fut: Future<Output = Result<T, Failure>>,
     {
         let mut attempt = 0u32;
+        let mut polls = 0u32;
         loop {
             if let Some(b) = self.bucket {
                 b.acquire(deadline, self.keep, self.kind, self.metrics)
@@ -117,11 +164,22 @@ impl Retry<'_> {
                     "transient",
                     SignError::Unavailable(m),
                 ),
-                Failure::Pending(m) => (
-                    backoff(attempt, self.transient.first, self.transient.cap),
-                    "pending",
-                    SignError::Unavailable(format!("{m} (still pending at the deadline)")),
-                ),
+                Failure::Pending(m) => {
+                    let Backoff { first, cap } = polling.every;
+                    let d = if polling.jitter {
+                        backoff(polls, first, cap)
+                    } else {
+                        first
+                            .saturating_mul(2u32.saturating_pow(polls.min(16)))
+                            .min(cap)
+                    };
+                    polls += 1;
+                    (
+                        d,
+                        polling.reason,
+                        SignError::Unavailable(format!("{m} (still pending at the deadline)")),
+                    )
+                }
             };
             if Instant::now() + delay >= deadline {
                 return Err(on_deadline);
@@ -217,6 +275,41 @@ where
         Box::pin(async move { Ok(connecting.await? as Arc<dyn UpstreamAuthority>) })
     });
     super::intermediate::build(kind, upstream, intermediate, ctx).await
+}
+
+/// Counts a leaf that lives longer than the request's `ttl` (beyond five minutes of slack
+/// for clocks and issuance) in `backend_ttl_exceeded{backend}` and logs it: at debug when
+/// `routine` (DigiCert's whole validity units round short lifetimes up), else as a warning
+/// (a template or CA setting overrides the validity). Accepted all the same: a leaf cannot
+/// be shortened after signing, clients renew at half of the lifetime they see, and refusing
+/// would turn a CA setting into an outage. True if it was longer.
+pub fn longer_than_asked(
+    kind: &'static str,
+    metrics: &Metrics,
+    req: &SignRequest,
+    issued: &IssuedChain,
+    routine: bool,
+) -> bool {
+    let (subject, ttl) = (&req.subject, req.ttl);
+    let Ok(info) = pki::cert_info(&issued.leaf) else {
+        // Unreadable: the central check refuses it.
+        return false;
+    };
+    let now = pki::unix_secs(SystemTime::now());
+    if info.not_after <= now + ttl.as_secs() as i64 + 300 {
+        return false;
+    }
+    let (requested_ttl_secs, issued_secs) = (ttl.as_secs(), info.not_after - now);
+    if routine {
+        tracing::debug!(backend = kind, %subject, requested_ttl_secs, issued_secs, "longer lifetime than requested; accepted");
+    } else {
+        tracing::warn!(backend = kind, %subject, requested_ttl_secs, issued_secs, "the CA issued a longer lifetime than requested; accepted");
+    }
+    metrics
+        .backend_ttl_exceeded
+        .with_label_values(&[kind])
+        .inc();
+    true
 }
 
 /// Client-side rate limit: a token bucket that hands out reservations, so concurrent
@@ -336,6 +429,88 @@ mod tests {
             assert_eq!(b.reserve(Duration::ZERO), Ok(Duration::ZERO));
         }
         assert!(b.reserve(Duration::ZERO).is_err());
+    }
+
+    fn retry(metrics: &Metrics) -> Retry<'_> {
+        let ms = Duration::from_millis;
+        Retry {
+            kind: "test",
+            metrics,
+            bucket: None,
+            keep: Duration::ZERO,
+            throttled: Backoff {
+                first: ms(1),
+                cap: ms(2),
+            },
+            transient: Backoff {
+                first: ms(1),
+                cap: ms(2),
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn polling_keeps_its_own_exact_schedule_and_reason() {
+        let m = Metrics::new(false);
+        let polling = Polling {
+            reason: "in_progress",
+            every: Backoff {
+                first: Duration::from_millis(20),
+                cap: Duration::from_millis(40),
+            },
+            jitter: false,
+        };
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs(5);
+        // A transient failure first, then three polls: 20, 40 (the cap), 40 ms.
+        let got = retry(&m)
+            .run_polling("op", deadline, polling, |attempt| async move {
+                match attempt {
+                    0 => Err(Failure::Transient("reset".into())),
+                    1..=3 => Err(Failure::Pending("not yet".into())),
+                    _ => Ok(attempt),
+                }
+            })
+            .await
+            .unwrap();
+        assert_eq!(got, 4);
+        assert!(
+            start.elapsed() >= Duration::from_millis(100),
+            "{:?}",
+            start.elapsed()
+        );
+        let retries = |r| m.backend_retries.with_label_values(&["test", r]).get();
+        assert_eq!((retries("in_progress"), retries("transient")), (3, 1));
+        assert_eq!(retries("pending"), 0);
+    }
+
+    #[tokio::test]
+    async fn pending_beyond_the_deadline_is_unavailable_and_final_is_final() {
+        let m = Metrics::new(false);
+        let deadline = Instant::now() + Duration::from_millis(50);
+        let e = retry(&m)
+            .run("op", deadline, |_| async {
+                Err::<(), _>(Failure::Pending("request 7".into()))
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, SignError::Unavailable(m) if m.contains("request 7") && m.contains("pending")),
+            "{e:?}"
+        );
+        let e = retry(&m)
+            .run("op", Instant::now() + Duration::from_secs(5), |_| async {
+                Err::<(), _>(Failure::Final(SignError::Rejected("no".into())))
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(e, SignError::Rejected(_)), "{e:?}");
+        assert_eq!(
+            m.backend_retries
+                .with_label_values(&["test", "transient"])
+                .get(),
+            0
+        );
     }
 
     #[test]

@@ -170,21 +170,13 @@ fn is_template_arn(arn: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::validate::{prefixed, section};
-
-    /// The `backend` section of a whole config, as the top-level parser reads it.
-    fn parse(yaml: &str) -> Result<AwsPcaConfig, (String, String)> {
-        section(yaml, "backend", "type")
-    }
-
-    /// Its problems, named as the top-level validation names them.
-    fn validate(cfg: &AwsPcaConfig) -> Result<(), Vec<FieldError>> {
-        let errs = prefixed("backend", cfg.problems(&Shared::default()));
-        if errs.is_empty() { Ok(()) } else { Err(errs) }
-    }
+    use crate::validate::{backend_problems, section};
 
     #[test]
     fn aws_pca_backend_parses_and_validation_names_fields() {
+        // The `backend` section as the top-level parser reads it, and its problems.
+        let parse = |yaml: &str| section::<AwsPcaConfig>(yaml, "backend", "type");
+        let validate = |cfg: &AwsPcaConfig| backend_problems(cfg.problems(&Shared::default()));
         let arn = "arn:aws:acm-pca:eu-west-1:111122223333:certificate-authority/abc";
         let cfg = parse(&format!("backend:\n  type: awsPca\n  caArn: {arn}\n")).unwrap();
         let a = &cfg;

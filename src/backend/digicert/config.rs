@@ -222,21 +222,26 @@ impl DigicertConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::validate::{prefixed, section};
+    use crate::validate::{backend_problems, section};
 
-    /// The `backend` section of a whole config, as the top-level parser reads it.
-    fn parse(yaml: &str) -> Result<DigicertConfig, (String, String)> {
-        section(yaml, "backend", "type")
-    }
-
-    /// Its problems, named as the top-level validation names them.
-    fn validate(cfg: &DigicertConfig) -> Result<(), Vec<FieldError>> {
-        let errs = prefixed("backend", cfg.problems(&Shared::default()));
-        if errs.is_empty() { Ok(()) } else { Err(errs) }
+    #[test]
+    fn validity_rounds_down_with_a_minimum_of_one_unit() {
+        let h = DigicertValidityUnit::Hours;
+        let d = DigicertValidityUnit::Days;
+        assert_eq!(h.duration_for(Duration::from_secs(24 * 3600)), 24);
+        assert_eq!(h.duration_for(Duration::from_secs(3600 + 3599)), 1);
+        assert_eq!(h.duration_for(Duration::from_secs(600)), 1);
+        assert_eq!(d.duration_for(Duration::from_secs(24 * 3600)), 1);
+        assert_eq!(d.duration_for(Duration::from_secs(47 * 3600)), 1);
+        assert_eq!(d.duration_for(Duration::from_secs(3600)), 1);
+        assert_eq!(d.duration_for(Duration::from_secs(90 * 86400)), 90);
     }
 
     #[test]
     fn digicert_backend_defaults_and_validation_names_fields() {
+        // The `backend` section as the top-level parser reads it, and its problems.
+        let parse = |yaml: &str| section::<DigicertConfig>(yaml, "backend", "type");
+        let validate = |cfg: &DigicertConfig| backend_problems(cfg.problems(&Shared::default()));
         let ok = "backend:\n  type: digicert\n  auth: {apiKeyFile: /k}\n  profileId: p1\n  trustBundleFile: /r.pem\n";
         let cfg = parse(ok).unwrap();
         let d = &cfg;
