@@ -33,10 +33,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::intermediate::{self, BackendMode, UpstreamAuthority};
-use super::{BuildContext, BuildError, Plugin, Signer};
 #[cfg(doc)]
-use super::{SignError, remote};
+use super::SignError;
+use super::{BuildContext, BuildError, Plugin, Signer, remote};
 use crate::validate::{FieldError, Shared};
 
 pub(crate) const KIND: &str = "aws_pca";
@@ -54,21 +53,15 @@ impl Plugin for AwsPcaConfig {
     /// Direct mode: the signer. Intermediate mode: the intermediate signer over a lazily
     /// connected upstream (a replica starts with its stored intermediate during an outage).
     async fn build(&self, ctx: &BuildContext) -> Result<Arc<dyn Signer>, BuildError> {
-        let what = |e| BuildError::new("AWS Private CA", e);
-        if self.mode == BackendMode::Direct {
-            let s = AwsPca::connect(self, ctx.metrics.clone())
-                .await
-                .map_err(what)?;
-            return Ok(s);
-        }
-        let (cfg, metrics) = (self.clone(), ctx.metrics.clone());
-        let connect: intermediate::UpstreamConnect = Arc::new(move || {
-            let (cfg, metrics) = (cfg.clone(), metrics.clone());
-            Box::pin(async move {
-                let s = AwsPca::connect(&cfg, metrics).await.map_err(what)?;
-                Ok(s as Arc<dyn UpstreamAuthority>)
-            })
-        });
-        intermediate::build(KIND, connect, &self.intermediate, ctx).await
+        let cfg = self.clone();
+        remote::build_in_mode(KIND, self.mode, &self.intermediate, ctx, move |metrics| {
+            let cfg = cfg.clone();
+            async move {
+                AwsPca::connect(&cfg, metrics)
+                    .await
+                    .map_err(|e| BuildError::new("AWS Private CA", e))
+            }
+        })
+        .await
     }
 }

@@ -65,6 +65,21 @@ pub struct Backoff {
     pub cap: Duration,
 }
 
+impl Backoff {
+    /// Between retries of a call that failed transiently: a CA's hiccups pass in well
+    /// under a second, and several tries must fit in a few seconds' budget.
+    pub const TRANSIENT: Backoff = Backoff {
+        first: Duration::from_millis(100),
+        cap: Duration::from_secs(1),
+    };
+    /// After a throttled call without a retry-after: longer, so a throttled CA is not
+    /// asked again at once.
+    pub const THROTTLED: Backoff = Backoff {
+        first: Duration::from_millis(200),
+        cap: Duration::from_secs(2),
+    };
+}
+
 /// How to retry calls to one CA until a deadline.
 pub struct Retry<'a> {
     /// Backend name for metric labels and logs.
@@ -409,6 +424,31 @@ pub fn backoff(attempt: u32, first: Duration, cap: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_after_takes_seconds_or_an_http_date() {
+        let mut h = reqwest::header::HeaderMap::new();
+        assert_eq!(retry_after(&h), None);
+        h.insert(reqwest::header::RETRY_AFTER, "3".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(3)));
+        let later = SystemTime::now() + Duration::from_secs(30);
+        h.insert(
+            reqwest::header::RETRY_AFTER,
+            httpdate::fmt_http_date(later).parse().unwrap(),
+        );
+        let d = retry_after(&h).unwrap();
+        assert!(
+            d > Duration::from_secs(27) && d <= Duration::from_secs(30),
+            "{d:?}"
+        );
+        h.insert(
+            reqwest::header::RETRY_AFTER,
+            "Sun, 06 Nov 1994 08:49:37 GMT".parse().unwrap(),
+        );
+        assert_eq!(retry_after(&h), Some(Duration::ZERO));
+        h.insert(reqwest::header::RETRY_AFTER, "soon".parse().unwrap());
+        assert_eq!(retry_after(&h), None);
+    }
 
     #[tokio::test]
     async fn bucket_allows_burst_then_rate() {

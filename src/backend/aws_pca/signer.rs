@@ -51,16 +51,8 @@ fn token_of(parts: &[&[u8]]) -> String {
 /// `in_progress` (the reason docs/aws-pca.md lists).
 const IN_PROGRESS: Polling = Polling {
     reason: "in_progress",
-    every: TRANSIENT,
+    every: Backoff::TRANSIENT,
     jitter: true,
-};
-const TRANSIENT: Backoff = Backoff {
-    first: Duration::from_millis(100),
-    cap: Duration::from_secs(1),
-};
-const THROTTLED: Backoff = Backoff {
-    first: Duration::from_millis(100),
-    cap: Duration::from_secs(2),
 };
 
 /// The CA's own certificate facts, from the last bundle refresh.
@@ -135,8 +127,8 @@ impl AwsPca {
             metrics: &self.metrics,
             bucket: rate_limited.then_some(&self.bucket),
             keep: (self.cfg.issue_timeout / 4).min(Duration::from_secs(2)),
-            throttled: THROTTLED,
-            transient: TRANSIENT,
+            throttled: Backoff::THROTTLED,
+            transient: Backoff::TRANSIENT,
         }
     }
 

@@ -117,14 +117,8 @@ impl Digicert {
             metrics: &self.metrics,
             bucket: Some(&self.bucket),
             keep: (self.cfg.request_timeout / 4).min(Duration::from_secs(1)),
-            throttled: Backoff {
-                first: Duration::from_millis(200),
-                cap: Duration::from_secs(2),
-            },
-            transient: Backoff {
-                first: Duration::from_millis(100),
-                cap: Duration::from_secs(1),
-            },
+            throttled: Backoff::THROTTLED,
+            transient: Backoff::TRANSIENT,
         };
         let polling = Polling {
             reason: "pending",

@@ -47,17 +47,6 @@ use crate::metrics::Metrics;
 use crate::pki;
 use crate::trust::SharedBundle;
 
-/// Backoff between retries of a call that failed transiently.
-const TRANSIENT: Backoff = Backoff {
-    first: Duration::from_millis(100),
-    cap: Duration::from_secs(1),
-};
-/// Backoff after a throttled call (used only when Vault sent no `Retry-After`).
-const THROTTLED: Backoff = Backoff {
-    first: Duration::from_millis(200),
-    cap: Duration::from_secs(2),
-};
-
 /// What a sign call returned (the same shape for the role and the issuer path, and for
 /// `sign-intermediate`).
 #[derive(Debug, Deserialize)]
@@ -118,8 +107,8 @@ impl VaultSigner {
             metrics: &sh.metrics,
             bucket: None,
             keep: Duration::ZERO,
-            throttled: THROTTLED,
-            transient: TRANSIENT,
+            throttled: Backoff::THROTTLED,
+            transient: Backoff::TRANSIENT,
         };
         let deadline = Instant::now() + sh.conn.cfg.request_timeout;
         let res = retry
