@@ -138,14 +138,7 @@ fn check_workload_subject(subject: &X509Name<'_>) -> Result<(), IssuedError> {
 /// SAN, a URI, which is returned. Client certificates presented for renewal must have it
 /// too.
 pub fn workload_profile<'a>(leaf: &'a X509Certificate<'_>) -> Result<&'a str, IssuedError> {
-    if matches!(leaf.basic_constraints(), Ok(Some(bc)) if bc.value.ca) {
-        return Err(IssuedError::Profile("leaf is a CA certificate".into()));
-    }
-    let eku = leaf
-        .extended_key_usage()
-        .map_err(|e| IssuedError::Malformed(e.to_string()))?
-        .ok_or_else(|| IssuedError::Profile("no extended key usage".into()))?;
-    let e = &eku.value;
+    let e = leaf_eku(leaf)?;
     let only_both = e.server_auth
         && e.client_auth
         && !e.any
@@ -168,6 +161,17 @@ pub fn workload_profile<'a>(leaf: &'a X509Certificate<'_>) -> Result<&'a str, Is
     }
 }
 
+/// A leaf's extended key usage, once it is known not to be a CA.
+fn leaf_eku<'a>(leaf: &'a X509Certificate<'_>) -> Result<&'a ExtendedKeyUsage<'a>, IssuedError> {
+    if matches!(leaf.basic_constraints(), Ok(Some(bc)) if bc.value.ca) {
+        return Err(IssuedError::Profile("leaf is a CA certificate".into()));
+    }
+    leaf.extended_key_usage()
+        .map_err(|e| IssuedError::Malformed(e.to_string()))?
+        .map(|eku| eku.value)
+        .ok_or_else(|| IssuedError::Profile("no extended key usage".into()))
+}
+
 fn san_names<'a>(leaf: &'a X509Certificate<'_>) -> Result<&'a [GeneralName<'a>], IssuedError> {
     match leaf.subject_alternative_name() {
         Ok(Some(san)) => Ok(san.value.general_names.as_slice()),
@@ -188,14 +192,7 @@ fn check_profile(leaf: &X509Certificate<'_>, subject: &Subject) -> Result<(), Is
             }
         }
         Subject::Server { dns_names } => {
-            if matches!(leaf.basic_constraints(), Ok(Some(bc)) if bc.value.ca) {
-                return Err(IssuedError::Profile("leaf is a CA certificate".into()));
-            }
-            let eku = leaf
-                .extended_key_usage()
-                .map_err(|e| IssuedError::Malformed(e.to_string()))?
-                .ok_or_else(|| IssuedError::Profile("no extended key usage".into()))?;
-            if !eku.value.server_auth {
+            if !leaf_eku(leaf)?.server_auth {
                 return Err(IssuedError::Profile(
                     "extended key usage must include serverAuth".into(),
                 ));
