@@ -2,15 +2,13 @@
 //! succeed and verify with OpenSSL, every kind of bad input gets its exact gRPC code
 //! without issuing anything, and the server keeps serving.
 
-mod support;
-
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use istio_ca_bridge::config::{KeyType, OverMax};
 use istio_ca_bridge::pb::istio_certificate_service_client::IstioCertificateServiceClient;
 use istio_ca_bridge::pki::{self, CsrShape};
-use support::*;
+use istio_ca_bridge::testing::*;
 use tonic::Code;
 
 fn write(dir: &std::path::Path, name: &str, data: &str) -> String {

@@ -1,6 +1,7 @@
 //! Kubernetes identity, black-box: the bridge runs in-process and talks, through its real
-//! kube-rs client and a kubeconfig file, to the fake API server of `support/fake_kube.rs`
-//! (a fake because no kube-apiserver runs offline; it follows the documented API).
+//! kube-rs client and a kubeconfig file, to the fake API server of
+//! `istio_ca_bridge::testing::fake_kube` (a fake because no kube-apiserver runs offline; it
+//! follows the documented API).
 //!
 //! Proves: TokenReview authentication with every refusal rule (UNAUTHENTICATED, nothing
 //! issued), one review per token however many calls (and per burst of concurrent calls),
@@ -10,148 +11,15 @@
 //! quickly, service resumes when it is back); and the root ConfigMap in every namespace,
 //! written only by the replica holding the Lease.
 
-mod support;
-
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use istio_ca_bridge::config::{Config, KeyType, KubeClusterConfig, KubernetesAuthnConfig};
-use istio_ca_bridge::pb::istio_certificate_service_client::IstioCertificateServiceClient;
-use istio_ca_bridge::pki::{self, CsrShape};
+use istio_ca_bridge::config::Config;
+use istio_ca_bridge::pki;
+use istio_ca_bridge::testing::fake_kube::*;
+use istio_ca_bridge::testing::*;
 use serde_json::json;
-use support::fake_kube::{FakeKube, Review, pod_json};
-use support::*;
 use tonic::Code;
-use tonic::transport::Channel;
-
-const K8S_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
-
-/// A service-account token as the kubelet projects it: a JWT from the cluster's issuer.
-/// Only its shape and claims matter to the bridge (the fake API server decides validity),
-/// and `n` makes each token distinct.
-fn sa_jwt(ns: &str, sa: &str, n: &str) -> String {
-    let b64 = |v: serde_json::Value| {
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string().as_bytes())
-    };
-    let now = now();
-    format!(
-        "{}.{}.{}",
-        b64(json!({"alg": "RS256", "kid": "k8s"})),
-        b64(json!({
-            "iss": K8S_ISSUER, "sub": format!("system:serviceaccount:{ns}:{sa}"),
-            "aud": ["istio-ca"], "iat": now, "nbf": now, "exp": now + 3600, "jti": n,
-        })),
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("signature-{n}")),
-    )
-}
-
-/// A cluster entry pointing at a kubeconfig for `fake`.
-fn cluster(
-    fake: &FakeKube,
-    dir: &std::path::Path,
-    id: &str,
-    td: Option<&str>,
-) -> KubeClusterConfig {
-    let path: PathBuf = dir.join(format!("{id}.kubeconfig"));
-    fake.write_kubeconfig(&path, id);
-    KubeClusterConfig {
-        id: id.into(),
-        kubeconfig: Some(path),
-        in_cluster: false,
-        trust_domain: td.map(str::to_string),
-        qps: 100.0,
-        burst: 100,
-    }
-}
-
-fn kube_config(c: &mut Config, clusters: Vec<KubeClusterConfig>) {
-    c.authn.kubernetes = Some(KubernetesAuthnConfig {
-        clusters,
-        request_timeout: Duration::from_secs(2),
-        ..Default::default()
-    });
-}
-
-/// CreateCertificate for `uri` with `token`; `cluster` is the clusterid header (None: no
-/// header); `impersonate` sets ImpersonatedIdentity.
-async fn ask(
-    client: &mut IstioCertificateServiceClient<Channel>,
-    uri: &str,
-    token: &str,
-    cluster: Option<&str>,
-    impersonate: Option<&str>,
-) -> Result<Vec<String>, tonic::Status> {
-    let (_, csr) = csr_for(uri, KeyType::EcdsaP256, CsrShape::Ztunnel);
-    let mut req = request(csr, Some(token), 3600);
-    match cluster {
-        Some(c) => {
-            req.metadata_mut().insert("clusterid", c.parse().unwrap());
-        }
-        None => {
-            req.metadata_mut().remove("clusterid");
-        }
-    }
-    if let Some(id) = impersonate {
-        req.get_mut().metadata.as_mut().unwrap().fields.insert(
-            "ImpersonatedIdentity".into(),
-            prost_types::Value {
-                kind: Some(prost_types::value::Kind::StringValue(id.into())),
-            },
-        );
-    }
-    call(client, req).await.map(|r| r.cert_chain)
-}
-
-fn leaf_uri(chain: &[String]) -> String {
-    let info = pki::cert_info(&pki::parse_certs_pem(chain[0].as_bytes()).unwrap()[0]).unwrap();
-    assert_eq!(info.uri_sans.len(), 1);
-    info.uri_sans[0].clone()
-}
-
-/// Everything the bridges of this test binary log (tests run in parallel, so assertions
-/// look for text unique to their case).
-fn logs() -> String {
-    use std::sync::{Arc, Mutex, OnceLock};
-    static BUF: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-    let buf = BUF.get_or_init(|| {
-        let buf = Arc::new(Mutex::new(Vec::new()));
-        let w = buf.clone();
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new(
-                "istio_ca_bridge=info,warn",
-            ))
-            .with_ansi(false)
-            .with_writer(move || LogWriter(w.clone()))
-            .try_init();
-        buf
-    });
-    String::from_utf8_lossy(&buf.lock().unwrap()).into_owned()
-}
-
-struct LogWriter(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-impl std::io::Write for LogWriter {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Polls `f` every 100 ms until it returns true, failing after `limit`.
-async fn eventually<F, Fut>(what: &str, limit: Duration, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !f().await {
-        assert!(start.elapsed() < limit, "timed out after {limit:?}: {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_review_authenticates_and_one_review_serves_many_calls() {

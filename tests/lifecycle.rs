@@ -3,8 +3,6 @@
 //! period (in-process and on SIGTERM to the real binary), and a draining server issues
 //! nothing to new connections.
 
-mod support;
-
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -17,28 +15,11 @@ use istio_ca_bridge::app::Options;
 use istio_ca_bridge::backend::local::LocalCa;
 use istio_ca_bridge::backend::{Health, IssuedChain, SignError, SignRequest, Signer, Subject};
 use istio_ca_bridge::config::{KeyType, LocalBackendConfig, ServingCertMode};
-use istio_ca_bridge::pb::istio_certificate_service_client::IstioCertificateServiceClient;
 use istio_ca_bridge::pki::{self, CsrShape};
+use istio_ca_bridge::testing::*;
 use istio_ca_bridge::trust::SharedBundle;
-use support::*;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tonic::transport::Channel;
-
-/// A new TLS gRPC connection to `localhost:port`, trusting `root_pem`.
-async fn connect(
-    port: u16,
-    root_pem: &str,
-) -> anyhow::Result<IstioCertificateServiceClient<Channel>> {
-    let ch = istio_ca_bridge::cli::request::connect(
-        &format!("localhost:{port}"),
-        root_pem.as_bytes(),
-        Some("localhost"),
-        None,
-    )
-    .await?;
-    Ok(IstioCertificateServiceClient::new(ch))
-}
 
 /// What one load task did.
 #[derive(Default)]

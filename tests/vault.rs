@@ -17,80 +17,19 @@
 //! Not covered: Kubernetes auth (there is no fake Kubernetes API for OpenBao to call for
 //! TokenReview yet).
 
-#[path = "support/openbao.rs"]
-mod openbao;
-mod support;
-
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use istio_ca_bridge::backend::{SignRequest, Subject};
 use istio_ca_bridge::config::{
-    BackendConfig, KeyType, VaultAuthConfig, VaultBackendConfig, VaultJwtAuth, VaultTokenAuth,
+    BackendConfig, KeyType, VaultAuthConfig, VaultJwtAuth, VaultTokenAuth,
 };
 use istio_ca_bridge::identity::SpiffeId;
 use istio_ca_bridge::pki::{self, CsrShape};
-use openbao::*;
+use istio_ca_bridge::testing::openbao::*;
+use istio_ca_bridge::testing::*;
 use serde_json::json;
-use support::*;
 use tonic::Code;
-
-async fn vault_bridge(backend: VaultBackendConfig) -> Bridge {
-    Bridge::start_with(move |cfg| cfg.backend = BackendConfig::Vault(backend)).await
-}
-
-/// Requests a certificate for default/<sa>; returns the chain or the status.
-async fn issue(
-    b: &Bridge,
-    ns: &str,
-    sa: &str,
-    key_type: KeyType,
-    shape: CsrShape,
-    ttl: i64,
-) -> Result<Vec<String>, tonic::Status> {
-    let mut client = b.client().await;
-    let (_, csr) = csr_for(&spiffe(ns, sa), key_type, shape);
-    call(
-        &mut client,
-        request(csr, Some(&b.issuer.token(ns, sa)), ttl),
-    )
-    .await
-    .map(|r| r.cert_chain)
-}
-
-fn capped(b: &Bridge) -> f64 {
-    metric(
-        b,
-        "istio_ca_bridge_backend_ttl_capped_total",
-        "backend=\"vault\"",
-    )
-}
-
-async fn ready(b: &Bridge) -> (u16, String) {
-    b.admin_get("/readyz").await
-}
-
-/// Polls until `/readyz` answers `code` (bounded).
-async fn wait_ready(b: &Bridge, code: u16, within: Duration) {
-    let deadline = Instant::now() + within;
-    loop {
-        let (c, body) = ready(b).await;
-        if c == code {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "/readyz still {c} ({body}) after {within:?}, wanted {code}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-fn not_after(pem: &str) -> i64 {
-    pki::cert_info(&pki::parse_certs_pem(pem.as_bytes()).unwrap()[0])
-        .unwrap()
-        .not_after
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn istio_csrs_are_signed_by_the_openbao_role_and_verify_to_its_root() {
