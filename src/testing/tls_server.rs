@@ -16,20 +16,15 @@ pub struct TlsServer {
     addr: SocketAddr,
     /// The accept loop; `None` once stopped.
     accept: Option<JoinHandle<()>>,
+    /// Open connections, cut together when the server stops (a watch must end too).
     conns: Arc<Mutex<JoinSet<()>>>,
 }
 
 impl TlsServer {
-    /// Serves `app` on 127.0.0.1:0 to every client that completes TLS with `tls`.
-    pub async fn start(tls: Arc<rustls::ServerConfig>, app: Router) -> TlsServer {
-        Self::bind("127.0.0.1:0".parse().unwrap(), tls, move |_| app.clone())
-            .await
-            .expect("bind 127.0.0.1:0")
-    }
-
-    /// Serves on `addr` (a fake coming back on its old port); each connection gets the app
-    /// `per_connection` returns once its handshake is done (which may look at the TLS
-    /// session, e.g. count client certificates).
+    /// Serves on `addr` (127.0.0.1:0, or a fake's old port when it comes back) to every
+    /// client that completes TLS with `tls`; each connection gets the app `per_connection`
+    /// returns once its handshake is done (which may look at the TLS session, e.g. count
+    /// client certificates).
     pub async fn bind<F>(
         addr: SocketAddr,
         tls: Arc<rustls::ServerConfig>,
