@@ -1,6 +1,6 @@
 # Least-privilege Vault/OpenBao policy for istio-ca-bridge.
 # Replace <mount>, <role>, <serverRole> and <issuerRef> with your values; the tests in
-# tests/vault.rs load this very file (with pki_int, spiffe, serving and default).
+# tests/vault_*.rs load this very file (with pki_int, spiffe, serving and default).
 
 # Sign workload certificates with the SPIFFE role, and the bridge's own serving
 # certificate with its role. Nothing else: no `issue` (Vault would hold the private

@@ -16,6 +16,8 @@
 //! - [`trust`]: the trust bundle and the serving certificate.
 //! - [`admin`], [`metrics`]: the operator's port.
 //! - [`cli`]: the `request`, `check-config` and `dev-token` subcommands.
+//! - `testing` (feature `testing`, and unit tests): the support code of the integration
+//!   tests, compiled once instead of into every test binary.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -31,6 +33,8 @@ pub mod metrics;
 pub mod pki;
 pub mod publish;
 pub mod server;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod trust;
 pub mod validate;
 

@@ -3,21 +3,31 @@
 //! through the API exactly as on AWS (CreateCertificateAuthority, GetCertificateAuthorityCsr,
 //! IssueCertificate with RootCACertificate/V1, ImportCertificateAuthorityCertificate); the
 //! bridge reaches it with dummy credentials through the SDK's endpoint override, either
-//! directly or through a fault-injecting HTTP proxy (tests/support/aws.rs), which also counts
-//! what reaches moto (moto itself ignores IdempotencyToken, so the proxy plays AWS's dedupe).
-
-#[path = "support/aws.rs"]
-mod aws;
-mod support;
+//! directly or through a fault-injecting HTTP proxy (`istio_ca_bridge::testing::aws`), which
+//! also counts what reaches moto (moto itself ignores IdempotencyToken, so the proxy plays
+//! AWS's dedupe).
 
 use std::time::Duration;
 
-use aws::*;
 use istio_ca_bridge::config::KeyType;
 use istio_ca_bridge::pki::{self, CsrShape};
-use support::*;
+use istio_ca_bridge::testing::aws::*;
+use istio_ca_bridge::testing::*;
 use tokio::time::Instant;
 use tonic::Code;
+
+/// Puts `testing::aws::TEST_ENV` (dummy credentials for the SDK's default chain) in the
+/// environment, once. Here and not in the library: setting the environment is `unsafe`,
+/// which the library forbids.
+fn aws_test_env() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        for (k, v) in TEST_ENV {
+            // SAFETY (test-only): set once, before any AWS client exists, to constants.
+            unsafe { std::env::set_var(k, v) };
+        }
+    });
+}
 
 fn write(dir: &std::path::Path, name: &str, data: &str) -> String {
     let p = dir.join(name);
@@ -27,6 +37,7 @@ fn write(dir: &std::path::Path, name: &str, data: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn istio_csrs_get_chains_to_the_private_ca_root() {
+    aws_test_env();
     let moto = Moto::start().await;
     let (arn, root) = create_root_ca(&moto.url).await;
     let extra_dir = tempfile::tempdir().unwrap();
@@ -115,6 +126,7 @@ async fn istio_csrs_get_chains_to_the_private_ca_root() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn faults_are_retried_within_the_deadline_and_never_issue_twice() {
+    aws_test_env();
     let moto = Moto::start().await;
     let (arn, _) = create_root_ca(&moto.url).await;
     let proxy = Proxy::start(&moto.url).await;
@@ -253,6 +265,7 @@ async fn token_bucket_holds_the_configured_rate_under_a_burst() {
     const RATE: f64 = 5.0;
     const BURST: u32 = 5;
     const ISSUE_TIMEOUT: Duration = Duration::from_secs(8);
+    aws_test_env();
     let moto = Moto::start().await;
     let (arn, _) = create_root_ca(&moto.url).await;
     let proxy = Proxy::start(&moto.url).await;

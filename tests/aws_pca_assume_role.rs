@@ -2,17 +2,27 @@
 //! AssumeRole (moto's STS, reached through the SDK's `AWS_ENDPOINT_URL_STS`), not with the
 //! default-chain credentials. Its own binary: it sets a process-wide variable.
 
-#[path = "support/aws.rs"]
-mod aws;
-mod support;
-
-use aws::*;
 use istio_ca_bridge::config::KeyType;
 use istio_ca_bridge::pki::CsrShape;
-use support::*;
+use istio_ca_bridge::testing::aws::*;
+use istio_ca_bridge::testing::*;
+
+/// Puts `testing::aws::TEST_ENV` (dummy credentials for the SDK's default chain) in the
+/// environment, once. Here and not in the library: setting the environment is `unsafe`,
+/// which the library forbids.
+fn aws_test_env() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        for (k, v) in TEST_ENV {
+            // SAFETY (test-only): set once, before any AWS client exists, to constants.
+            unsafe { std::env::set_var(k, v) };
+        }
+    });
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn private_ca_calls_use_the_assumed_role() {
+    aws_test_env();
     let moto = Moto::start().await;
     // SAFETY (test-only): the only test of this binary, before any AWS client exists.
     unsafe {

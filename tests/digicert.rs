@@ -1,22 +1,18 @@
 //! The DigiCert backend against an in-process FAKE of DigiCert Trust Lifecycle Manager's
-//! documented REST API (tests/support/fake_digicert.rs): no DigiCert server exists
+//! documented REST API (`istio_ca_bridge::testing::fake_digicert`): no DigiCert server exists
 //! offline. The fake really signs (rcgen), checks the shape of every request (and records
 //! any drift, which fails the test) and can be switched into PENDING, 429, 401/403, 400 and
 //! slow modes. The bridge is the real one, reached with real gRPC calls; openssl verifies
 //! the chains it hands out against the fake's root.
 
-#[path = "support/fake_digicert.rs"]
-mod fake_digicert;
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use fake_digicert::*;
 use istio_ca_bridge::backend::digicert::{DigicertSeatStrategy, DigicertValidityUnit};
 use istio_ca_bridge::config::{BackendConfig, Config, DigicertConfig, KeyType};
 use istio_ca_bridge::pki::{self, CsrShape};
-use support::*;
+use istio_ca_bridge::testing::fake_digicert::*;
+use istio_ca_bridge::testing::*;
 use tokio::time::Instant;
 use tonic::Code;
 

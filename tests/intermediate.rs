@@ -16,12 +16,6 @@
 //! - moto ignores the SubordinateCACertificate template and returns a certificate without
 //!   CA:TRUE: the bridge refuses to start with that reason.
 
-#[path = "support/aws.rs"]
-mod aws;
-#[path = "support/openbao.rs"]
-mod openbao;
-mod support;
-
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -29,8 +23,21 @@ use std::time::{Duration, Instant};
 
 use istio_ca_bridge::config::{BackendConfig, BackendMode, IntermediateConfig, KeyType};
 use istio_ca_bridge::pki::{self, CsrShape};
-use openbao::*;
-use support::*;
+use istio_ca_bridge::testing::openbao::*;
+use istio_ca_bridge::testing::{aws, *};
+
+/// Puts `testing::aws::TEST_ENV` (dummy credentials for the SDK's default chain) in the
+/// environment, once. Here and not in the library: setting the environment is `unsafe`,
+/// which the library forbids.
+fn aws_test_env() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        for (k, v) in aws::TEST_ENV {
+            // SAFETY (test-only): set once, before any AWS client exists, to constants.
+            unsafe { std::env::set_var(k, v) };
+        }
+    });
+}
 
 fn preparations(b: &Bridge, result: &str) -> f64 {
     metric(
@@ -490,6 +497,7 @@ async fn a_stored_intermediate_is_reused_after_a_restart_even_during_an_outage()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn moto_subordinate_without_ca_true_is_refused_at_start() {
+    aws_test_env();
     let moto = aws::Moto::start().await;
     let (ca_arn, _root) = aws::create_root_ca(&moto.url).await;
     let dir = tempfile::tempdir().unwrap();

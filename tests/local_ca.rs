@@ -2,8 +2,6 @@
 //! the issuer's NotAfter, the generated root persisted across restarts with a private key
 //! file only its owner can read, and the listener's TLS versions and ALPN.
 
-mod support;
-
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
@@ -11,8 +9,8 @@ use istio_ca_bridge::backend::local::LocalCa;
 use istio_ca_bridge::config::{BackendConfig, KeyType, LocalConfig};
 use istio_ca_bridge::identity::SpiffeId;
 use istio_ca_bridge::pki::{self, CsrShape};
+use istio_ca_bridge::testing::*;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyUsagePurpose};
-use support::*;
 use time::OffsetDateTime;
 
 /// A root and an RSA intermediate expiring in `inter_life`, written as PEM files.

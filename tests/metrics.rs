@@ -3,11 +3,9 @@
 //! metrics`) except for istiod's historical `citadel_server_*` names, carries every
 //! documented series and no identity labels; `/healthz`, `/readyz` and `/config` answer.
 
-mod support;
-
 use istio_ca_bridge::config::KeyType;
 use istio_ca_bridge::pki::CsrShape;
-use support::*;
+use istio_ca_bridge::testing::*;
 use tonic::Code;
 
 /// A namespace and service account that must never show up in metrics.

@@ -3,13 +3,11 @@
 //! istio-agent and ztunnel shape (tests/python/ca_client.py). What it gets back is then
 //! verified by OpenSSL. Nothing on the client side shares code with the server.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use istio_ca_bridge::testing::*;
 use serde_json::Value;
-use support::*;
 
 const PY_HINT: &str = "pip install grpcio grpcio-tools cryptography";
 /// Per script run: protoc + key generation + a call take ~1 s; keepalive adds its idle time.

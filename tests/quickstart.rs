@@ -2,13 +2,11 @@
 //! moved to a temp dir), `dev-token` mints a token, `request` gets and verifies a certificate,
 //! and OpenSSL verifies what `request` wrote.
 
-mod support;
-
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use istio_ca_bridge::config::Config;
-use support::*;
+use istio_ca_bridge::testing::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_istio-ca-bridge");
 

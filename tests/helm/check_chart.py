@@ -1394,7 +1394,7 @@ def live_unrunnable(cfg):
     credentials live at fixed paths (/var/run/secrets/kubernetes.io/serviceaccount) with
     KUBERNETES_SERVICE_HOST, Vault must be the one at the install's address, AWS Private CA needs
     the install's real CA ARN and IRSA credentials, DigiCert its tenant and API key.
-    (tests/kubernetes.rs, tests/vault.rs, tests/aws_pca.rs and tests/digicert.rs drive those code
+    (tests/kubernetes_*.rs, tests/vault_*.rs, tests/aws_pca.rs and tests/digicert.rs drive those code
     paths against a fake API server, OpenBao, moto and a fake DigiCert.)"""
     if cfg["authn"].get("kubernetes"):
         return "kubernetes.enabled needs the in-cluster API server and service-account token"

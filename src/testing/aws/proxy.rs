@@ -1,198 +1,15 @@
-//! AWS Private CA test support: a moto server per test, a root CA created and activated
-//! through the acm-pca API, and a fault-injecting HTTP proxy in front of moto that counts
-//! what reaches it. Included with `#[path]` by the AWS test binaries only.
-#![allow(dead_code)]
+//! A fault-injecting HTTP/1.1 proxy in front of moto that counts what reaches it:
+//! throttling, RequestInProgress, connections dropped before or after forwarding, slow
+//! answers. moto ignores IdempotencyToken, so the proxy plays AWS's dedupe.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use aws_sdk_acmpca::config::{BehaviorVersion, Credentials, Region};
-use aws_sdk_acmpca::primitives::Blob;
-use aws_sdk_acmpca::types::{
-    Asn1Subject, CertificateAuthorityConfiguration, CertificateAuthorityType, KeyAlgorithm,
-    SigningAlgorithm, Validity, ValidityPeriodType,
-};
-use istio_ca_bridge::config::{AwsPcaConfig, BackendConfig, Config, KeyType};
-use istio_ca_bridge::pki;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
-
-use super::support::{free_port, require_tool};
-
-pub const REGION: &str = "us-east-1";
-
-/// Dummy credentials for the SDK default chain (environment provider), set once.
-pub fn aws_test_env() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        // SAFETY (test-only): set once before any AWS client exists, to constant values.
-        unsafe {
-            std::env::set_var("AWS_ACCESS_KEY_ID", "testing");
-            std::env::set_var("AWS_SECRET_ACCESS_KEY", "testing");
-            std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
-            std::env::set_var("AWS_CONFIG_FILE", "/nonexistent/aws-config");
-            std::env::set_var(
-                "AWS_SHARED_CREDENTIALS_FILE",
-                "/nonexistent/aws-credentials",
-            );
-        }
-    });
-}
-
-/// A moto server on a free loopback port, killed on drop.
-pub struct Moto {
-    pub child: Child,
-    pub url: String,
-}
-
-impl Moto {
-    pub async fn start() -> Moto {
-        require_tool("moto_server", "pip install \"moto[server]\"");
-        aws_test_env();
-        istio_ca_bridge::install_crypto_provider();
-        let port = free_port();
-        let child = Command::new("moto_server")
-            .args(["-p", &port.to_string(), "-H", "127.0.0.1"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start moto_server");
-        let moto = Moto {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-        };
-        let start = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "moto_server did not listen within 30 s"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        moto
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-pub fn pca_client(endpoint: &str) -> aws_sdk_acmpca::Client {
-    let conf = aws_sdk_acmpca::Config::builder()
-        .behavior_version(BehaviorVersion::latest())
-        .region(Region::new(REGION))
-        .endpoint_url(endpoint)
-        .credentials_provider(Credentials::new("testing", "testing", None, None, "test"))
-        .build();
-    aws_sdk_acmpca::Client::from_conf(conf)
-}
-
-/// Creates and activates a root CA the way AWS documents it; returns (CA ARN, root PEM).
-pub async fn create_root_ca(endpoint: &str) -> (String, String) {
-    let c = pca_client(endpoint);
-    let cfg = CertificateAuthorityConfiguration::builder()
-        .key_algorithm(KeyAlgorithm::Rsa2048)
-        .signing_algorithm(SigningAlgorithm::Sha256Withrsa)
-        .subject(
-            Asn1Subject::builder()
-                .organization("istio-ca-bridge tests")
-                .common_name("Test Private CA root")
-                .build(),
-        )
-        .build()
-        .unwrap();
-    let arn = c
-        .create_certificate_authority()
-        .certificate_authority_configuration(cfg)
-        .certificate_authority_type(CertificateAuthorityType::Root)
-        .send()
-        .await
-        .unwrap()
-        .certificate_authority_arn()
-        .unwrap()
-        .to_string();
-    let csr = c
-        .get_certificate_authority_csr()
-        .certificate_authority_arn(&arn)
-        .send()
-        .await
-        .unwrap()
-        .csr()
-        .unwrap()
-        .to_string();
-    let cert_arn = c
-        .issue_certificate()
-        .certificate_authority_arn(&arn)
-        .csr(Blob::new(csr.as_bytes()))
-        .signing_algorithm(SigningAlgorithm::Sha256Withrsa)
-        .template_arn("arn:aws:acm-pca:::template/RootCACertificate/V1")
-        .validity(
-            Validity::builder()
-                .r#type(ValidityPeriodType::Years)
-                .value(10)
-                .build()
-                .unwrap(),
-        )
-        .send()
-        .await
-        .unwrap()
-        .certificate_arn()
-        .unwrap()
-        .to_string();
-    let root = c
-        .get_certificate()
-        .certificate_authority_arn(&arn)
-        .certificate_arn(&cert_arn)
-        .send()
-        .await
-        .unwrap()
-        .certificate()
-        .unwrap()
-        .to_string();
-    c.import_certificate_authority_certificate()
-        .certificate_authority_arn(&arn)
-        .certificate(Blob::new(root.as_bytes()))
-        .send()
-        .await
-        .unwrap();
-    (arn, root)
-}
-
-pub fn aws_backend(
-    c: &mut Config,
-    ca_arn: &str,
-    endpoint: &str,
-    edit: impl FnOnce(&mut AwsPcaConfig),
-) {
-    let mut a = AwsPcaConfig {
-        ca_arn: ca_arn.to_string(),
-        endpoint: Some(endpoint.to_string()),
-        ..Default::default()
-    };
-    edit(&mut a);
-    c.backend = BackendConfig::AwsPca(a);
-}
-
-/// A self-signed CA certificate (PEM) standing for another root to trust.
-pub fn other_root(name: &str) -> String {
-    let key = pki::generate_key(KeyType::EcdsaP256).unwrap();
-    let mut p = rcgen::CertificateParams::new(vec![]).unwrap();
-    p.distinguished_name
-        .push(rcgen::DnType::CommonName, name.to_string());
-    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    p.self_signed(&key).unwrap().pem()
-}
-
-// ---------------------------------------------------------------------------------------
-// Fault-injecting proxy.
 
 /// What the proxy does to the next calls.
 #[derive(Default)]
@@ -203,6 +20,7 @@ pub struct Faults {
     pub throttle_issue_always: bool,
     /// The next N GetCertificate calls get RequestInProgressException.
     pub in_progress: u32,
+    /// Every GetCertificate call gets RequestInProgressException.
     pub in_progress_always: bool,
     /// The next N IssueCertificate calls reach moto, but the connection is dropped before
     /// the answer (the call was issued; the client cannot know).
@@ -213,6 +31,7 @@ pub struct Faults {
     pub delay: Duration,
 }
 
+/// What reached the proxy (and moto), for the test's assertions.
 #[derive(Default)]
 pub struct Stats {
     /// IssueCertificate calls received, by IdempotencyToken.
@@ -221,26 +40,31 @@ pub struct Stats {
     pub forwarded: HashMap<String, u32>,
     /// When each forwarded IssueCertificate reached moto.
     pub forward_times: Vec<Instant>,
+    /// GetCertificate calls received.
     pub get_calls: u32,
     /// Access key ids that signed the requests (SigV4 `Credential=`).
     pub access_keys: std::collections::HashSet<String>,
 }
 
-pub struct ProxyState {
-    pub upstream: String,
-    pub http: reqwest::Client,
-    pub faults: Mutex<Faults>,
-    pub stats: Mutex<Stats>,
+/// The proxy's state, shared with its connections.
+struct ProxyState {
+    upstream: String,
+    http: reqwest::Client,
+    faults: Mutex<Faults>,
+    stats: Mutex<Stats>,
     /// AWS dedupes IssueCertificate by IdempotencyToken; moto does not, so the proxy does.
-    pub answered: Mutex<HashMap<String, (u16, Vec<u8>)>>,
+    answered: Mutex<HashMap<String, (u16, Vec<u8>)>>,
 }
 
+/// A running proxy; its accept loop lives as long as the test's runtime.
 pub struct Proxy {
+    /// Its endpoint, for the bridge's `endpoint` override.
     pub url: String,
-    pub state: Arc<ProxyState>,
+    state: Arc<ProxyState>,
 }
 
 impl Proxy {
+    /// Proxies to `upstream` (moto's URL) from a fresh loopback port, with no faults.
     pub async fn start(upstream: &str) -> Proxy {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr: SocketAddr = l.local_addr().unwrap();
@@ -268,17 +92,19 @@ impl Proxy {
         }
     }
 
+    /// What the proxy does to the next calls (replacing the previous faults).
     pub fn faults(&self, f: Faults) {
         *self.state.faults.lock().unwrap() = f;
     }
 
+    /// What reached the proxy since the last call (and resets it).
     pub fn take_stats(&self) -> Stats {
         std::mem::take(&mut *self.state.stats.lock().unwrap())
     }
 }
 
 /// Reads one HTTP/1.1 request (Content-Length bodies only): (lower-cased headers, body).
-pub async fn read_request(
+async fn read_request(
     sock: &mut TcpStream,
     buf: &mut Vec<u8>,
 ) -> Option<(Vec<(String, String)>, Vec<u8>)> {
@@ -318,7 +144,7 @@ pub async fn read_request(
     Some((headers, body))
 }
 
-pub async fn respond(sock: &mut TcpStream, status: u16, body: &[u8]) -> std::io::Result<()> {
+async fn respond(sock: &mut TcpStream, status: u16, body: &[u8]) -> std::io::Result<()> {
     let head = format!(
         "HTTP/1.1 {status} X\r\ncontent-type: application/x-amz-json-1.1\r\ncontent-length: {}\r\n\r\n",
         body.len()
@@ -327,18 +153,14 @@ pub async fn respond(sock: &mut TcpStream, status: u16, body: &[u8]) -> std::io:
     sock.write_all(body).await
 }
 
-pub fn aws_error(kind: &str) -> Vec<u8> {
+fn aws_error(kind: &str) -> Vec<u8> {
     serde_json::to_vec(
         &serde_json::json!({"__type": kind, "message": "injected by the test proxy"}),
     )
     .unwrap()
 }
 
-pub async fn forward(
-    st: &ProxyState,
-    headers: &[(String, String)],
-    body: Vec<u8>,
-) -> (u16, Vec<u8>) {
+async fn forward(st: &ProxyState, headers: &[(String, String)], body: Vec<u8>) -> (u16, Vec<u8>) {
     let mut req = st.http.post(&st.upstream).body(body);
     for (k, v) in headers {
         if !matches!(k.as_str(), "host" | "content-length" | "connection") {
@@ -353,7 +175,7 @@ pub async fn forward(
     (status, resp.bytes().await.unwrap().to_vec())
 }
 
-pub async fn serve_conn(mut sock: TcpStream, st: Arc<ProxyState>) {
+async fn serve_conn(mut sock: TcpStream, st: Arc<ProxyState>) {
     let mut buf = Vec::new();
     while let Some((headers, body)) = read_request(&mut sock, &mut buf).await {
         let target = headers
