@@ -14,10 +14,12 @@
 //! - [`tls_server`]: the one TLS accept loop behind the in-process fakes.
 //! - [`fake_digicert`], [`fake_kube`]: fakes of DigiCert's REST API and the Kubernetes API.
 //! - [`aws`], [`openbao`]: real upstreams (moto's acm-pca, OpenBao) started per test.
+//! - [`conformance`]: the behaviours every backend must show, run against each one.
 #![warn(missing_docs)]
 
 pub mod aws;
 pub mod bridge;
+pub mod conformance;
 pub mod fake_digicert;
 pub mod fake_kube;
 pub mod issuer;

@@ -236,6 +236,9 @@ fn sign(inner: &Inner, body: &serde_json::Value, spki: &[u8]) -> (String, String
     };
     let secs = body["validity"]["duration"].as_u64().unwrap() * unit;
     let mut p = rcgen::CertificateParams::default();
+    // A SPIFFE profile: no subject attributes, the identity is the (critical) SAN. rcgen's
+    // default subject (a CN) would be refused by the bridge's check of every leaf.
+    p.distinguished_name = rcgen::DistinguishedName::new();
     p.subject_alt_names = names;
     p.is_ca = rcgen::IsCa::ExplicitNoCa;
     p.key_usages = vec![
