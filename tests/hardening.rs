@@ -63,7 +63,10 @@ async fn csr_subjects_and_sha1_are_refused_and_issue_nothing() {
             .await
             .unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{subj} {digest}: {e:?}");
-        assert!(!e.message().contains("masters"), "values are not echoed: {e:?}");
+        assert!(
+            !e.message().contains("masters"),
+            "values are not echoed: {e:?}"
+        );
     }
     assert_eq!(b.issued(), before, "nothing issued");
     // The two shapes Istio's clients send still pass (and OpenSSL's empty subject).
@@ -91,7 +94,7 @@ fn ca(cn: &str, pathlen: Option<u8>) -> CertificateParams {
 }
 
 /// A leaf with the bridge's exact workload profile for `uri`, signed by `issuer`.
-fn workload_leaf(uri: &str, key: &KeyPair, issuer: &Issuer<'_, KeyPair>) -> String {
+fn workload_leaf<S: rcgen::SigningKey>(uri: &str, key: &KeyPair, issuer: &Issuer<'_, S>) -> String {
     let mut p = CertificateParams::default();
     p.distinguished_name = rcgen::DistinguishedName::new();
     p.subject_alt_names = vec![SanType::URI(uri.try_into().unwrap())];
