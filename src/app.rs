@@ -59,7 +59,11 @@ impl App {
         };
         // Every signer, built or handed in, is checked the same way: what it issues is
         // verified once (Checked), then counted (Instrumented) and recorded (Audited).
-        let inner: Arc<dyn Signer> = Arc::new(Checked::new(inner, metrics.clone()));
+        let inner: Arc<dyn Signer> = Arc::new(Checked::new(
+            inner,
+            metrics.clone(),
+            cfg.policy.accept_longer_lifetimes,
+        ));
         let audit = crate::audit::AuditLog::start(&cfg.audit, metrics.clone())
             .context("opening the audit log")?;
         let signer: Arc<dyn Signer> = Arc::new(crate::audit::Audited::new(

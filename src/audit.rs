@@ -240,6 +240,10 @@ impl Signer for Audited {
     fn issued_under(&self, issuer: &crate::backend::IssuerRef<'_>) -> bool {
         self.inner.issued_under(issuer)
     }
+
+    fn asked_lifetime(&self, ttl: std::time::Duration) -> std::time::Duration {
+        self.inner.asked_lifetime(ttl)
+    }
 }
 
 fn open_append(path: &Path) -> Result<std::fs::File, AuditError> {

@@ -193,6 +193,13 @@ pub trait Signer: Authority {
     fn issued_under(&self, _issuer: &IssuerRef<'_>) -> bool {
         false
     }
+
+    /// The lifetime this backend really asks its CA for when the request's TTL is `ttl`
+    /// (DigiCert sends whole validity units). A leaf living longer is refused by
+    /// [`checked::Checked`].
+    fn asked_lifetime(&self, ttl: Duration) -> Duration {
+        ttl
+    }
 }
 
 /// What building a backend needs from the rest of the config.

@@ -10,10 +10,9 @@
 //! allows, then the call fails with [`SignError::Throttled`] or [`SignError::Unavailable`].
 //! The SDK's own retries are off so that this one loop decides.
 //!
-//! What comes back is verified centrally ([`crate::backend::checked`]), not here. A leaf
-//! living longer than requested (AWS honours `Validity`; moto and templates that override
-//! it do not) is accepted, logged and counted in
-//! `istio_ca_bridge_backend_ttl_exceeded_total` ([`remote::longer_than_asked`]). The trust
+//! What comes back is verified centrally ([`crate::backend::checked`]), not here; that
+//! includes refusing a leaf that lives longer than requested (AWS honours `Validity`;
+//! moto and templates that fix the validity do not: `policy.acceptLongerLifetimes`). The trust
 //! bundle is the CA's root (from `GetCertificateAuthorityCertificate`) plus an optional
 //! extra roots file, re-read periodically.
 //!

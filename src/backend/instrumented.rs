@@ -63,4 +63,8 @@ impl Signer for Instrumented {
     fn issued_under(&self, issuer: &crate::backend::IssuerRef<'_>) -> bool {
         self.inner.issued_under(issuer)
     }
+
+    fn asked_lifetime(&self, ttl: std::time::Duration) -> std::time::Duration {
+        self.inner.asked_lifetime(ttl)
+    }
 }

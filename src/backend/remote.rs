@@ -12,18 +12,17 @@
 //!   [`IssuedChain`] (roots and repeats dropped);
 //! - [`retry_after`]: an HTTP answer's `Retry-After`;
 //! - [`build_in_mode`]: a backend's `Plugin::build` for `direct` and `intermediate` mode.
-//! - [`longer_than_asked`]: counts a leaf that lives longer than requested (accepted).
 
 use std::fmt;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use rustls_pki_types::CertificateDer;
 use tokio::time::Instant;
 
 use super::intermediate::{BackendMode, IntermediateConfig, UpstreamAuthority, UpstreamConnect};
-use super::{BuildContext, BuildError, IssuedChain, SignError, SignRequest, Signer};
+use super::{BuildContext, BuildError, IssuedChain, SignError, Signer};
 use crate::metrics::Metrics;
 use crate::pki;
 
@@ -292,41 +291,6 @@ where
     super::intermediate::build(kind, upstream, intermediate, ctx).await
 }
 
-/// Counts a leaf that lives longer than the request's `ttl` (beyond five minutes of slack
-/// for clocks and issuance) in `backend_ttl_exceeded{backend}` and logs it: at debug when
-/// `routine` (DigiCert's whole validity units round short lifetimes up), else as a warning
-/// (a template or CA setting overrides the validity). Accepted all the same: a leaf cannot
-/// be shortened after signing, clients renew at half of the lifetime they see, and refusing
-/// would turn a CA setting into an outage. True if it was longer.
-pub fn longer_than_asked(
-    kind: &'static str,
-    metrics: &Metrics,
-    req: &SignRequest,
-    issued: &IssuedChain,
-    routine: bool,
-) -> bool {
-    let (subject, ttl) = (&req.subject, req.ttl);
-    let Ok(info) = pki::cert_info(&issued.leaf) else {
-        // Unreadable: the central check refuses it.
-        return false;
-    };
-    let now = pki::unix_secs(SystemTime::now());
-    if info.not_after <= now + ttl.as_secs() as i64 + 300 {
-        return false;
-    }
-    let (requested_ttl_secs, issued_secs) = (ttl.as_secs(), info.not_after - now);
-    if routine {
-        tracing::debug!(backend = kind, %subject, requested_ttl_secs, issued_secs, "longer lifetime than requested; accepted");
-    } else {
-        tracing::warn!(backend = kind, %subject, requested_ttl_secs, issued_secs, "the CA issued a longer lifetime than requested; accepted");
-    }
-    metrics
-        .backend_ttl_exceeded
-        .with_label_values(&[kind])
-        .inc();
-    true
-}
-
 /// Client-side rate limit: a token bucket that hands out reservations, so concurrent
 /// callers are served in arrival order at `rate` per second after an initial `burst`.
 pub struct TokenBucket {
@@ -423,6 +387,8 @@ pub fn backoff(attempt: u32, first: Duration, cap: Duration) -> Duration {
 
 #[cfg(test)]
 mod tests {
+    use std::time::SystemTime;
+
     use super::*;
 
     #[test]

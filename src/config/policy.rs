@@ -28,6 +28,12 @@ pub struct PolicyConfig {
     /// Key types accepted in workload CSRs.
     pub key_types: Vec<KeyType>,
     pub min_rsa_bits: usize,
+    /// Hand out leaves that live longer than asked (beyond 5 minutes of skew) instead of
+    /// refusing them. Only for a backend known to ignore the requested validity (moto's
+    /// acm-pca, a CA template that fixes the validity); AWS Private CA, Vault and DigiCert
+    /// honour it. Over-long leaves are counted in
+    /// `istio_ca_bridge_backend_ttl_exceeded_total` either way.
+    pub accept_longer_lifetimes: bool,
 }
 
 impl Default for PolicyConfig {
@@ -38,6 +44,7 @@ impl Default for PolicyConfig {
             over_max: OverMax::Clamp,
             key_types: vec![KeyType::Rsa, KeyType::EcdsaP256, KeyType::EcdsaP384],
             min_rsa_bits: 2048,
+            accept_longer_lifetimes: false,
         }
     }
 }

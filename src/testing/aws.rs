@@ -197,6 +197,9 @@ pub fn aws_backend(
     };
     edit(&mut a);
     c.backend = BackendConfig::AwsPca(a);
+    // moto ignores IssueCertificate's Validity and signs for a year: the documented opt-in
+    // for such backends (real AWS Private CA honours the validity asked).
+    c.policy.accept_longer_lifetimes = true;
 }
 
 /// A self-signed CA certificate (PEM) standing for another root to trust.

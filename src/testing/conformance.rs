@@ -138,7 +138,10 @@ pub async fn run(b: &dyn BackendUnderTest) -> Report {
     let name = b.name();
     let metrics = Arc::new(Metrics::new(false));
     let raw = b.signer().await;
-    let checked = Checked::new(raw.clone(), metrics.clone());
+    // As the bridge composes it; a backend known to ignore the asked validity gets the
+    // documented opt-in (policy.acceptLongerLifetimes), as its operators would set it.
+    let accept_longer = !b.honours_validity();
+    let checked = Checked::new(raw.clone(), metrics.clone(), accept_longer);
     let id = SpiffeId::parse(&format!(
         "spiffe://{}/ns/default/sa/conformance",
         b.trust_domain()
@@ -162,7 +165,11 @@ pub async fn run(b: &dyn BackendUnderTest) -> Report {
     }
 
     for what in [TamperWith::Key, TamperWith::Identity] {
-        let tampered = Checked::new(Arc::new(Tamper::new(raw.clone(), what)), metrics.clone());
+        let tampered = Checked::new(
+            Arc::new(Tamper::new(raw.clone(), what)),
+            metrics.clone(),
+            accept_longer,
+        );
         let (req, _) = workload_request(&id, KeyType::EcdsaP256, ttl);
         let err = tampered.sign(&req).await.err().unwrap_or_else(|| {
             panic!(

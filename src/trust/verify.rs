@@ -36,6 +36,10 @@ pub enum IssuedError {
     WrongNames(String),
     #[error("the certificate has the wrong profile: {0}")]
     Profile(String),
+    #[error("the certificate lives longer than asked: {0}")]
+    TooLong(String),
+    #[error("the certificate outlives its root: {0}")]
+    OutlivesRoot(String),
 }
 
 static ALGS: LazyLock<&'static [&'static dyn SignatureVerificationAlgorithm]> =
@@ -88,7 +92,7 @@ pub fn check_issued(
     subject: &Subject,
     public_key_der: &[u8],
     now: SystemTime,
-) -> Result<(), IssuedError> {
+) -> Result<i64, IssuedError> {
     let (_, leaf) =
         parse_x509_certificate(leaf_der).map_err(|e| IssuedError::Malformed(e.to_string()))?;
     if leaf.public_key().raw != public_key_der {
@@ -98,16 +102,35 @@ pub fn check_issued(
     verify_path(leaf_der, intermediates, bundle, usage_for(subject), now)
         .map_err(IssuedError::Untrusted)?;
     let leaf_not_after = leaf.validity().not_after.timestamp();
+    let mut top_issuer = leaf.issuer().as_raw().to_vec();
     for c in intermediates {
-        let info = pki::cert_info(c).map_err(|e| IssuedError::Malformed(e.to_string()))?;
-        if info.not_after < leaf_not_after {
+        let (_, ic) =
+            parse_x509_certificate(c).map_err(|e| IssuedError::Malformed(e.to_string()))?;
+        let na = ic.validity().not_after.timestamp();
+        if na < leaf_not_after {
             return Err(IssuedError::Profile(format!(
-                "leaf outlives its issuer {} ({} > {})",
-                info.subject, leaf_not_after, info.not_after
+                "leaf outlives its issuer {} ({leaf_not_after} > {na})",
+                ic.subject()
             )));
         }
+        top_issuer = ic.issuer().as_raw().to_vec();
     }
-    Ok(())
+    // The root the path ends in: the bundle's roots named as the top of the chain's issuer
+    // (the path was just verified, so one of them signed it). The leaf must not outlive
+    // every one of them.
+    let mut root_expiries = bundle.roots().iter().filter_map(|r| {
+        let (_, rc) = parse_x509_certificate(r).ok()?;
+        (rc.subject().as_raw() == top_issuer.as_slice())
+            .then(|| rc.validity().not_after.timestamp())
+    });
+    if let Some(latest) = root_expiries.by_ref().max()
+        && latest < leaf_not_after
+    {
+        return Err(IssuedError::OutlivesRoot(format!(
+            "leaf until {leaf_not_after}, root until {latest}"
+        )));
+    }
+    Ok(leaf_not_after)
 }
 
 /// A workload leaf's subject is what the CSR check allowed: empty, or one empty `O`

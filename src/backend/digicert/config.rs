@@ -124,13 +124,17 @@ impl DigicertValidityUnit {
         }
     }
 
-    /// The validity duration sent for `ttl`: whole units rounded down, at least one.
-    pub fn duration_for(self, ttl: Duration) -> u64 {
-        let unit = match self {
+    /// One unit, in seconds.
+    pub fn seconds(self) -> u64 {
+        match self {
             DigicertValidityUnit::Hours => 3600,
             DigicertValidityUnit::Days => 86400,
-        };
-        (ttl.as_secs() / unit).max(1)
+        }
+    }
+
+    /// The validity duration sent for `ttl`: whole units rounded down, at least one.
+    pub fn duration_for(self, ttl: Duration) -> u64 {
+        (ttl.as_secs() / self.seconds()).max(1)
     }
 }
 

@@ -238,17 +238,22 @@ impl Authority for Digicert {
 
 #[async_trait]
 impl Signer for Digicert {
-    /// The answer is checked centrally; only a longer lifetime than requested (whole
-    /// validity units, at least one, round short TTLs up; profiles may impose a minimum)
-    /// is noted here.
+    /// The answer is checked centrally (backend::checked), against the lifetime really
+    /// asked for ([`Signer::asked_lifetime`]).
     async fn sign(&self, req: &SignRequest) -> Result<IssuedChain, SignError> {
         let deadline = Instant::now() + self.cfg.request_timeout;
         let pem = self.enroll(req, deadline).await?;
         // DigiCert answered with a certificate: the credentials work.
         self.client.set_denied(None);
         let issued = self.chain(&pem)?;
-        remote::longer_than_asked(KIND, &self.metrics, req, &issued, true);
         Ok(issued)
+    }
+
+    /// Whole validity units, rounded down, at least one: a TTL under one unit is asked
+    /// for as one unit.
+    fn asked_lifetime(&self, ttl: std::time::Duration) -> std::time::Duration {
+        let unit = self.cfg.validity_unit;
+        std::time::Duration::from_secs(unit.duration_for(ttl) * unit.seconds())
     }
 
     fn signing_ca(&self) -> SigningCaInfo {

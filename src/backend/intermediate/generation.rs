@@ -221,6 +221,7 @@ pub(super) fn probe(
         &req.public_key_der,
         SystemTime::now(),
     )
+    .map(|_| ())
     .map_err(|e| IntermediateError::Unusable(format!("a leaf it signs would be refused: {e}")))
 }
 

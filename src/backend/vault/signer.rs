@@ -208,7 +208,7 @@ impl VaultSigner {
     /// Reports a leaf shorter than asked for: Vault caps the TTL at the role's max_ttl
     /// (and the issuer's NotAfter) with only a warning. The shorter certificate is
     /// accepted (clients renew at half-life anyway), counted, and logged once. A leaf
-    /// living longer than asked for is refused: Vault never does that unasked.
+    /// living longer than asked for is refused by the central check (backend::checked).
     fn note_lifetime(
         &self,
         issued: &IssuedChain,
@@ -228,14 +228,6 @@ impl VaultSigner {
         let asked = pki::unix_secs(asked_at);
         let asked_until = asked + req.ttl.as_secs() as i64;
         let tolerance = (req.ttl.as_secs() as i64 / 10).clamp(1, 60);
-        if leaf.not_after > asked_until + 300 {
-            let m = format!(
-                "vault returned an unusable certificate: lifetime exceeds the requested TTL ({}s)",
-                req.ttl.as_secs()
-            );
-            tracing::error!(backend = KIND, error = %m, "vault returned an unusable certificate");
-            return Err(SignError::Internal(m));
-        }
         if leaf.not_after + tolerance >= asked_until {
             return Ok(());
         }
