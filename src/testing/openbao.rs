@@ -342,6 +342,7 @@ log_level = "warn"
                 "require_cn": false, "use_csr_sans": false, "use_csr_common_name": false,
                 "key_type": "any", "key_usage": "DigitalSignature,KeyEncipherment",
                 "server_flag": true, "client_flag": true,
+                "basic_constraints_valid_for_non_ca": true,
                 "not_before_duration": "120s",
                 "no_store": true, "generate_lease": false,
                 "ttl": "1h", "max_ttl": max_ttl,
