@@ -471,3 +471,76 @@ async fn impersonation_before_the_pod_cache_syncs_is_unavailable_then_works() {
     .await;
     b.shutdown().await.unwrap();
 }
+
+/// A pod watch that keeps failing stops authorizing impersonation after
+/// `podCacheMaxStaleness` (pods deleted meanwhile would still look live): UNAVAILABLE,
+/// nothing issued; once the watch is back, impersonation works again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_pod_cache_stops_authorizing_impersonation_until_fresh() {
+    let mut fake = FakeKube::start_new().await;
+    populate(&fake);
+    let kdir = tempfile::tempdir().unwrap();
+    let kc = cluster(&fake, kdir.path(), "Kubernetes", None);
+    let b = Bridge::start_with(|c| {
+        kube_config(c, vec![kc]);
+        c.authn.kubernetes.as_mut().unwrap().pod_cache_max_staleness = Duration::from_secs(2);
+    })
+    .await;
+    let mut client = b.client().await;
+    eventually("pod watch started", Duration::from_secs(10), || async {
+        fake.count("pods.watch") >= 1
+    })
+    .await;
+    let id = spiffe("default", "web");
+    let zt = sa_jwt("istio-system", "ztunnel", "zt-stale");
+    fake.sa_token(
+        &zt,
+        "istio-system",
+        "ztunnel",
+        Some(("ztunnel-n1", "uid-zt1")),
+    );
+    // Reviewed and cached while the API server is up.
+    ask(&mut client, &id, &zt, Some("Kubernetes"), Some(&id))
+        .await
+        .unwrap();
+
+    fake.stop().await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = b.issued();
+    let e = ask(&mut client, &id, &zt, Some("Kubernetes"), Some(&id))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert_eq!(b.issued(), before, "nothing issued from a stale cache");
+    // The caller's own identity needs no pod cache: still served from the review cache.
+    ask(
+        &mut client,
+        &spiffe("istio-system", "ztunnel"),
+        &zt,
+        Some("Kubernetes"),
+        None,
+    )
+    .await
+    .unwrap();
+
+    fake.start().await;
+    // A change shows the watch is back (a quiet cluster is proven by the 30s re-list).
+    fake.put_pod(pod_json(
+        "default", "web-2", "uid-web2", "web", "node-1", "Running",
+    ));
+    eventually(
+        "impersonation after recovery",
+        Duration::from_secs(40),
+        || {
+            let (id, zt) = (id.clone(), zt.clone());
+            let mut c = client.clone();
+            async move {
+                ask(&mut c, &id, &zt, Some("Kubernetes"), Some(&id))
+                    .await
+                    .is_ok()
+            }
+        },
+    )
+    .await;
+    b.shutdown().await.unwrap();
+}
