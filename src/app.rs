@@ -92,16 +92,8 @@ impl App {
                 "authn.devIssuer is enabled: anyone with access to its key directory can obtain any identity"
             );
             cfg.authn.jwt.push(JwtIssuerConfig {
-                issuer: DEV_ISSUER.into(),
-                jwks_file: Some(crate::dev::jwks_path(&dev.dir)),
-                jwks_uri: None,
-                jwks_ca_file: None,
-                jwks_token_file: None,
-                audiences: vec!["istio-ca".into()],
-                trust_domain: None,
-                cluster_id: None,
                 refresh_interval: std::time::Duration::from_secs(60),
-                insecure_http: false,
+                ..JwtIssuerConfig::with_jwks_file(DEV_ISSUER, crate::dev::jwks_path(&dev.dir))
             });
         }
 

@@ -19,7 +19,7 @@ use async_trait::async_trait;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::backend::{IssuedChain, SignError, SignRequest, Signer, SigningCaInfo};
+use crate::backend::{IssuedChain, SignError, SignRequest, Signer};
 use crate::config::{AuditConfig, AuditSink};
 use crate::metrics::Metrics;
 use crate::pki;
@@ -216,9 +216,7 @@ crate::backend::forward_authority!(Audited, inner);
 
 #[async_trait]
 impl Signer for Audited {
-    fn mode(&self) -> &'static str {
-        self.inner.mode()
-    }
+    crate::backend::forward_signer_facts!(inner);
 
     async fn sign(&self, req: &SignRequest) -> Result<IssuedChain, SignError> {
         let issued = self.inner.sign(req).await?;
@@ -231,18 +229,6 @@ impl Signer for Audited {
             }
         }
         Ok(issued)
-    }
-
-    fn signing_ca(&self) -> SigningCaInfo {
-        self.inner.signing_ca()
-    }
-
-    fn issued_under(&self, issuer: &crate::backend::IssuerRef<'_>) -> bool {
-        self.inner.issued_under(issuer)
-    }
-
-    fn asked_lifetime(&self, ttl: std::time::Duration) -> std::time::Duration {
-        self.inner.asked_lifetime(ttl)
     }
 }
 

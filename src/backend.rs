@@ -165,6 +165,28 @@ macro_rules! forward_authority {
 }
 pub(crate) use forward_authority;
 
+/// Inside a decorator's `impl Signer`: forwards the facts about the signing CA (mode,
+/// signing CA, renewal issuers, asked lifetime) to `self.$field`, so only `sign` (and, where
+/// it matters, the async `refresh_trust_bundle`, which `async_trait` must see) is the
+/// decorator's own.
+macro_rules! forward_signer_facts {
+    ($field:ident) => {
+        fn mode(&self) -> &'static str {
+            self.$field.mode()
+        }
+        fn signing_ca(&self) -> $crate::backend::SigningCaInfo {
+            self.$field.signing_ca()
+        }
+        fn issued_under(&self, issuer: &$crate::backend::IssuerRef<'_>) -> bool {
+            self.$field.issued_under(issuer)
+        }
+        fn asked_lifetime(&self, ttl: std::time::Duration) -> std::time::Duration {
+            self.$field.asked_lifetime(ttl)
+        }
+    };
+}
+pub(crate) use forward_signer_facts;
+
 #[async_trait]
 pub trait Signer: Authority {
     /// `direct` when the backend signs each certificate, `intermediate` when the bridge

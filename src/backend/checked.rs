@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 
-use super::{IssuedChain, SignError, SignRequest, Signer, SigningCaInfo};
+use super::{IssuedChain, SignError, SignRequest, Signer};
 use crate::metrics::Metrics;
 use crate::pki;
 use crate::trust::{IssuedError, SharedBundle, check_issued};
@@ -112,8 +112,10 @@ crate::backend::forward_authority!(Checked, inner);
 
 #[async_trait]
 impl Signer for Checked {
-    fn mode(&self) -> &'static str {
-        self.inner.mode()
+    crate::backend::forward_signer_facts!(inner);
+
+    async fn refresh_trust_bundle(&self) -> bool {
+        self.inner.refresh_trust_bundle().await
     }
 
     async fn sign(&self, req: &SignRequest) -> Result<IssuedChain, SignError> {
@@ -132,22 +134,6 @@ impl Signer for Checked {
         };
         issued.verified_with = Some(bundle);
         Ok(issued)
-    }
-
-    async fn refresh_trust_bundle(&self) -> bool {
-        self.inner.refresh_trust_bundle().await
-    }
-
-    fn signing_ca(&self) -> SigningCaInfo {
-        self.inner.signing_ca()
-    }
-
-    fn asked_lifetime(&self, ttl: Duration) -> Duration {
-        self.inner.asked_lifetime(ttl)
-    }
-
-    fn issued_under(&self, issuer: &crate::backend::IssuerRef<'_>) -> bool {
-        self.inner.issued_under(issuer)
     }
 }
 

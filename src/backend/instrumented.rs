@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 
-use super::{IssuedChain, SignError, SignRequest, Signer, SigningCaInfo, Subject};
+use super::{IssuedChain, SignError, SignRequest, Signer, Subject};
 use crate::metrics::Metrics;
 
 pub struct Instrumented {
@@ -24,9 +24,7 @@ crate::backend::forward_authority!(Instrumented, inner);
 
 #[async_trait]
 impl Signer for Instrumented {
-    fn mode(&self) -> &'static str {
-        self.inner.mode()
-    }
+    crate::backend::forward_signer_facts!(inner);
 
     async fn sign(&self, req: &SignRequest) -> Result<IssuedChain, SignError> {
         let start = Instant::now();
@@ -54,17 +52,5 @@ impl Signer for Instrumented {
                 .set(t as f64);
         }
         res
-    }
-
-    fn signing_ca(&self) -> SigningCaInfo {
-        self.inner.signing_ca()
-    }
-
-    fn issued_under(&self, issuer: &crate::backend::IssuerRef<'_>) -> bool {
-        self.inner.issued_under(issuer)
-    }
-
-    fn asked_lifetime(&self, ttl: std::time::Duration) -> std::time::Duration {
-        self.inner.asked_lifetime(ttl)
     }
 }

@@ -273,6 +273,23 @@ impl KubernetesAuthnConfig {
 }
 
 impl JwtIssuerConfig {
+    /// An issuer whose keys are in a JWKS file, with the defaults for everything else
+    /// (audience `istio-ca`, the top-level trust domain, no cluster, 5-minute refresh).
+    pub fn with_jwks_file(issuer: &str, jwks_file: PathBuf) -> Self {
+        Self {
+            issuer: issuer.to_string(),
+            jwks_file: Some(jwks_file),
+            jwks_uri: None,
+            jwks_ca_file: None,
+            jwks_token_file: None,
+            audiences: default_audiences(),
+            trust_domain: None,
+            cluster_id: None,
+            refresh_interval: default_jwks_refresh(),
+            insecure_http: false,
+        }
+    }
+
     /// Problems, with fields relative to `authn.jwt[i]`.
     pub fn problems(&self) -> Vec<FieldError> {
         let mut p = Problems::new();

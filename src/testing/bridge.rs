@@ -60,18 +60,7 @@ pub fn test_config(dir: &Path, issuer: &TestIssuer) -> Config {
     // Every test bridge keeps an audit log (read with `Bridge::audit_records`).
     cfg.audit.sink = AuditSink::File;
     cfg.audit.path = Some(dir.join("audit.jsonl"));
-    cfg.authn.jwt = vec![JwtIssuerConfig {
-        issuer: issuer.issuer.clone(),
-        jwks_file: Some(jwks),
-        jwks_uri: None,
-        jwks_ca_file: None,
-        jwks_token_file: None,
-        audiences: vec!["istio-ca".into()],
-        trust_domain: None,
-        cluster_id: None,
-        refresh_interval: Duration::from_secs(300),
-        insecure_http: false,
-    }];
+    cfg.authn.jwt = vec![JwtIssuerConfig::with_jwks_file(&issuer.issuer, jwks)];
     cfg
 }
 

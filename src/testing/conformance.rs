@@ -113,6 +113,8 @@ crate::backend::forward_authority!(Tamper, inner);
 
 #[async_trait]
 impl Signer for Tamper {
+    crate::backend::forward_signer_facts!(inner);
+
     async fn sign(&self, req: &SignRequest) -> Result<IssuedChain, SignError> {
         let Subject::Workload(id) = &req.subject else {
             return self.inner.sign(req).await;
