@@ -61,10 +61,13 @@ impl Checked {
         let not_after = match checked {
             Ok(na) => na,
             // A backend that ignores the asked validity (the opt-in's reason) also signs
-            // past its root's end; everything else was checked before this.
+            // past its root's end; everything else was checked before this, and the
+            // lifetime is still counted below.
             Err(IssuedError::OutlivesRoot(why)) if self.accept_longer => {
                 tracing::warn!(backend = self.inner.kind(), subject = %req.subject, "{why}; accepted (policy.acceptLongerLifetimes)");
-                return Ok(bundle);
+                pki::cert_info(&issued.leaf)
+                    .map_err(|e| IssuedError::Malformed(e.to_string()))?
+                    .not_after
             }
             Err(e) => return Err(e),
         };
