@@ -148,6 +148,11 @@ impl Shared {
         Ok((shared, stop.drop_guard()))
     }
 
+    /// The backend's name (the signer's `Authority` is this session's).
+    pub(super) fn kind(&self) -> &'static str {
+        super::KIND
+    }
+
     pub(super) fn trust_bundle(&self) -> watch::Receiver<SharedBundle> {
         self.bundle.subscribe()
     }

@@ -31,7 +31,6 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use serde::Deserialize;
-use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::DropGuard;
 
@@ -40,12 +39,9 @@ use super::session::Shared;
 use super::{KIND, VaultConfig};
 use crate::backend::intermediate::{IntermediateRequest, UpstreamAuthority};
 use crate::backend::remote::{self, Backoff, Failure, Retry};
-use crate::backend::{
-    Authority, Health, IssuedChain, SignError, SignRequest, Signer, SigningCaInfo, Subject,
-};
+use crate::backend::{IssuedChain, SignError, SignRequest, Signer, SigningCaInfo, Subject};
 use crate::metrics::Metrics;
 use crate::pki;
-use crate::trust::SharedBundle;
 
 /// What a sign call returned (the same shape for the role and the issuer path, and for
 /// `sign-intermediate`).
@@ -375,19 +371,8 @@ fn sign_call(cfg: &VaultConfig, req: &SignRequest) -> (String, serde_json::Value
     (path, body)
 }
 
-impl Authority for VaultSigner {
-    fn kind(&self) -> &'static str {
-        KIND
-    }
-
-    fn trust_bundle(&self) -> watch::Receiver<SharedBundle> {
-        self.shared.trust_bundle()
-    }
-
-    fn health(&self) -> Health {
-        self.shared.health()
-    }
-}
+// Kind, trust bundle and health are the session's.
+crate::backend::forward_authority!(VaultSigner, shared);
 
 #[async_trait]
 impl Signer for VaultSigner {
