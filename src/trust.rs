@@ -15,10 +15,24 @@ use rustls_pki_types::{CertificateDer, TrustAnchor};
 
 use crate::pki::{self, PkiError};
 
+/// What the checks need of a root, read once when the bundle is built rather than on
+/// every issued or presented certificate.
+#[derive(Debug, Clone)]
+pub struct RootFacts {
+    /// The subject name, DER (compared with a chain's top issuer name).
+    pub subject: Vec<u8>,
+    /// SubjectPublicKeyInfo, DER.
+    pub spki: Vec<u8>,
+    pub common_name: Option<String>,
+    /// Unix seconds.
+    pub not_after: i64,
+}
+
 /// Every root a workload certificate may chain to (several during a root rotation).
 #[derive(Debug, Clone)]
 pub struct TrustBundle {
     roots: Vec<CertificateDer<'static>>,
+    facts: Vec<RootFacts>,
     anchors: Vec<TrustAnchor<'static>>,
     /// All roots concatenated: the last element of every CreateCertificate response.
     pem: String,
@@ -35,12 +49,26 @@ impl TrustBundle {
         let mut pem = String::new();
         let mut earliest = i64::MAX;
         let mut unique: Vec<CertificateDer<'static>> = Vec::new();
+        let mut facts = Vec::new();
         for r in roots {
             if unique.contains(&r) {
                 continue;
             }
-            let info = pki::cert_info(&r)?;
-            earliest = earliest.min(info.not_after);
+            let (_, c) = x509_parser::parse_x509_certificate(&r)
+                .map_err(|e| PkiError::Certificate(e.to_string()))?;
+            let not_after = c.validity().not_after.timestamp();
+            earliest = earliest.min(not_after);
+            facts.push(RootFacts {
+                subject: c.subject().as_raw().to_vec(),
+                spki: c.public_key().raw.to_vec(),
+                common_name: c
+                    .subject()
+                    .iter_common_name()
+                    .next()
+                    .and_then(|a| a.as_str().ok())
+                    .map(str::to_string),
+                not_after,
+            });
             let anchor = webpki::anchor_from_trusted_cert(&r)
                 .map_err(|e| PkiError::Certificate(format!("{e:?}")))?
                 .to_owned();
@@ -50,6 +78,7 @@ impl TrustBundle {
         }
         Ok(Self {
             roots: unique,
+            facts,
             anchors,
             pem,
             earliest_expiry: earliest,
@@ -62,6 +91,10 @@ impl TrustBundle {
 
     pub fn roots(&self) -> &[CertificateDer<'static>] {
         &self.roots
+    }
+    /// One entry per root, in the order of [`Self::roots`].
+    pub fn root_facts(&self) -> &[RootFacts] {
+        &self.facts
     }
     pub fn anchors(&self) -> &[TrustAnchor<'static>] {
         &self.anchors

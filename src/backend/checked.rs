@@ -63,11 +63,9 @@ impl Checked {
             // A backend that ignores the asked validity (the opt-in's reason) also signs
             // past its root's end; everything else was checked before this, and the
             // lifetime is still counted below.
-            Err(IssuedError::OutlivesRoot(why)) if self.accept_longer => {
-                tracing::warn!(backend = self.inner.kind(), subject = %req.subject, "{why}; accepted (policy.acceptLongerLifetimes)");
-                pki::cert_info(&issued.leaf)
-                    .map_err(|e| IssuedError::Malformed(e.to_string()))?
-                    .not_after
+            Err(e @ IssuedError::OutlivesRoot { leaf_not_after, .. }) if self.accept_longer => {
+                tracing::warn!(backend = self.inner.kind(), subject = %req.subject, "{e}; accepted (policy.acceptLongerLifetimes)");
+                leaf_not_after
             }
             Err(e) => return Err(e),
         };
@@ -100,7 +98,7 @@ impl Checked {
             IssuedError::WrongKey => "wrong_key",
             IssuedError::WrongNames(_) => "wrong_names",
             IssuedError::Profile(_) => "profile",
-            IssuedError::TooLong(_) | IssuedError::OutlivesRoot(_) => "too_long",
+            IssuedError::TooLong(_) | IssuedError::OutlivesRoot { .. } => "too_long",
         };
         self.metrics
             .backend_refused_answers

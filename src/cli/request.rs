@@ -243,7 +243,7 @@ pub fn verify_response(
         &rcgen::PublicKeyData::subject_public_key_info(key),
         SystemTime::now(),
     ) {
-        Ok(_) | Err(crate::trust::IssuedError::OutlivesRoot(_)) => {}
+        Ok(_) | Err(crate::trust::IssuedError::OutlivesRoot { .. }) => {}
         Err(e) => return Err(anyhow::Error::new(e).context("returned chain does not verify")),
     }
     let (_, cert) = x509_parser::parse_x509_certificate(&leaf)?;

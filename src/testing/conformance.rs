@@ -70,8 +70,7 @@ pub struct Report {
 
 /// A workload request for `id` with a new key of `kind`, shaped as istio-agent sends it.
 pub fn workload_request(id: &SpiffeId, kind: KeyType, ttl: Duration) -> (SignRequest, Vec<u8>) {
-    let key = pki::generate_key(kind).expect("key");
-    let csr_pem = pki::workload_csr(&key, &id.uri(), CsrShape::IstioAgent).expect("csr");
+    let (key, csr_pem) = super::csr_for(&id.uri(), kind, CsrShape::IstioAgent);
     let csr_der = ::pem::parse(csr_pem).expect("pem").into_contents();
     let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
     (

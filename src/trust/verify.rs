@@ -38,8 +38,13 @@ pub enum IssuedError {
     Profile(String),
     #[error("the certificate lives longer than asked: {0}")]
     TooLong(String),
-    #[error("the certificate outlives its root: {0}")]
-    OutlivesRoot(String),
+    #[error(
+        "the certificate outlives its root (leaf until {leaf_not_after}, root until {root_not_after})"
+    )]
+    OutlivesRoot {
+        leaf_not_after: i64,
+        root_not_after: i64,
+    },
 }
 
 static ALGS: LazyLock<&'static [&'static dyn SignatureVerificationAlgorithm]> =
@@ -118,17 +123,19 @@ pub fn check_issued(
     // The root the path ends in: the bundle's roots named as the top of the chain's issuer
     // (the path was just verified, so one of them signed it). The leaf must not outlive
     // every one of them.
-    let mut root_expiries = bundle.roots().iter().filter_map(|r| {
-        let (_, rc) = parse_x509_certificate(r).ok()?;
-        (rc.subject().as_raw() == top_issuer.as_slice())
-            .then(|| rc.validity().not_after.timestamp())
-    });
-    if let Some(latest) = root_expiries.by_ref().max()
+    let latest_root = bundle
+        .root_facts()
+        .iter()
+        .filter(|r| r.subject == top_issuer)
+        .map(|r| r.not_after)
+        .max();
+    if let Some(latest) = latest_root
         && latest < leaf_not_after
     {
-        return Err(IssuedError::OutlivesRoot(format!(
-            "leaf until {leaf_not_after}, root until {latest}"
-        )));
+        return Err(IssuedError::OutlivesRoot {
+            leaf_not_after,
+            root_not_after: latest,
+        });
     }
     Ok(leaf_not_after)
 }

@@ -85,7 +85,8 @@ impl ClientCertAuthenticator {
         (Arc::ptr_eq(&r.bundle, bundle) && r.until > Instant::now()).then(|| r.verdict.clone())
     }
 
-    fn remember(&self, key: [u8; 32], bundle: SharedBundle, verdict: Verdict) {
+    /// `valid_for`: how long the leaf is still valid (a verdict never outlives it).
+    fn remember(&self, key: [u8; 32], bundle: SharedBundle, verdict: Verdict, valid_for: Duration) {
         let mut map = self.verdicts.lock().expect("verdicts");
         let now = Instant::now();
         if map.len() >= VERDICTS {
@@ -99,16 +100,33 @@ impl ClientCertAuthenticator {
             Remembered {
                 bundle,
                 verdict,
-                until: now + VERDICT_TTL,
+                until: now + VERDICT_TTL.min(valid_for),
             },
         );
     }
 
-    /// Steps 3 to 5 for one chain.
-    fn decide(&self, certs: &[CertificateDer<'_>], bundle: &SharedBundle) -> Verdict {
-        let (_, leaf) = parse_x509_certificate(&certs[0])
-            .map_err(|e| AuthnError::Malformed(format!("client certificate: {e}")))?;
-        let uri = workload_profile(&leaf).map_err(|e| {
+    /// Steps 3 to 5 for one chain, and how long the verdict may be remembered: until the
+    /// leaf expires, at most [`VERDICT_TTL`].
+    fn decide(&self, certs: &[CertificateDer<'_>], bundle: &SharedBundle) -> (Verdict, Duration) {
+        let (_, leaf) = match parse_x509_certificate(&certs[0]) {
+            Ok(l) => l,
+            Err(e) => {
+                let e = AuthnError::Malformed(format!("client certificate: {e}"));
+                return (Err(e), VERDICT_TTL);
+            }
+        };
+        let left = leaf.validity().not_after.timestamp() - crate::pki::unix_secs(SystemTime::now());
+        let valid_for = Duration::from_secs(left.max(0) as u64);
+        (self.judge(&leaf, certs, bundle), valid_for)
+    }
+
+    fn judge(
+        &self,
+        leaf: &X509Certificate<'_>,
+        certs: &[CertificateDer<'_>],
+        bundle: &SharedBundle,
+    ) -> Verdict {
+        let uri = workload_profile(leaf).map_err(|e| {
             AuthnError::Invalid(format!(
                 "client certificate is not one the bridge issues: {e}"
             ))
@@ -125,7 +143,7 @@ impl ClientCertAuthenticator {
                 identity.trust_domain()
             )));
         }
-        if !self.issuer_is_ours(&leaf, &certs[1..], bundle) {
+        if !self.issuer_is_ours(leaf, &certs[1..], bundle) {
             return Err(AuthnError::Invalid(
                 "client certificate was not issued by this deployment (its issuer is neither the \
                  bridge's CA or intermediates nor in authn.clientCertIssuersFile)"
@@ -153,32 +171,25 @@ impl ClientCertAuthenticator {
         bundle: &SharedBundle,
     ) -> bool {
         let wanted = leaf.issuer().as_raw();
-        let candidates = intermediates
-            .iter()
-            .map(|c| c.as_ref())
-            .chain(bundle.roots().iter().map(|c| c.as_ref()));
-        for der in candidates {
-            let Ok((_, c)) = parse_x509_certificate(der) else {
-                continue;
-            };
-            if c.subject().as_raw() != wanted {
-                continue;
-            }
-            let spki = c.public_key().raw;
-            let cn = c
-                .subject()
-                .iter_common_name()
-                .next()
-                .and_then(|a| a.as_str().ok());
-            let issuer = IssuerRef {
-                spki,
-                common_name: cn,
-            };
-            if self.signer.issued_under(&issuer) || self.extra_issuers.iter().any(|s| s == spki) {
-                return true;
-            }
-        }
-        false
+        let ours = |spki: &[u8], common_name: Option<&str>| {
+            self.signer.issued_under(&IssuerRef { spki, common_name })
+                || self.extra_issuers.iter().any(|s| s == spki)
+        };
+        let presented = intermediates.iter().any(|der| {
+            parse_x509_certificate(der).is_ok_and(|(_, c)| {
+                let cn = c
+                    .subject()
+                    .iter_common_name()
+                    .next()
+                    .and_then(|a| a.as_str().ok());
+                c.subject().as_raw() == wanted && ours(c.public_key().raw, cn)
+            })
+        });
+        presented
+            || bundle
+                .root_facts()
+                .iter()
+                .any(|r| r.subject == wanted && ours(&r.spki, r.common_name.as_deref()))
     }
 }
 
@@ -219,8 +230,8 @@ impl Authenticator for ClientCertAuthenticator {
         let verdict = match self.remembered(&key, &bundle) {
             Some(v) => v,
             None => {
-                let v = self.decide(certs, &bundle);
-                self.remember(key, bundle, v.clone());
+                let (v, valid_for) = self.decide(certs, &bundle);
+                self.remember(key, bundle, v.clone(), valid_for);
                 v
             }
         };
