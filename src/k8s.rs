@@ -1,5 +1,6 @@
 //! Kubernetes API access: one client per configured cluster, the TokenReview call with its
-//! rate limit and deadline, (in [`pods`]) the watch-fed pod caches that authorize ztunnel
+//! rate limit and deadline, (in [`issuer_keys`]) the service-account keys that every token's
+//! signature is checked against before a review is spent on it, (in [`pods`]) the watch-fed pod caches that authorize ztunnel
 //! impersonation, and (in [`leader`]) Lease-based leader election for cluster writes.
 //!
 //! Every call made while a CreateCertificate request waits is bounded: it first needs a
@@ -10,6 +11,7 @@
 //!
 //! Named `k8s` rather than `kube` so that paths into the `kube` crate stay unambiguous.
 
+pub mod issuer_keys;
 pub mod leader;
 pub mod pods;
 
@@ -77,6 +79,21 @@ impl RateLimiter {
     }
 }
 
+/// Which share of a cluster's API budget a TokenReview may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    /// The token's signature verified against the cluster's published keys: the whole
+    /// budget.
+    Verified,
+    /// The keys could not be fetched, so the token is unchecked: at most
+    /// 1/[`UNVERIFIED_SHARE`] of the budget, so a flood of junk cannot use up what tokens that
+    /// did verify need.
+    Unverified,
+}
+
+/// Unverified tokens get at most 1/`UNVERIFIED_SHARE` of a cluster's QPS and burst.
+pub const UNVERIFIED_SHARE: u32 = 4;
+
 /// One cluster's API server.
 pub struct Cluster {
     /// What clients send in the `clusterid` header.
@@ -85,7 +102,11 @@ pub struct Cluster {
     pub trust_domain: String,
     client: kube::Client,
     limiter: RateLimiter,
+    /// The extra bucket a [`Lane::Unverified`] review must also get a slot from.
+    unverified: RateLimiter,
     timeout: Duration,
+    /// The cluster's service-account issuer keys.
+    pub keys: Arc<issuer_keys::IssuerKeys>,
     /// Pods of this cluster, kept current by a watch (only when impersonation is enabled).
     pub pods: Option<Arc<pods::PodCache>>,
 }
@@ -124,23 +145,43 @@ impl Cluster {
                 .trust_domain
                 .clone()
                 .unwrap_or_else(|| default_trust_domain.to_string()),
+            keys: Arc::new(issuer_keys::IssuerKeys::new(
+                c.id.clone(),
+                client.clone(),
+                k.request_timeout,
+            )),
             client,
             limiter: RateLimiter::new(c.qps, c.burst),
+            unverified: RateLimiter::new(
+                c.qps / f64::from(UNVERIFIED_SHARE),
+                (c.burst / UNVERIFIED_SHARE).max(1),
+            ),
             timeout: k.request_timeout,
             pods: watch_pods.then(|| Arc::new(pods::PodCache::new())),
         })
     }
 
+    /// Checks `token`'s signature against the cluster's issuer keys (fetching them when
+    /// needed).
+    pub async fn precheck(&self, token: &str) -> issuer_keys::Precheck {
+        self.keys.check(token).await
+    }
+
     /// `POST /apis/authentication.k8s.io/v1/tokenreviews` with `spec.audiences`; returns
     /// the review's status (authenticated or not). Bounded by the request timeout,
-    /// including the wait for a rate-limiter slot.
+    /// including the wait for a rate-limiter slot (two, in the unverified lane).
     pub async fn token_review(
         &self,
         token: &str,
         audiences: &[String],
+        lane: Lane,
     ) -> Result<TokenReviewStatus, K8sError> {
         let deadline = Instant::now() + self.timeout;
-        if !self.limiter.acquire(deadline).await {
+        let slot = match lane {
+            Lane::Verified => true,
+            Lane::Unverified => self.unverified.acquire(deadline).await,
+        };
+        if !slot || !self.limiter.acquire(deadline).await {
             return Err(K8sError::RateLimited {
                 cluster: self.id.clone(),
                 wait: self.timeout,
@@ -214,9 +255,11 @@ impl Clusters {
         self.list.iter().map(|c| c.id.as_str()).collect()
     }
 
-    /// Starts one pod watch per cluster (those with a pod cache) until `stop`.
+    /// Starts, until `stop`, the refresh of every cluster's issuer keys and one pod watch
+    /// per cluster (those with a pod cache).
     pub fn spawn_watchers(&self, stop: CancellationToken) {
         for c in &self.list {
+            c.keys.clone().spawn_refresh(stop.clone());
             if let Some(cache) = &c.pods {
                 pods::spawn_watch(c.id.clone(), c.client(), cache.clone(), stop.clone());
             }

@@ -28,6 +28,7 @@ pub mod cli;
 pub mod config;
 pub mod dev;
 pub mod identity;
+pub mod jwks;
 pub mod k8s;
 pub mod metrics;
 pub mod pki;

@@ -39,6 +39,7 @@ pub struct Metrics {
     pub serving_cert_errors: IntCounter,
     pub token_reviews: IntCounterVec,
     pub token_review_cache_hits: IntCounterVec,
+    pub token_prechecks: IntCounterVec,
     pub kubernetes_leader: IntGaugeVec,
     pub build_info: IntGaugeVec,
     // Remote backends (rate limits, quotas, what came back).
@@ -289,6 +290,15 @@ impl Metrics {
                     "Bearer tokens answered from the TokenReview cache, by cluster."
                 ),
                 &["cluster"],
+                true
+            ),
+            token_prechecks: new!(
+                IntCounterVec,
+                Opts::new(
+                    "istio_ca_bridge_token_signature_checks_total",
+                    "Service-account tokens checked against the cluster's issuer keys before a TokenReview, by cluster and result (verified, bad_signature, unknown_key: refused without a review; keys_unavailable: reviewed in the reduced lane)."
+                ),
+                &["cluster", "result"],
                 true
             ),
             kubernetes_leader: new!(

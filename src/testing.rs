@@ -33,6 +33,7 @@ use std::future::Future;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use bridge::{Bridge, audit_records_at, metric, test_config};
+pub use fake_kube::SigningKey;
 pub use issuer::TestIssuer;
 pub use log_capture::logs;
 pub use requests::{ask, call, connect, csr_for, leaf_uri, request, serving_serial};

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 /// not count as lower, so two modules of one layer never import each other).
 const LAYERS: &[&[&str]] = &[
     &["identity", "pb"],
-    &["validate", "pki"],
+    &["validate", "pki", "jwks"],
     &["trust"],
     &["metrics"],
     &["backend"],

@@ -9,6 +9,9 @@
 //!   like the real authenticator: authenticated only if its audiences intersect
 //!   `spec.audiences`, and then `status.audiences` is that intersection. Unknown tokens
 //!   are unauthenticated. Requests without the kubeconfig's bearer token get 401.
+//! - `GET /openid/v1/jwks`: the service-account issuer's public keys (a JWK Set), by
+//!   default [`SigningKey::cluster`], the key [`sa_jwt`] signs with; tests can publish other
+//!   keys or make it fail.
 //! - `GET /api/v1/pods` (list): a `PodList` with `metadata.resourceVersion`. With
 //!   `resourceVersion=0` (what the bridge sends, like client-go informers) it answers from
 //!   the "watch cache": everything, `limit` ignored; otherwise `limit` pages with
@@ -53,7 +56,7 @@ use base64::Engine;
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
-pub use client::{K8S_ISSUER, cluster, kube_config, sa_jwt};
+pub use client::{CLUSTER_KID, K8S_ISSUER, SigningKey, cluster, kube_config, sa_jwt};
 use store::{Change, Store};
 
 use super::tls_server::{TestServerCert, TlsServer};
@@ -85,6 +88,10 @@ struct Inner {
     review_delay: Mutex<Duration>,
     /// When set, TokenReviews get this HTTP status (e.g. 403: the bridge lacks RBAC).
     review_failure: Mutex<Option<u16>>,
+    /// The JWKs served at `/openid/v1/jwks`.
+    jwks: Mutex<Vec<Value>>,
+    /// When set, `/openid/v1/jwks` gets this HTTP status.
+    jwks_failure: Mutex<Option<u16>>,
     /// When set, pod lists and watches get this HTTP status (the pod cache cannot sync).
     pods_failure: Mutex<Option<u16>>,
     store: Mutex<Store>,
@@ -138,6 +145,8 @@ impl FakeKube {
                 review_delay: Mutex::new(Duration::ZERO),
                 review_failure: Mutex::new(None),
                 pods_failure: Mutex::new(None),
+                jwks: Mutex::new(vec![SigningKey::cluster().jwk()]),
+                jwks_failure: Mutex::new(None),
                 store: Mutex::new(Store::new(1000)),
                 events: broadcast::channel(1024).0,
                 counts: Mutex::new(HashMap::new()),
@@ -224,12 +233,22 @@ impl FakeKube {
         *self.inner.pods_failure.lock().unwrap() = code;
     }
 
+    /// `/openid/v1/jwks` lists exactly these keys from now on (a key rotation).
+    pub fn publish_keys(&self, keys: &[&SigningKey]) {
+        *self.inner.jwks.lock().unwrap() = keys.iter().map(|k| k.jwk()).collect();
+    }
+
+    /// Makes `/openid/v1/jwks` fail with `code` (403: the RBAC for it is missing), or work.
+    pub fn set_jwks_failure(&self, code: Option<u16>) {
+        *self.inner.jwks_failure.lock().unwrap() = code;
+    }
+
     /// TokenReviews are answered after `d` (a slow or hanging API server).
     pub fn set_review_delay(&self, d: Duration) {
         *self.inner.review_delay.lock().unwrap() = d;
     }
 
-    /// Requests seen for an endpoint: `tokenreviews`, `pods.list`, `pods.watch`,
+    /// Requests seen for an endpoint: `tokenreviews`, `jwks`, `pods.list`, `pods.watch`,
     /// `pods.get`, `namespaces.list`, `namespaces.watch`, `configmaps.apply`, `secrets.get`,
     /// `secrets.apply`, `leases.get`,
     /// `leases.create`, `leases.replace`, `unauthorized`, `other`.

@@ -530,7 +530,11 @@ def rbac_grants(docs, label):
                 for field in ("verbs", "resources", "apiGroups", "resourceNames"):
                     check("*" not in r.get(field, []) and all("*" not in x for x in r.get(field, [])),
                           f"{label}: {kind} {name} grants a wildcard in {field}: {r}")
-                check("nonResourceURLs" not in r, f"{label}: {kind} {name} grants non-resource URLs")
+                if "nonResourceURLs" in r:
+                    check(kind == "ClusterRole" and not r.get("resources") and not r.get("apiGroups"),
+                          f"{label}: {kind} {name} mixes non-resource URLs into a resource rule: {r}")
+                    check("*" not in "".join(r["nonResourceURLs"]),
+                          f"{label}: {kind} {name} grants a wildcard non-resource URL: {r}")
             roles[(kind, ns, name)] = o["rules"]
         elif kind in ("ClusterRoleBinding", "RoleBinding"):
             ref = o["roleRef"]
@@ -550,7 +554,10 @@ def rbac_grants(docs, label):
     for (kind, ns, name), rules in roles.items():
         scope = "cluster" if kind == "ClusterRole" else ns
         for r in rules:
-            for g in r["apiGroups"]:
+            for url in r.get("nonResourceURLs", []):
+                for v in r["verbs"]:
+                    out.add((scope, "nonResourceURL", url, None, v))
+            for g in r.get("apiGroups", []):
                 for res in r["resources"]:
                     check(not (scope == "cluster" and res == "secrets"), f"{label}: {name} grants Secrets cluster-wide")
                     for rn in r.get("resourceNames") or [None]:
@@ -562,14 +569,16 @@ def rbac_grants(docs, label):
 def expected_grants(eff):
     """The API calls the bridge makes for an effective config (check-config's output), written
     down from src/k8s.rs, src/k8s/{pods,leader}.rs and src/trust/{configmap,istiod_cert}.rs:
-    TokenReview create; the pod watch (LIST+WATCH) for impersonation; the namespace watch and a
+    TokenReview create, and GET /openid/v1/jwks (the service-account issuer keys every token is
+    checked against first); the pod watch (LIST+WATCH) for impersonation; the namespace watch and a
     server-side apply of the root ConfigMap (PATCH, authorized as `create` too, with the name,
     when it creates the object); the Lease get / create (POST: no name to restrict) / replace;
     istiod-tls get + server-side apply."""
     kube = eff["authn"].get("kubernetes")
     if kube is None:
         return set()
-    want = {("cluster", "authentication.k8s.io", "tokenreviews", None, "create")}
+    want = {("cluster", "authentication.k8s.io", "tokenreviews", None, "create"),
+            ("cluster", "nonResourceURL", "/openid/v1/jwks", None, "get")}
     if eff["authn"]["trustedNodeAccounts"]:
         want |= {("cluster", "", "pods", None, v) for v in ("list", "watch")}
     k = eff["kubernetes"]
@@ -647,7 +656,8 @@ def check_image(chart):
 def check_rbac(chart):
     """Per feature combination, the exact grants, written out literally (not derived), and the
     rendered config of each passes check-config."""
-    tr = {("cluster", "authentication.k8s.io", "tokenreviews", None, "create")}
+    tr = {("cluster", "authentication.k8s.io", "tokenreviews", None, "create"),
+          ("cluster", "nonResourceURL", "/openid/v1/jwks", None, "get")}
     pods = {("cluster", "", "pods", None, "list"), ("cluster", "", "pods", None, "watch")}
 
     def roots(name="istio-ca-root-cert"):

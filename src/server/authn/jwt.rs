@@ -15,17 +15,15 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwapOption;
 use async_trait::async_trait;
 use base64::Engine;
-use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet};
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use jsonwebtoken::Validation;
 use serde::Deserialize;
 
 use super::{AuthMethod, Authenticator, AuthnError, Caller, RequestContext};
 use crate::config::JwtIssuerConfig;
 use crate::identity::{ServiceAccount, SpiffeId};
+use crate::jwks::{HeaderError, KeySet};
 
-/// A JWKS document larger than this is refused (real ones are a few KiB; a hostile or
-/// broken server must not make the bridge buffer without bound).
-pub const MAX_JWKS_BYTES: usize = 1024 * 1024;
+pub use crate::jwks::{JwksError, MAX_JWKS_BYTES};
 
 /// Tokens are accepted this long past `exp` / before `nbf` (clock skew).
 const LEEWAY_SECS: u64 = 30;
@@ -39,78 +37,6 @@ const MAX_CACHE_TTL: Duration = Duration::from_secs(300);
 /// without limit.
 const MAX_CACHED_TOKENS: usize = 65_536;
 
-#[derive(Debug, thiserror::Error)]
-pub enum JwksError {
-    #[error("reading {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("fetching {url}: {message}")]
-    Fetch { url: String, message: String },
-    #[error("JWKS is not valid JSON: {0}")]
-    Parse(String),
-    #[error("JWKS holds no usable key")]
-    NoKeys,
-    #[error("building HTTP client: {0}")]
-    Client(String),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Family {
-    Rsa,
-    P256,
-    P384,
-    Ed25519,
-}
-
-impl Family {
-    fn allows(self, alg: Algorithm) -> bool {
-        use Algorithm::*;
-        match self {
-            Family::Rsa => matches!(alg, RS256 | RS384 | RS512 | PS256 | PS384 | PS512),
-            Family::P256 => alg == ES256,
-            Family::P384 => alg == ES384,
-            Family::Ed25519 => alg == EdDSA,
-        }
-    }
-}
-
-struct KeyEntry {
-    kid: Option<String>,
-    family: Family,
-    /// The JWK's own `alg`, if it pins one.
-    alg: Option<String>,
-    key: DecodingKey,
-}
-
-fn key_entries(set: &JwkSet) -> Vec<KeyEntry> {
-    set.keys.iter().filter_map(key_entry).collect()
-}
-
-fn key_entry(jwk: &Jwk) -> Option<KeyEntry> {
-    let family = match &jwk.algorithm {
-        AlgorithmParameters::RSA(_) => Family::Rsa,
-        AlgorithmParameters::EllipticCurve(ec) => match ec.curve {
-            EllipticCurve::P256 => Family::P256,
-            EllipticCurve::P384 => Family::P384,
-            _ => return None,
-        },
-        AlgorithmParameters::OctetKeyPair(okp) if okp.curve == EllipticCurve::Ed25519 => {
-            Family::Ed25519
-        }
-        // Symmetric keys can never verify a token here.
-        _ => return None,
-    };
-    let key = DecodingKey::from_jwk(jwk).ok()?;
-    Some(KeyEntry {
-        kid: jwk.common.key_id.clone(),
-        family,
-        alg: jwk.common.key_algorithm.map(|a| format!("{a:?}")),
-        key,
-    })
-}
-
 enum Source {
     File(PathBuf),
     Url {
@@ -121,7 +47,7 @@ enum Source {
 }
 
 impl Source {
-    async fn fetch(&self) -> Result<Vec<KeyEntry>, JwksError> {
+    async fn fetch(&self) -> Result<KeySet, JwksError> {
         let body = match self {
             Source::File(path) => {
                 let read = |source| JwksError::Read {
@@ -178,13 +104,7 @@ impl Source {
                 body
             }
         };
-        let set: JwkSet =
-            serde_json::from_slice(&body).map_err(|e| JwksError::Parse(e.to_string()))?;
-        let keys = key_entries(&set);
-        if keys.is_empty() {
-            return Err(JwksError::NoKeys);
-        }
-        Ok(keys)
+        KeySet::parse(&body)
     }
 
     fn describe(&self) -> String {
@@ -202,7 +122,7 @@ struct Issuer {
     cluster_id: Option<String>,
     refresh_interval: Duration,
     source: Source,
-    keys: ArcSwapOption<Vec<KeyEntry>>,
+    keys: ArcSwapOption<KeySet>,
     last_on_demand: tokio::sync::Mutex<Option<Instant>>,
 }
 
@@ -387,33 +307,10 @@ impl JwtAuthenticator {
         if let Some(hit) = self.cached(&digest, ctx) {
             return hit;
         }
-        let header_json = token
-            .split('.')
-            .next()
-            .and_then(|h| {
-                base64::engine::general_purpose::URL_SAFE_NO_PAD
-                    .decode(h)
-                    .ok()
-            })
-            .and_then(|h| serde_json::from_slice::<serde_json::Value>(&h).ok())
-            .ok_or_else(|| AuthnError::Malformed("token is not a JWT".into()))?;
-        let alg_name = header_json
-            .get("alg")
-            .and_then(|a| a.as_str())
-            .unwrap_or("");
-        if alg_name.eq_ignore_ascii_case("none") || alg_name.is_empty() {
-            return Err(AuthnError::Invalid("unsigned token (alg none)".into()));
-        }
-        let header = jsonwebtoken::decode_header(token)
-            .map_err(|e| AuthnError::Malformed(format!("bad JWT header: {e}")))?;
-        if matches!(
-            header.alg,
-            Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512
-        ) {
-            return Err(AuthnError::Invalid(
-                "symmetric (HS*) tokens are not accepted".into(),
-            ));
-        }
+        let header = crate::jwks::signed_header(token).map_err(|e| match e {
+            HeaderError::Malformed(m) => AuthnError::Malformed(m),
+            HeaderError::Refused(m) => AuthnError::Invalid(m),
+        })?;
         let iss = unverified_issuer(token)?;
         let issuer = self
             .issuers
@@ -440,19 +337,7 @@ impl JwtAuthenticator {
                     issuer.issuer
                 )));
             };
-            let candidates: Vec<&KeyEntry> = keys
-                .iter()
-                .filter(|k| match &header.kid {
-                    Some(kid) => k.kid.as_deref() == Some(kid.as_str()),
-                    None => true,
-                })
-                .filter(|k| k.family.allows(header.alg))
-                .filter(|k| {
-                    k.alg
-                        .as_deref()
-                        .is_none_or(|a| a == format!("{:?}", header.alg))
-                })
-                .collect();
+            let candidates: Vec<&crate::jwks::Key> = keys.candidates(&header).collect();
             if candidates.is_empty() {
                 if !refreshed {
                     issuer.refresh_on_demand().await;

@@ -19,7 +19,13 @@
 //! - rejections are remembered for [`NEGATIVE_TTL`] only; API failures not at all;
 //! - tokens that cannot be Kubernetes service-account tokens never reach the API server:
 //!   not JWT-shaped, already expired, or from an issuer configured under `authn.jwt`
-//!   (those belong to the JWT authenticator, whose verdict stands).
+//!   (those belong to the JWT authenticator, whose verdict stands);
+//! - the signature is checked first against the cluster's service-account issuer keys
+//!   (`/openid/v1/jwks`, [`crate::k8s::issuer_keys`]): a forged token, or one signed by a
+//!   key the cluster does not publish, is refused without a review, so junk cannot use up
+//!   the API budget. When the keys cannot be fetched, reviews of unchecked tokens run in a
+//!   reduced lane ([`Lane::Unverified`]), which leaves the rest of the budget to tokens that
+//!   verified against the last keys seen.
 //!
 //! When the API server cannot be asked (down, timed out, rate limit, RBAC), an uncached
 //! token is [`AuthnError::Unavailable`] (UNAVAILABLE: retry), while cached ones keep
@@ -39,7 +45,8 @@ use sha2::{Digest, Sha256};
 
 use super::{AuthMethod, Authenticator, AuthnError, Caller, PodRef, RequestContext};
 use crate::identity::{ServiceAccount, SpiffeId};
-use crate::k8s::{Cluster, Clusters};
+use crate::k8s::issuer_keys::Precheck;
+use crate::k8s::{Cluster, Clusters, Lane};
 use crate::metrics::Metrics;
 
 /// How long a rejected token is answered from memory (a burst of retries with a bad token
@@ -252,8 +259,9 @@ impl Inner {
         token: String,
         key: Key,
         exp: Option<u64>,
+        lane: Lane,
     ) -> Verdict {
-        let verdict = match cluster.token_review(&token, &self.audiences).await {
+        let verdict = match cluster.token_review(&token, &self.audiences, lane).await {
             Ok(status) => judge(&status, &cluster, &self.audiences),
             Err(e) => Err(AuthnError::Unavailable(e.to_string())),
         };
@@ -346,6 +354,28 @@ impl Authenticator for TokenReviewAuthenticator {
         if let Some(v) = inner.cache.lock().expect("cache").get(&key, Instant::now()) {
             return hit(v);
         }
+        let check = cluster.precheck(token).await;
+        inner
+            .metrics
+            .token_prechecks
+            .with_label_values(&[cluster.id.as_str(), check.label()])
+            .inc();
+        let lane = match check {
+            Precheck::Verified => Lane::Verified,
+            Precheck::KeysUnavailable => Lane::Unverified,
+            Precheck::Forged(why) => {
+                return Err(AuthnError::Invalid(format!(
+                    "token not signed by cluster {}: {why} (no TokenReview sent)",
+                    cluster.id
+                )));
+            }
+            Precheck::UnknownKey => {
+                return Err(AuthnError::Invalid(format!(
+                    "token signed by a key cluster {} does not publish (no TokenReview sent)",
+                    cluster.id
+                )));
+            }
+        };
         let fut = {
             let mut in_flight = inner.in_flight.lock().expect("in-flight");
             // Re-check under the in-flight lock: a review may have finished meanwhile.
@@ -360,6 +390,7 @@ impl Authenticator for TokenReviewAuthenticator {
                         token.to_string(),
                         key,
                         claims.exp,
+                        lane,
                     ));
                     async move {
                         task.await.unwrap_or_else(|e| {

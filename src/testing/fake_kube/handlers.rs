@@ -26,6 +26,7 @@ pub(super) fn router(inner: Arc<Inner>) -> Router {
             "/apis/authentication.k8s.io/v1/tokenreviews",
             post(token_review),
         )
+        .route("/openid/v1/jwks", get(jwks))
         .route("/api/v1/pods", get(list_or_watch_pods))
         .route("/api/v1/namespaces", get(list_or_watch_namespaces))
         .route("/api/v1/namespaces/{ns}/pods/{name}", get(get_pod))
@@ -88,6 +89,27 @@ async fn not_found(State(inner): State<Arc<Inner>>) -> Response {
         "NotFound",
         "the server could not find the requested resource",
     )
+}
+
+async fn jwks(State(inner): State<Arc<Inner>>, headers: HeaderMap) -> Response {
+    if let Some(r) = unauthorized(&inner, &headers) {
+        return r;
+    }
+    count(&inner, "jwks");
+    if let Some(code) = *inner.jwks_failure.lock().unwrap() {
+        return status_json(
+            code,
+            "Forbidden",
+            "forbidden: User \"system:serviceaccount:istio-system:istio-ca-bridge\" cannot get path \"/openid/v1/jwks\"",
+        );
+    }
+    let keys = inner.jwks.lock().unwrap().clone();
+    (
+        StatusCode::OK,
+        [("content-type", "application/jwk-set+json")],
+        json!({ "keys": keys }).to_string(),
+    )
+        .into_response()
 }
 
 async fn token_review(
