@@ -1,20 +1,23 @@
 //! The admin HTTP port: `/metrics` (Prometheus text), `/healthz` (the process is alive),
 //! `/readyz` (the gRPC listener is up, a serving certificate is installed and the backend
-//! can sign), `/config` (the effective config, secrets redacted) and `/roots` (the current
+//! can sign), `/config` (the effective config, secrets redacted; by default only to loopback
+//! peers, `admin.configAccess`) and `/roots` (the current
 //! trust bundle as PEM: public, and what `istio-ca-root-cert` must hold).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{Health, Signer};
+use crate::config::ConfigAccess;
 use crate::metrics::Metrics;
 use crate::server::tls::CertResolver;
 
@@ -48,6 +51,7 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub readiness: Arc<Readiness>,
     pub config_json: String,
+    pub config_access: ConfigAccess,
 }
 
 pub fn router(state: Arc<AdminState>) -> Router {
@@ -88,18 +92,57 @@ async fn roots(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
     )
 }
 
-async fn config(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
+async fn config(
+    State(s): State<Arc<AdminState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> Response {
+    if !config_allowed(s.config_access, peer) {
+        return (
+            StatusCode::FORBIDDEN,
+            "/config is served only as admin.configAccess allows (default: loopback only)\n",
+        )
+            .into_response();
+    }
     (
         [(header::CONTENT_TYPE, "application/json")],
         s.config_json.clone(),
     )
+        .into_response()
+}
+
+/// Whether a peer may read `/config` (an IPv4-mapped IPv6 loopback counts as loopback).
+fn config_allowed(access: ConfigAccess, peer: SocketAddr) -> bool {
+    match access {
+        ConfigAccess::Anywhere => true,
+        ConfigAccess::Loopback => peer.ip().to_canonical().is_loopback(),
+        ConfigAccess::Off => false,
+    }
 }
 
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: CancellationToken) {
-    if let Err(e) = axum::serve(listener, router(state))
+    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
     {
         tracing::error!(error = %e, "admin server failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_is_for_loopback_peers_by_default() {
+        let at = |a: &str| a.parse::<SocketAddr>().unwrap();
+        let d = ConfigAccess::default();
+        assert!(config_allowed(d, at("127.0.0.1:5000")));
+        assert!(config_allowed(d, at("[::1]:5000")));
+        assert!(config_allowed(d, at("[::ffff:127.0.0.1]:5000")));
+        assert!(!config_allowed(d, at("10.1.2.3:5000")));
+        assert!(!config_allowed(d, at("[fd00::1]:5000")));
+        assert!(config_allowed(ConfigAccess::Anywhere, at("10.1.2.3:5000")));
+        assert!(!config_allowed(ConfigAccess::Off, at("127.0.0.1:5000")));
     }
 }

@@ -269,6 +269,7 @@ impl App {
                 metrics: self.metrics.clone(),
                 readiness: self.readiness.clone(),
                 config_json,
+                config_access: self.cfg.admin.config_access,
             }),
             admin_stop.clone(),
         ));

@@ -33,7 +33,7 @@ pub use self::kubernetes::{
 };
 pub use self::metrics::MetricsConfig;
 pub use self::policy::{OverMax, PolicyConfig};
-pub use self::server::{AdminConfig, ServerConfig, ServerTlsConfig, ServingCertMode};
+pub use self::server::{AdminConfig, ConfigAccess, ServerConfig, ServerTlsConfig, ServingCertMode};
 pub use crate::backend::aws_pca::AwsPcaConfig;
 pub use crate::backend::digicert::DigicertConfig;
 pub use crate::backend::intermediate::{BackendMode, IntermediateConfig};

@@ -226,4 +226,16 @@ async fn admin_health_readiness_and_config_endpoints() {
     let (status, _) = b.admin_get("/no-such-page").await;
     assert_eq!(status, 404);
     b.shutdown().await.unwrap();
+
+    // `admin.configAccess: off` hides it even from loopback (the default, `loopback`, is
+    // what served it above; other peers are refused, see the admin module's unit test).
+    let b =
+        Bridge::start_with(|c| c.admin.config_access = istio_ca_bridge::config::ConfigAccess::Off)
+            .await;
+    let (status, body) = b.admin_get("/config").await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("admin.configAccess"), "{body}");
+    let (status, _) = b.admin_get("/healthz").await;
+    assert_eq!(status, 200);
+    b.shutdown().await.unwrap();
 }

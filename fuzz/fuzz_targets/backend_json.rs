@@ -32,6 +32,10 @@ fn status_fields(s: &TokenReviewStatus) {
 }
 
 fuzz_target!(|data: &[u8]| {
+    // A JWKS answer (`/openid/v1/jwks`, or an OIDC issuer's).
+    if let Ok(keys) = istio_ca_bridge::jwks::KeySet::parse(data) {
+        assert!(!keys.is_empty());
+    }
     if let Ok(review) = serde_json::from_slice::<TokenReview>(data) {
         if let Some(s) = &review.status {
             status_fields(s);

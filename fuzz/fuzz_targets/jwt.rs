@@ -1,7 +1,9 @@
 //! JWT authentication through the public entry point: a `JwtAuthenticator` loaded from a
 //! JWKS file (the fuzz-only issuer in `fuzz/jwt-issuer/`, the dev issuer's shape), asked
 //! to `authenticate` arbitrary bearer tokens. Covers the header and payload parsing before
-//! verification (`alg` checks, the unverified `iss`), key selection and claim validation.
+//! verification (`alg` checks, the unverified `iss`), key selection and claim validation,
+//! and the signature-only check (`jwks::check_signature`) that Kubernetes tokens get before
+//! a TokenReview.
 #![no_main]
 
 use std::sync::OnceLock;
@@ -21,6 +23,8 @@ struct Setup {
     strict: JwtAuthenticator,
     /// Leaves unknown issuers to a later authenticator; the issuer belongs to "east".
     deferring: JwtAuthenticator,
+    /// The same keys, for the signature-only check that runs before a TokenReview.
+    keys: istio_ca_bridge::jwks::KeySet,
 }
 
 fn setup() -> &'static Setup {
@@ -61,6 +65,7 @@ fn setup() -> &'static Setup {
             rt,
             strict,
             deferring,
+            keys: istio_ca_bridge::jwks::KeySet::parse(JWKS.as_bytes()).expect("JWKS parses"),
         }
     })
 }
@@ -70,6 +75,8 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let s = setup();
+    // The check Kubernetes tokens get before a TokenReview (k8s::issuer_keys).
+    let _ = istio_ca_bridge::jwks::check_signature(token, &s.keys);
     let header = format!("Bearer {token}");
     for (authn, cluster) in [
         (&s.strict, None),

@@ -109,12 +109,27 @@ impl Default for ServerTlsConfig {
 pub struct AdminConfig {
     /// /metrics, /healthz, /readyz and /config. Plain HTTP: keep it off public networks.
     pub listen: SocketAddr,
+    /// Who may read `/config` (it shows topology: backend addresses, cluster ids, issuers):
+    /// `loopback` (default: only from inside the pod, e.g. `kubectl port-forward` or `exec`),
+    /// `anywhere` (whoever reaches the admin port), or `off`.
+    pub config_access: ConfigAccess,
+}
+
+/// See [`AdminConfig::config_access`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ConfigAccess {
+    #[default]
+    Loopback,
+    Anywhere,
+    Off,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         Self {
             listen: "0.0.0.0:15014".parse().expect("static addr"),
+            config_access: ConfigAccess::default(),
         }
     }
 }
