@@ -11,7 +11,9 @@ an RSA 2048 CA key; e = restart storm, 10,000 distinct identities once each; plu
 check with 1,000 client connections. c/d (OpenBao pki/sign directly, and the bridge's vault
 backend in front of it), f (the vault backend in intermediate mode, against a and d) and g/h
 (restart storm through OpenBao, direct vs intermediate, with the number of backend calls each
-made) run when `bao` is installed.
+made) run when `bao` is installed. i/j (scripts/bench_attacks.py) are the hardening issue's
+two attacks: a client-certificate chain padded with self-issued CAs, and large
+unauthenticated messages. `BENCH_ONLY=attacks` runs only those two.
 """
 import json
 import os
@@ -70,16 +72,17 @@ def local_backend(key_type):
 
 
 class Bridge:
-    def __init__(self, key_type, backend=None, root_file=None):
+    def __init__(self, key_type, backend=None, root_file=None, max_streams=4096):
+        """`max_streams=None` keeps the production default of `server.maxConcurrentStreams`."""
         self.dir = tempfile.mkdtemp(prefix="icb-bench-")
         self.grpc, self.admin = free_port(), free_port()
+        streams = f"  maxConcurrentStreams: {max_streams}\n" if max_streams else ""
         cfg = f"""
 trustDomain: cluster.local
 server:
   listen: 127.0.0.1:{self.grpc}
   tls: {{mode: issued, dnsNames: [localhost]}}
-  maxConcurrentStreams: 4096
-admin: {{listen: 127.0.0.1:{self.admin}}}
+{streams}admin: {{listen: 127.0.0.1:{self.admin}}}
 authn:
   devIssuer: {{dir: {self.dir}/dev}}
 {(backend or local_backend(key_type))(self.dir)}
@@ -156,6 +159,12 @@ def scenario(name, key_type, *args, backend=None, root_file=None, backend_calls=
 def main():
     print("building release binaries...", file=sys.stderr)
     subprocess.run(["cargo", "build", "--release", "--bins"], cwd=ROOT, check=True)
+    import bench_attacks
+    if os.environ.get("BENCH_ONLY") == "attacks":
+        attacks = bench_attacks.run_all(sys.modules[__name__])
+        with open(os.path.join(ROOT, "bench-results-attacks.json"), "w") as f:
+            json.dump({"machine": machine(), "attacks": attacks}, f, indent=2)
+        return
     results = []
     common = ["--warmup", "2000", "--identities", "1000"]
     results.append(scenario("a: local CA, ECDSA P-256, 64 in flight", "ecdsaP256",
@@ -189,8 +198,9 @@ def main():
         calls = f"{r['backend_calls']:.0f}" if "backend_calls" in r else "-"
         print(f"| {r['name']} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['p99_ms']:.2f} | "
               f"{r['max_ms']:.2f} | {r['failed']} | {r['peak_rss_mib']:.1f} | {r['cpu_s_per_1000']:.3f} | {r['ready_ms']:.0f} | {calls} |")
+    attacks = bench_attacks.run_all(sys.modules[__name__])
     with open(os.path.join(ROOT, "bench-results.json"), "w") as f:
-        json.dump({"machine": machine(), "results": results}, f, indent=2)
+        json.dump({"machine": machine(), "results": results, "attacks": attacks}, f, indent=2)
 
 
 def vault_api(addr, method, path, body=None):

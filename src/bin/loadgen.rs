@@ -3,12 +3,21 @@
 //! before the clock starts so that client-side key generation is not measured.
 //!
 //! Reports requests/s, latency percentiles and errors by gRPC code (or HTTP status), as text
-//! and, with `--json`, as one JSON object for scripts.
+//! and, with `--json`, as one JSON object for scripts. SIGINT (Ctrl-C) stops starting calls
+//! and reports what was done so far (a second one exits at once).
+//!
+//! Attack modes (hardening issue, see scripts/bench_attacks.py): `--no-token` sends no
+//! authorization header, `--client-chain`/`--client-key` present a TLS client certificate
+//! chain on every connection, `--junk-csr-bytes N` replaces each CSR by N junk bytes, and
+//! `--make-padded-chain DIR` writes a leaf padded with self-issued CAs and exits.
+
+#[path = "loadgen/chain.rs"]
+mod chain;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -25,8 +34,8 @@ struct Args {
     #[arg(long, value_enum, default_value = "bridge")]
     target: Target,
     /// host:port of the bridge, or the Vault/OpenBao base URL (http://127.0.0.1:8200).
-    #[arg(long)]
-    addr: String,
+    #[arg(long, required_unless_present = "make_padded_chain")]
+    addr: Option<String>,
     /// Root(s) trusted for the bridge's serving certificate.
     #[arg(long)]
     ca_cert: Option<PathBuf>,
@@ -68,6 +77,24 @@ struct Args {
     json: bool,
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
+    /// Send no authorization header (an unauthenticated caller).
+    #[arg(long)]
+    no_token: bool,
+    /// Present this certificate chain (PEM, leaf first) as TLS client certificate.
+    #[arg(long, requires = "client_key")]
+    client_chain: Option<PathBuf>,
+    /// Key of the --client-chain leaf (PEM).
+    #[arg(long, requires = "client_chain")]
+    client_key: Option<PathBuf>,
+    /// Replace each CSR by this many junk bytes (large-message attack).
+    #[arg(long)]
+    junk_csr_bytes: Option<usize>,
+    /// Write DIR/chain.pem and DIR/key.pem (a leaf followed by --padding-cas self-issued
+    /// CAs) and exit.
+    #[arg(long)]
+    make_padded_chain: Option<PathBuf>,
+    #[arg(long, default_value_t = 10)]
+    padding_cas: usize,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -78,7 +105,7 @@ enum Target {
 
 struct Work {
     csr: String,
-    token: String,
+    token: Option<String>,
     uri: String,
 }
 
@@ -103,34 +130,60 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(dir) = &args.make_padded_chain {
+        let uri = format!("spiffe://{}/ns/default/sa/attacker", args.trust_domain);
+        chain::write_padded_chain(dir, args.padding_cas, &uri)?;
+        eprintln!(
+            "wrote {0}/chain.pem (leaf + {1} self-issued CAs) and {0}/key.pem",
+            dir.display(),
+            args.padding_cas
+        );
+        return Ok(());
+    }
+    let addr = args.addr.clone().context("--addr is required")?;
     let key_type: KeyType = args.key_type.into();
     eprintln!(
         "preparing {} identities ({key_type:?} CSRs)...",
         args.identities
     );
+    let junk = args.junk_csr_bytes.map(|n| "x".repeat(n));
     let work: Vec<Arc<Work>> = (0..args.identities)
         .map(|i| -> anyhow::Result<Arc<Work>> {
             let ns = format!("ns-{}", i % 100);
             let sa = format!("sa-{i}");
             let uri = format!("spiffe://{}/ns/{ns}/sa/{sa}", args.trust_domain);
-            let key = pki::generate_key(key_type)?;
-            let csr = pki::workload_csr(&key, &uri, CsrShape::IstioAgent)?;
+            let csr = match &junk {
+                Some(j) => j.clone(),
+                None => {
+                    pki::workload_csr(&pki::generate_key(key_type)?, &uri, CsrShape::IstioAgent)?
+                }
+            };
             let token = match (&args.target, &args.dev_issuer_dir) {
-                (Target::Bridge, Some(dir)) => istio_ca_bridge::dev::mint(
+                (Target::Bridge, _) if args.no_token => None,
+                (Target::Bridge, Some(dir)) => Some(istio_ca_bridge::dev::mint(
                     dir,
                     &ns,
                     &sa,
                     "istio-ca",
                     Duration::from_secs(3600),
-                )?,
+                )?),
                 (Target::Bridge, None) => {
-                    anyhow::bail!("--dev-issuer-dir is required for the bridge target")
+                    anyhow::bail!(
+                        "--dev-issuer-dir (or --no-token) is required for the bridge target"
+                    )
                 }
-                (Target::Vault, _) => String::new(),
+                (Target::Vault, _) => None,
             };
             Ok(Arc::new(Work { csr, token, uri }))
         })
         .collect::<Result<_, _>>()?;
+    let identity = match (&args.client_chain, &args.client_key) {
+        (Some(c), Some(k)) => Some((
+            std::fs::read(c).with_context(|| format!("reading {}", c.display()))?,
+            std::fs::read(k).with_context(|| format!("reading {}", k.display()))?,
+        )),
+        _ => None,
+    };
 
     let mut clients = Vec::new();
     for _ in 0..args.connections.max(1) {
@@ -138,10 +191,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Target::Bridge => {
                 let ca = std::fs::read(args.ca_cert.as_ref().context("--ca-cert is required")?)?;
                 let ch = istio_ca_bridge::cli::request::connect(
-                    &args.addr,
+                    &addr,
                     &ca,
                     Some(&args.server_name),
-                    None,
+                    identity.clone(),
                 )
                 .await?;
                 Client::Grpc(IstioCertificateServiceClient::new(ch))
@@ -155,14 +208,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let clients = Arc::new(clients);
     let work = Arc::new(work);
+    let stop = Arc::new(AtomicBool::new(false));
+    tokio::spawn(stop_on_sigint(stop.clone()));
 
     if args.warmup > 0 {
         let w = Arc::new(AtomicU64::new(0));
         drive(
             &args,
+            &addr,
             clients.clone(),
             work.clone(),
-            w,
+            (w, stop.clone()),
             Some(args.warmup),
             None,
         )
@@ -170,7 +226,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let next = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
-    let results = drive(&args, clients, work, next, args.count, args.duration).await;
+    let results = drive(
+        &args,
+        &addr,
+        clients,
+        work,
+        (next, stop),
+        args.count,
+        args.duration,
+    )
+    .await;
     let elapsed = start.elapsed();
 
     let mut lat: Vec<Duration> = results
@@ -194,6 +259,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         lat[i].as_secs_f64() * 1000.0
     };
     let rps = ok as f64 / elapsed.as_secs_f64();
+    // Every call that got an answer, refused or not: the rate of an attack.
+    let calls_per_s = (ok + failed) as f64 / elapsed.as_secs_f64();
     let summary = serde_json::json!({
         "target": format!("{:?}", args.target).to_lowercase(),
         "concurrency": args.concurrency,
@@ -205,6 +272,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "errors": errors,
         "elapsed_s": elapsed.as_secs_f64(),
         "rps": rps,
+        "calls_per_s": calls_per_s,
         "p50_ms": pct(0.50),
         "p90_ms": pct(0.90),
         "p99_ms": pct(0.99),
@@ -225,12 +293,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs `concurrency` workers until `count` calls were started or `duration` passed.
+/// The first SIGINT sets `stop` (workers start no further call); a second one exits.
+async fn stop_on_sigint(stop: Arc<AtomicBool>) {
+    if tokio::signal::ctrl_c().await.is_ok() {
+        stop.store(true, Ordering::Relaxed);
+        eprintln!("interrupted: finishing the calls in flight");
+        if tokio::signal::ctrl_c().await.is_ok() {
+            std::process::exit(130);
+        }
+    }
+}
+
+/// Runs `concurrency` workers until `count` calls were started, `duration` passed or
+/// `stop` is set.
 async fn drive(
     args: &Args,
+    addr: &str,
     clients: Arc<Vec<Client>>,
     work: Arc<Vec<Arc<Work>>>,
-    next: Arc<AtomicU64>,
+    (next, stop): (Arc<AtomicU64>, Arc<AtomicBool>),
     count: Option<u64>,
     duration: Option<Duration>,
 ) -> Vec<WorkerResult> {
@@ -244,9 +325,10 @@ async fn drive(
         let clients = clients.clone();
         let work = work.clone();
         let next = next.clone();
+        let stop = stop.clone();
         let ttl = args.ttl;
         let target = args.target;
-        let addr = args.addr.clone();
+        let addr = addr.to_string();
         let vault = (
             args.vault_token.clone().unwrap_or_default(),
             args.mount.clone(),
@@ -257,7 +339,10 @@ async fn drive(
             let client_idx = w % clients.len();
             loop {
                 let n = next.fetch_add(1, Ordering::Relaxed);
-                if count.is_some_and(|c| n >= c) || deadline.is_some_and(|d| Instant::now() >= d) {
+                if count.is_some_and(|c| n >= c)
+                    || deadline.is_some_and(|d| Instant::now() >= d)
+                    || stop.load(Ordering::Relaxed)
+                {
                     break;
                 }
                 let item = &work[(n as usize) % work.len()];
@@ -293,12 +378,14 @@ async fn call_bridge(
         validity_duration: ttl,
         metadata: None,
     });
-    req.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {}", w.token)
-            .parse()
-            .map_err(|_| "bad token".to_string())?,
-    );
+    if let Some(token) = &w.token {
+        req.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {token}")
+                .parse()
+                .map_err(|_| "bad token".to_string())?,
+        );
+    }
     req.metadata_mut().insert(
         "clusterid",
         tonic::metadata::MetadataValue::from_static("Kubernetes"),
