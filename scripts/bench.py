@@ -13,7 +13,8 @@ backend in front of it), f (the vault backend in intermediate mode, against a an
 (restart storm through OpenBao, direct vs intermediate, with the number of backend calls each
 made) run when `bao` is installed. i/j (scripts/bench_attacks.py) are the hardening issue's
 two attacks: a client-certificate chain padded with self-issued CAs, and large
-unauthenticated messages. `BENCH_ONLY=attacks` runs only those two.
+unauthenticated messages; k (scripts/bench_tokens.py) is junk Kubernetes tokens against the
+TokenReview budget. `BENCH_ONLY=attacks` runs only i, j and k.
 """
 import json
 import os
@@ -27,8 +28,10 @@ import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
-BRIDGE = os.path.join(TARGET, "release", "istio-ca-bridge")
-LOADGEN = os.path.join(TARGET, "release", "loadgen")
+# BENCH_PROFILE=debug only to try a scenario out quickly; figures come from release builds.
+PROFILE = os.environ.get("BENCH_PROFILE", "release")
+BRIDGE = os.path.join(TARGET, PROFILE, "istio-ca-bridge")
+LOADGEN = os.path.join(TARGET, PROFILE, "loadgen")
 TICKS = os.sysconf("SC_CLK_TCK")
 DURATION = os.environ.get("BENCH_DURATION", "10s")
 
@@ -160,8 +163,10 @@ def main():
     print("building release binaries...", file=sys.stderr)
     subprocess.run(["cargo", "build", "--release", "--bins"], cwd=ROOT, check=True)
     import bench_attacks
+    import bench_tokens
+    bench_tokens.build()
     if os.environ.get("BENCH_ONLY") == "attacks":
-        attacks = bench_attacks.run_all(sys.modules[__name__])
+        attacks = bench_attacks.run_all(sys.modules[__name__]) + bench_tokens.scenarios()
         with open(os.path.join(ROOT, "bench-results-attacks.json"), "w") as f:
             json.dump({"machine": machine(), "attacks": attacks}, f, indent=2)
         return
@@ -198,7 +203,7 @@ def main():
         calls = f"{r['backend_calls']:.0f}" if "backend_calls" in r else "-"
         print(f"| {r['name']} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['p99_ms']:.2f} | "
               f"{r['max_ms']:.2f} | {r['failed']} | {r['peak_rss_mib']:.1f} | {r['cpu_s_per_1000']:.3f} | {r['ready_ms']:.0f} | {calls} |")
-    attacks = bench_attacks.run_all(sys.modules[__name__])
+    attacks = bench_attacks.run_all(sys.modules[__name__]) + bench_tokens.scenarios()
     with open(os.path.join(ROOT, "bench-results.json"), "w") as f:
         json.dump({"machine": machine(), "results": results, "attacks": attacks}, f, indent=2)
 

@@ -95,6 +95,14 @@ struct Args {
     make_padded_chain: Option<PathBuf>,
     #[arg(long, default_value_t = 10)]
     padding_cas: usize,
+    /// Bearer tokens, one per line (e.g. Kubernetes service-account tokens): call i uses
+    /// line i; replaces --dev-issuer-dir, and --identities becomes the number of lines.
+    #[arg(long, conflicts_with_all = ["dev_issuer_dir", "no_token"])]
+    tokens_file: Option<PathBuf>,
+    /// Every call asks for this identity (`<namespace>/<service account>`) instead of
+    /// `ns-<i % 100>/sa-<i>`; one CSR serves all calls.
+    #[arg(long)]
+    identity: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -147,19 +155,53 @@ async fn run(args: Args) -> anyhow::Result<()> {
         args.identities
     );
     let junk = args.junk_csr_bytes.map(|n| "x".repeat(n));
-    let work: Vec<Arc<Work>> = (0..args.identities)
-        .map(|i| -> anyhow::Result<Arc<Work>> {
-            let ns = format!("ns-{}", i % 100);
-            let sa = format!("sa-{i}");
+    let file_tokens: Option<Vec<String>> = match &args.tokens_file {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .with_context(|| format!("reading {}", p.display()))?
+                .split_whitespace()
+                .map(str::to_string)
+                .collect(),
+        ),
+        None => None,
+    };
+    let identities = file_tokens.as_ref().map_or(args.identities, Vec::len);
+    let fixed = match &args.identity {
+        Some(id) => {
+            let (ns, sa) = id
+                .split_once('/')
+                .context("--identity is <namespace>/<service account>")?;
             let uri = format!("spiffe://{}/ns/{ns}/sa/{sa}", args.trust_domain);
-            let csr = match &junk {
-                Some(j) => j.clone(),
+            let csr = pki::workload_csr(&pki::generate_key(key_type)?, &uri, CsrShape::IstioAgent)?;
+            Some((ns.to_string(), sa.to_string(), uri, csr))
+        }
+        None => None,
+    };
+    let work: Vec<Arc<Work>> = (0..identities)
+        .map(|i| -> anyhow::Result<Arc<Work>> {
+            let (ns, sa, uri, csr) = match &fixed {
+                Some((ns, sa, uri, csr)) => (ns.clone(), sa.clone(), uri.clone(), csr.clone()),
                 None => {
-                    pki::workload_csr(&pki::generate_key(key_type)?, &uri, CsrShape::IstioAgent)?
+                    let ns = format!("ns-{}", i % 100);
+                    let sa = format!("sa-{i}");
+                    let uri = format!("spiffe://{}/ns/{ns}/sa/{sa}", args.trust_domain);
+                    let csr = match &junk {
+                        Some(j) => j.clone(),
+                        None => pki::workload_csr(
+                            &pki::generate_key(key_type)?,
+                            &uri,
+                            CsrShape::IstioAgent,
+                        )?,
+                    };
+                    (ns, sa, uri, csr)
                 }
             };
+            let csr = junk.clone().unwrap_or(csr);
             let token = match (&args.target, &args.dev_issuer_dir) {
                 (Target::Bridge, _) if args.no_token => None,
+                (Target::Bridge, _) if file_tokens.is_some() => {
+                    file_tokens.as_ref().map(|t| t[i].clone())
+                }
                 (Target::Bridge, Some(dir)) => Some(istio_ca_bridge::dev::mint(
                     dir,
                     &ns,
@@ -207,6 +249,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         });
     }
     let clients = Arc::new(clients);
+    let work_len = work.len();
     let work = Arc::new(work);
     let stop = Arc::new(AtomicBool::new(false));
     tokio::spawn(stop_on_sigint(stop.clone()));
@@ -265,7 +308,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "target": format!("{:?}", args.target).to_lowercase(),
         "concurrency": args.concurrency,
         "connections": args.connections,
-        "identities": args.identities,
+        "identities": work_len,
         "key_type": format!("{key_type:?}"),
         "ok": ok,
         "failed": failed,
