@@ -16,6 +16,7 @@ pub struct Metrics {
     // istiod-compatible series.
     pub csr_count: IntCounter,
     pub authn_failures: IntCounter,
+    pub tarpitted: IntCounter,
     pub csr_sign_errors: IntCounterVec,
     pub success_issuance: IntCounter,
     pub citadel_root_expiry: Gauge,
@@ -100,6 +101,14 @@ impl Metrics {
                     "The number of authentication failures."
                 ),
                 c
+            ),
+            tarpitted: new!(
+                IntCounter,
+                Opts::new(
+                    "istio_ca_bridge_authn_failures_delayed_total",
+                    "Authentication failures answered late because their connection had used up its failure budget (a client failing in a loop)."
+                ),
+                true
             ),
             csr_sign_errors: new!(
                 IntCounterVec,

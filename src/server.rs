@@ -14,6 +14,7 @@ pub mod chain;
 pub mod csr;
 pub mod policy;
 pub mod serving;
+pub mod tarpit;
 pub mod tls;
 
 use std::sync::Arc;
@@ -151,6 +152,8 @@ struct Inner {
     /// UNAVAILABLE and their work dropped, so nothing is issued after the server said it
     /// stopped (tonic runs connections in their own tasks, which outlive the server future).
     hard_stop: tokio_util::sync::CancellationToken,
+    /// Per-connection budget of authentication failures.
+    tarpit: tarpit::Tarpit,
 }
 
 /// Request limits and policy for [`CaService`].
@@ -189,6 +192,7 @@ impl CaService {
                 request_timeout,
                 metrics,
                 hard_stop,
+                tarpit: tarpit::Tarpit::default(),
             }),
         }
     }
@@ -315,8 +319,14 @@ impl IstioCertificateService for CaService {
             }
             Err(e) => {
                 let status = to_status(&e);
+                let mut hold = None;
                 match &e {
                     RequestError::Authn(a) => {
+                        if !a.is_unavailable()
+                            && let Some(peer) = request.remote_addr()
+                        {
+                            hold = inner.tarpit.on_failure(peer);
+                        }
                         m.authn_failures.inc();
                         m.authn_failure_reasons
                             .with_label_values(&[a.reason()])
@@ -354,6 +364,15 @@ impl IstioCertificateService for CaService {
                     }
                     _ => {
                         tracing::info!(code = code_name(status.code()), error = %e, "request rejected")
+                    }
+                }
+                if let Some(d) = hold {
+                    m.tarpitted.inc();
+                    drop(_e);
+                    let d = d.min(inner.request_timeout.saturating_sub(start.elapsed()));
+                    tokio::select! {
+                        _ = tokio::time::sleep(d) => {}
+                        _ = inner.hard_stop.cancelled() => {}
                     }
                 }
                 Err(status)

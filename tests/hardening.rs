@@ -252,21 +252,71 @@ async fn a_chain_padded_with_self_issued_cas_is_refused_before_path_building() {
     let mut client = mtls_client(&b, chain, &leaf_key).await;
     let (_, csr) = csr_for(&id, KeyType::EcdsaP256, CsrShape::IstioAgent);
     let start = Instant::now();
-    for _ in 0..50 {
+    // Fewer calls than the connection's failure budget (server::tarpit::BURST), so none is
+    // held back: this measures the refusal itself.
+    for _ in 0..30 {
         let e = call(&mut client, request(csr.clone(), None, 3600))
             .await
             .unwrap_err();
         assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
     }
     // Generous for a debug build on a loaded machine: the unbounded path search took
-    // ~50 ms a call in release; refused from the count, 50 calls take a few ms each.
+    // ~50 ms a call in release; refused from the count, 30 calls take a few ms each.
     assert!(
-        start.elapsed() < Duration::from_secs(10),
+        start.elapsed() < Duration::from_secs(6),
         "{:?}",
         start.elapsed()
     );
     let (code, _) = b.admin_get("/healthz").await;
     assert_eq!(code, 200);
+
+    // The same connection keeps failing: past its budget each refusal is held for a second
+    // (its stream stays open), so it can no longer ask for thousands per second. Other
+    // connections, and successful calls, are not slowed.
+    let burst = istio_ca_bridge::server::tarpit::BURST as usize;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..40 {
+        let mut c = client.clone();
+        let csr = csr.clone();
+        tasks.push(tokio::spawn(async move {
+            call(&mut c, request(csr, None, 3600))
+                .await
+                .unwrap_err()
+                .code()
+        }));
+    }
+    let mut legit = b.client().await;
+    let web = spiffe("default", "web");
+    let t = Instant::now();
+    ask(
+        &mut legit,
+        &web,
+        &b.issuer.token("default", "web"),
+        None,
+        None,
+    )
+    .await
+    .expect("another connection is not slowed");
+    let legit_took = t.elapsed();
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), Code::Unauthenticated);
+    }
+    let held = metric(&b, "istio_ca_bridge_authn_failures_delayed_total", "");
+    assert!(
+        held >= (30 + 40 - burst - 4) as f64,
+        "{held} refusals held back"
+    );
+    assert!(
+        start.elapsed() >= istio_ca_bridge::server::tarpit::DELAY,
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(
+        legit_took < istio_ca_bridge::server::tarpit::DELAY,
+        "{legit_took:?}"
+    );
+    assert_eq!(b.issued(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -179,10 +179,15 @@ impl Bridge {
     }
 }
 
-/// The value of the sample `name{labels}` on the bridge's registry (0 when absent).
+/// The value of the sample `name{labels}` (`name` when `labels` is empty) on the bridge's
+/// registry (0 when absent).
 pub fn metric(b: &Bridge, name: &str, labels: &str) -> f64 {
     let text = b.metrics.render();
-    let prefix = format!("{name}{{{labels}}} ");
+    let prefix = if labels.is_empty() {
+        format!("{name} ")
+    } else {
+        format!("{name}{{{labels}}} ")
+    };
     text.lines()
         .find_map(|l| l.strip_prefix(&prefix))
         .map(|v| v.trim().parse().unwrap())
