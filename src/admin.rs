@@ -146,3 +146,40 @@ mod tests {
         assert!(!config_allowed(ConfigAccess::Off, at("127.0.0.1:5000")));
     }
 }
+
+/// Runs [`serve`] on a thread of its own with a single-threaded runtime, so that probes and
+/// scrapes are answered within an OS time slice even while every worker of the main runtime
+/// is busy signing (a saturated bridge must not fail its liveness probe and be restarted,
+/// which would make the overload worse). Resolves when the server has stopped.
+pub fn spawn_on_own_thread(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+    shutdown: CancellationToken,
+) -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {
+    let listener = listener.into_std()?;
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let dispatch = tracing::dispatcher::get_default(|d| d.clone());
+    std::thread::Builder::new()
+        .name("admin-http".into())
+        .spawn(move || {
+            let _log = tracing::dispatcher::set_default(&dispatch);
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "admin server: cannot build its runtime");
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                match TcpListener::from_std(listener) {
+                    Ok(l) => serve(l, state, shutdown).await,
+                    Err(e) => tracing::error!(error = %e, "admin server: cannot use its listener"),
+                }
+            });
+            let _ = done_tx.send(());
+        })?;
+    Ok(done_rx)
+}

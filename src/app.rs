@@ -263,7 +263,7 @@ impl App {
         spawn_bundle_watch(self.signer.clone(), self.metrics.clone(), stop.clone());
 
         let admin_stop = CancellationToken::new();
-        let admin_task = tokio::spawn(admin::serve(
+        let admin_task = admin::spawn_on_own_thread(
             self.admin,
             Arc::new(AdminState {
                 metrics: self.metrics.clone(),
@@ -272,7 +272,7 @@ impl App {
                 config_access: self.cfg.admin.config_access,
             }),
             admin_stop.clone(),
-        ));
+        )?;
 
         let tls = server::tls::server_config(self.resolver.clone());
         let grpc_addr = self.grpc.local_addr()?;
