@@ -129,24 +129,6 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: Canc
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn config_is_for_loopback_peers_by_default() {
-        let at = |a: &str| a.parse::<SocketAddr>().unwrap();
-        let d = ConfigAccess::default();
-        assert!(config_allowed(d, at("127.0.0.1:5000")));
-        assert!(config_allowed(d, at("[::1]:5000")));
-        assert!(config_allowed(d, at("[::ffff:127.0.0.1]:5000")));
-        assert!(!config_allowed(d, at("10.1.2.3:5000")));
-        assert!(!config_allowed(d, at("[fd00::1]:5000")));
-        assert!(config_allowed(ConfigAccess::Anywhere, at("10.1.2.3:5000")));
-        assert!(!config_allowed(ConfigAccess::Off, at("127.0.0.1:5000")));
-    }
-}
-
 /// Runs [`serve`] on a thread of its own with a single-threaded runtime, so that probes and
 /// scrapes are answered within an OS time slice even while every worker of the main runtime
 /// is busy signing (a saturated bridge must not fail its liveness probe and be restarted,
@@ -182,4 +164,22 @@ pub fn spawn_on_own_thread(
             let _ = done_tx.send(());
         })?;
     Ok(done_rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_is_for_loopback_peers_by_default() {
+        let at = |a: &str| a.parse::<SocketAddr>().unwrap();
+        let d = ConfigAccess::default();
+        assert!(config_allowed(d, at("127.0.0.1:5000")));
+        assert!(config_allowed(d, at("[::1]:5000")));
+        assert!(config_allowed(d, at("[::ffff:127.0.0.1]:5000")));
+        assert!(!config_allowed(d, at("10.1.2.3:5000")));
+        assert!(!config_allowed(d, at("[fd00::1]:5000")));
+        assert!(config_allowed(ConfigAccess::Anywhere, at("10.1.2.3:5000")));
+        assert!(!config_allowed(ConfigAccess::Off, at("127.0.0.1:5000")));
+    }
 }
