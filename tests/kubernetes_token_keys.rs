@@ -10,35 +10,10 @@
 
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use istio_ca_bridge::testing::fake_kube::*;
 use istio_ca_bridge::testing::*;
-use rand::RngCore;
 use serde_json::json;
 use tonic::Code;
-
-fn b64(bytes: &[u8]) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-}
-
-/// A token that looks like the kubelet's: the given `kid`, plausible claims, 64 random
-/// bytes as its ES256 signature.
-fn junk_token(kid: &str, n: usize) -> String {
-    let now = now();
-    let header = json!({"alg": "ES256", "kid": kid});
-    let claims = json!({
-        "iss": K8S_ISSUER, "sub": format!("system:serviceaccount:default:junk-{n}"),
-        "aud": ["istio-ca"], "iat": now, "nbf": now, "exp": now + 3600,
-    });
-    let mut sig = [0u8; 64];
-    rand::rng().fill_bytes(&mut sig);
-    format!(
-        "{}.{}.{}",
-        b64(header.to_string().as_bytes()),
-        b64(claims.to_string().as_bytes()),
-        b64(&sig)
-    )
-}
 
 /// Sends every token at `in_flight` concurrent calls, one connection each (so that no
 /// connection uses up its authentication-failure budget and gets slowed down,
@@ -85,7 +60,7 @@ async fn junk_tokens_cost_no_token_review_and_do_not_hold_up_real_workloads() {
 
     // 600 tokens with the cluster's real kid and random signatures, 64 in flight, while a
     // real workload with a fresh token asks.
-    let junk: Vec<String> = (0..600).map(|n| junk_token(CLUSTER_KID, n)).collect();
+    let junk: Vec<String> = (0..600).map(|n| junk_sa_jwt(CLUSTER_KID, n)).collect();
     let id = spiffe("default", "web");
     let real = sa_jwt("default", "web", "real");
     fake.sa_token(&real, "default", "web", None);
@@ -121,7 +96,7 @@ async fn junk_tokens_cost_no_token_review_and_do_not_hold_up_real_workloads() {
     // most once per 10 s, however many unknown kids arrive.
     let jwks_before = fake.count("jwks");
     let junk: Vec<String> = (0..200)
-        .map(|n| junk_token(&format!("kid-{n}"), n))
+        .map(|n| junk_sa_jwt(&format!("kid-{n}"), n))
         .collect();
     let codes = flood(&b, junk, 64).await;
     assert!(codes.iter().all(|c| *c == Code::Unauthenticated));
@@ -238,7 +213,7 @@ async fn without_the_keys_unchecked_tokens_get_a_reduced_lane_and_checked_ones_t
     // seen is answered meanwhile.
     let reviews = fake.count("tokenreviews");
     let junk: Vec<String> = (0..40)
-        .map(|n| junk_token(&format!("kid-{n}"), n))
+        .map(|n| junk_sa_jwt(&format!("kid-{n}"), n))
         .collect();
     let third = sa_jwt("default", "web", "third");
     fake.sa_token(&third, "default", "web", None);

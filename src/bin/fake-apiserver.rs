@@ -16,10 +16,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use base64::Engine;
 use clap::Parser;
-use istio_ca_bridge::testing::fake_kube::{CLUSTER_KID, FakeKube, K8S_ISSUER, sa_jwt};
-use rand::RngCore;
+use istio_ca_bridge::testing::fake_kube::{CLUSTER_KID, FakeKube, junk_sa_jwt, sa_jwt};
 
 #[derive(Parser)]
 struct Args {
@@ -34,24 +32,6 @@ struct Args {
     /// Each TokenReview is answered after this long (an API server's latency).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "5ms")]
     review_latency: Duration,
-}
-
-fn junk_token(n: usize) -> String {
-    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
-    let now = istio_ca_bridge::testing::now();
-    let header = serde_json::json!({"alg": "ES256", "kid": CLUSTER_KID});
-    let claims = serde_json::json!({
-        "iss": K8S_ISSUER, "sub": format!("system:serviceaccount:default:junk-{n}"),
-        "aud": ["istio-ca"], "iat": now, "nbf": now, "exp": now + 3600,
-    });
-    let mut sig = [0u8; 64];
-    rand::rng().fill_bytes(&mut sig);
-    format!(
-        "{}.{}.{}",
-        b64(header.to_string().as_bytes()),
-        b64(claims.to_string().as_bytes()),
-        b64(&sig)
-    )
 }
 
 #[tokio::main]
@@ -69,7 +49,9 @@ async fn main() -> anyhow::Result<()> {
         real.push('\n');
     }
     std::fs::write(args.dir.join("real-tokens"), real)?;
-    let junk: Vec<String> = (0..args.junk).map(junk_token).collect();
+    let junk: Vec<String> = (0..args.junk)
+        .map(|n| junk_sa_jwt(CLUSTER_KID, n))
+        .collect();
     std::fs::write(args.dir.join("junk-tokens"), junk.join("\n") + "\n")?;
 
     let counts = {

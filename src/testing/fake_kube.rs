@@ -56,7 +56,7 @@ use base64::Engine;
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
-pub use client::{CLUSTER_KID, K8S_ISSUER, SigningKey, cluster, kube_config, sa_jwt};
+pub use client::{CLUSTER_KID, K8S_ISSUER, SigningKey, cluster, junk_sa_jwt, kube_config, sa_jwt};
 use store::{Change, Store};
 
 use super::tls_server::{TestServerCert, TlsServer};

@@ -82,6 +82,27 @@ pub fn sa_jwt(ns: &str, sa: &str, n: &str) -> String {
     SigningKey::cluster().sa_jwt(ns, sa, n)
 }
 
+/// A token that looks like the kubelet's but is not: key `kid` in its header, plausible
+/// claims for `default/junk-<n>`, 64 random bytes as its ES256 signature.
+pub fn junk_sa_jwt(kid: &str, n: usize) -> String {
+    use rand::RngCore;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let now = now();
+    let header = json!({"alg": "ES256", "kid": kid});
+    let claims = json!({
+        "iss": K8S_ISSUER, "sub": format!("system:serviceaccount:default:junk-{n}"),
+        "aud": ["istio-ca"], "iat": now, "nbf": now, "exp": now + 3600,
+    });
+    let mut sig = [0u8; 64];
+    rand::rng().fill_bytes(&mut sig);
+    format!(
+        "{}.{}.{}",
+        b64(header.to_string().as_bytes()),
+        b64(claims.to_string().as_bytes()),
+        b64(&sig)
+    )
+}
+
 /// A cluster entry `id` (trust domain `td`, if any) pointing at a kubeconfig for `fake`
 /// written to `dir`.
 pub fn cluster(fake: &FakeKube, dir: &Path, id: &str, td: Option<&str>) -> KubeClusterConfig {
