@@ -2,7 +2,10 @@
 //! `/readyz` (the gRPC listener is up, a serving certificate is installed and the backend
 //! can sign), `/config` (the effective config, secrets redacted; by default only to loopback
 //! peers, `admin.configAccess`) and `/roots` (the current
-//! trust bundle as PEM: public, and what `istio-ca-root-cert` must hold).
+//! trust bundle as PEM: public, and what `istio-ca-root-cert` must hold) and `/rotation` (the
+//! root rotation, [`rotation`]).
+
+mod rotation;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -52,6 +55,10 @@ pub struct AdminState {
     pub readiness: Arc<Readiness>,
     pub config_json: String,
     pub config_access: ConfigAccess,
+    /// The root rotation, when the backend runs one.
+    pub rotation: Option<Arc<dyn crate::backend::RootRotation>>,
+    /// `admin.rotationTokenFile`.
+    pub rotation_token_file: Option<std::path::PathBuf>,
 }
 
 pub fn router(state: Arc<AdminState>) -> Router {
@@ -61,6 +68,8 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/readyz", get(readyz))
         .route("/config", get(config))
         .route("/roots", get(roots))
+        .route("/rotation", get(rotation::status))
+        .route("/rotation/{action}", axum::routing::post(rotation::change))
         .with_state(state)
 }
 

@@ -49,13 +49,34 @@ impl App {
         crate::install_crypto_provider();
         let metrics = Arc::new(Metrics::new(cfg.metrics.istio_compat));
 
+        let trusted_node_accounts = config::parse_accounts(&cfg.authn.trusted_node_accounts)
+            .map_err(|e| anyhow::anyhow!("authn.trustedNodeAccounts: {e}"))?;
+        let clusters = match &cfg.authn.kubernetes {
+            Some(k) => Some(Arc::new(
+                k8s::Clusters::build(k, &cfg.trust_domain, !trusted_node_accounts.is_empty())
+                    .await
+                    .context("building the Kubernetes clients")?,
+            )),
+            None => None,
+        };
         let inner = match opts.signer {
             Some(s) => s,
-            None => cfg
-                .backend
-                .build(&cfg.build_context(metrics.clone()))
-                .await
-                .context("building the backend")?,
+            None => {
+                let mut ctx = cfg.build_context(metrics.clone());
+                if let (Some((ns, name)), Some(c)) = (cfg.shared_local_ca(), &clusters) {
+                    let cluster = &c.all()[0];
+                    tracing::info!(cluster = %cluster.id, secret = %format!("{ns}/{name}"), "the local CA is shared through a Secret");
+                    ctx.ca_store = Some(Arc::new(k8s::ca_secret::SecretStore::new(
+                        cluster.client(),
+                        ns,
+                        name,
+                    )));
+                }
+                cfg.backend
+                    .build(&ctx)
+                    .await
+                    .context("building the backend")?
+            }
         };
         // Every signer, built or handed in, is checked the same way: what it issues is
         // verified once (Checked), then counted (Instrumented) and recorded (Audited).
@@ -117,16 +138,6 @@ impl App {
             .map_err(|e| anyhow::anyhow!("authn.clientCertIssuersFile: {e}"))?;
             chain.push(Arc::new(a));
         }
-        let trusted_node_accounts = config::parse_accounts(&cfg.authn.trusted_node_accounts)
-            .map_err(|e| anyhow::anyhow!("authn.trustedNodeAccounts: {e}"))?;
-        let clusters = match &cfg.authn.kubernetes {
-            Some(k) => Some(Arc::new(
-                k8s::Clusters::build(k, &cfg.trust_domain, !trusted_node_accounts.is_empty())
-                    .await
-                    .context("building the Kubernetes clients")?,
-            )),
-            None => None,
-        };
         let mut jwt = None;
         if !cfg.authn.jwt.is_empty() {
             let j = Arc::new(
@@ -261,6 +272,9 @@ impl App {
             stop.clone(),
         );
         spawn_bundle_watch(self.signer.clone(), self.metrics.clone(), stop.clone());
+        if let Some(r) = self.signer.root_rotation() {
+            spawn_rotation_audit(r.as_ref(), self.audit.clone(), stop.clone());
+        }
 
         let admin_stop = CancellationToken::new();
         let admin_task = admin::spawn_on_own_thread(
@@ -270,6 +284,8 @@ impl App {
                 readiness: self.readiness.clone(),
                 config_json,
                 config_access: self.cfg.admin.config_access,
+                rotation: self.signer.root_rotation(),
+                rotation_token_file: self.cfg.admin.rotation_token_file.clone(),
             }),
             admin_stop.clone(),
         )?;
@@ -412,6 +428,31 @@ fn spawn_bundle_watch(signer: Arc<dyn Signer>, metrics: Arc<Metrics>, stop: Canc
             let b = rx.borrow_and_update().clone();
             metrics.observe_bundle(&b);
             tracing::info!(roots = b.roots().len(), "trust bundle changed");
+        }
+    });
+}
+
+/// Writes an audit record for every rotation transition this replica makes.
+fn spawn_rotation_audit(
+    rotation: &dyn crate::backend::RootRotation,
+    audit: crate::audit::AuditLog,
+    stop: CancellationToken,
+) {
+    let mut rx = rotation.transitions();
+    tokio::spawn(async move {
+        loop {
+            let t = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = rx.recv() => match r {
+                    Ok(t) => t,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::error!(missed = n, "audit: rotation transitions were missed");
+                        continue;
+                    }
+                    Err(_) => return,
+                },
+            };
+            audit.rotation(&t).await;
         }
     });
 }

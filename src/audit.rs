@@ -51,19 +51,24 @@ pub struct Record {
     pub issuer_serial: Option<String>,
 }
 
-/// Formats unix seconds as RFC 3339 UTC.
-pub fn rfc3339(secs: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(secs)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| secs.to_string())
+pub use crate::pki::rfc3339;
+
+/// One root-rotation transition.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RotationRecord<'a> {
+    time: String,
+    event: &'static str,
+    from: &'static str,
+    to: &'static str,
+    action: &'a str,
+    by: &'a str,
+    forced: bool,
 }
 
 enum Msg {
     Record(Box<Record>),
+    Line(String),
     Flush(oneshot::Sender<()>),
 }
 
@@ -111,6 +116,25 @@ impl AuditLog {
     pub async fn record(&self, r: Record) {
         if let Some(tx) = &self.tx
             && tx.send(Msg::Record(Box::new(r))).await.is_err()
+        {
+            tracing::error!("audit writer is gone; a record was lost");
+        }
+    }
+
+    /// Queues the record of a root-rotation transition (`event: root_rotation`).
+    pub async fn rotation(&self, t: &crate::rotation::Transition) {
+        let r = RotationRecord {
+            time: rfc3339(t.at),
+            event: "root_rotation",
+            from: t.from.as_str(),
+            to: t.to.as_str(),
+            action: &t.action,
+            by: &t.by,
+            forced: t.forced,
+        };
+        let line = serde_json::to_string(&r).expect("serializable");
+        if let Some(tx) = &self.tx
+            && tx.send(Msg::Line(line)).await.is_err()
         {
             tracing::error!("audit writer is gone; a record was lost");
         }
@@ -259,6 +283,11 @@ fn writer(mut rx: mpsc::Receiver<Msg>, mut out: Box<dyn Write + Send>, metrics: 
                         buf.push(b'\n');
                         n += 1;
                     }
+                }
+                Msg::Line(l) => {
+                    buf.extend_from_slice(l.as_bytes());
+                    buf.push(b'\n');
+                    n += 1;
                 }
                 Msg::Flush(done) => waiting.push(done),
             }

@@ -183,6 +183,9 @@ macro_rules! forward_signer_facts {
         fn asked_lifetime(&self, ttl: std::time::Duration) -> std::time::Duration {
             self.$field.asked_lifetime(ttl)
         }
+        fn root_rotation(&self) -> Option<std::sync::Arc<dyn $crate::backend::RootRotation>> {
+            self.$field.root_rotation()
+        }
     };
 }
 pub(crate) use forward_signer_facts;
@@ -222,6 +225,40 @@ pub trait Signer: Authority {
     fn asked_lifetime(&self, ttl: Duration) -> Duration {
         ttl
     }
+
+    /// The root rotation this signer runs, if it can rotate its root (the local CA with a
+    /// generated root).
+    fn root_rotation(&self) -> Option<Arc<dyn RootRotation>> {
+        None
+    }
+}
+
+/// Why a rotation request did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum RotationError {
+    /// Not now: the text says why and what to do (a wait not over, nothing in progress).
+    #[error("{0}")]
+    Refused(String),
+    /// Another replica changed the state first; read the status and try again.
+    #[error("another replica changed the rotation state first; check `rotate status` and retry")]
+    Conflict,
+    /// The shared state cannot be read or written.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// A running root rotation (see [`crate::rotation`]), driven from the admin port.
+#[async_trait]
+pub trait RootRotation: Send + Sync {
+    async fn status(&self) -> Result<crate::rotation::RotationStatus, RotationError>;
+    /// Generates the next root and begins publishing it.
+    async fn start(&self, reason: &str) -> Result<crate::rotation::RotationStatus, RotationError>;
+    async fn step(
+        &self,
+        step: crate::rotation::Step,
+    ) -> Result<crate::rotation::RotationStatus, RotationError>;
+    /// Every transition this replica writes (for the audit log).
+    fn transitions(&self) -> tokio::sync::broadcast::Receiver<crate::rotation::Transition>;
 }
 
 /// What building a backend needs from the rest of the config.
@@ -232,6 +269,11 @@ pub struct BuildContext {
     /// `policy.maxTtl`: intermediate mode switches early enough for it.
     pub max_leaf_ttl: Duration,
     pub metrics: Arc<Metrics>,
+    /// The `rotation` section.
+    pub rotation: crate::rotation::RotationConfig,
+    /// Where a generated local CA is shared between replicas (a Kubernetes Secret, built by
+    /// the composition root); `None`: the local CA's state directory.
+    pub ca_store: Option<Arc<dyn local::CaStore>>,
 }
 
 /// A backend that could not be built, with the cause as its source (so an error chain,

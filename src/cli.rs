@@ -1,7 +1,8 @@
-//! Subcommands besides `serve`: `request` (an istio-agent-like probe), `check-config`
-//! and `dev-token`.
+//! Subcommands besides `serve`: `request` (an istio-agent-like probe), `rotate` (the root
+//! rotation, through the admin port), `check-config` and `dev-token`.
 
 pub mod request;
+pub mod rotate;
 
 use std::path::Path;
 

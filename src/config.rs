@@ -29,7 +29,7 @@ pub use self::authn::{
     KubernetesAuthnConfig, parse_accounts,
 };
 pub use self::kubernetes::{
-    IstiodCertConfig, KubernetesConfig, LeaderElectionConfig, RootConfigMapConfig,
+    CaSecretConfig, IstiodCertConfig, KubernetesConfig, LeaderElectionConfig, RootConfigMapConfig,
 };
 pub use self::metrics::MetricsConfig;
 pub use self::policy::{OverMax, PolicyConfig};
@@ -82,6 +82,8 @@ pub struct Config {
     /// Where the record of every issued certificate goes (docs/intermediate.md: in
     /// intermediate mode the enterprise CA no longer sees each certificate).
     pub audit: AuditConfig,
+    /// Root rotation (docs/root-rotation.md): the waits between phases and how they advance.
+    pub rotation: crate::rotation::RotationConfig,
 }
 
 impl Default for Config {
@@ -96,6 +98,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             kubernetes: KubernetesConfig::default(),
             audit: AuditConfig::default(),
+            rotation: Default::default(),
         }
     }
 }
@@ -210,6 +213,13 @@ impl Config {
         };
         p.nest("backend", self.backend.plugin().problems(&shared));
         p.nest("audit", self.audit.problems());
+        p.nest("rotation", self.rotation.problems());
+        if let Some(("", _)) = self.shared_local_ca() {
+            p.push(
+                "kubernetes.caSecret.namespace",
+                "must not be empty (the generated local CA is kept in this Secret)",
+            );
+        }
         let errs = p.into_vec();
         if errs.is_empty() { Ok(()) } else { Err(errs) }
     }
@@ -220,7 +230,24 @@ impl Config {
             trust_domain: self.trust_domain.clone(),
             max_leaf_ttl: self.policy.max_ttl,
             metrics,
+            rotation: self.rotation.clone(),
+            ca_store: None,
         }
+    }
+
+    /// The Secret a generated local CA is shared through: when the backend is the local CA
+    /// without CA files and `authn.kubernetes` names a cluster (the first one).
+    pub fn shared_local_ca(&self) -> Option<(&str, &str)> {
+        let BackendConfig::Local(l) = &self.backend else {
+            return None;
+        };
+        let cs = &self.kubernetes.ca_secret;
+        (l.ca_cert_file.is_none() && cs.enabled && self.authn.kubernetes.is_some()).then(|| {
+            (
+                cs.effective_namespace(&self.kubernetes.leader_election),
+                cs.name.as_str(),
+            )
+        })
     }
 
     /// Trust domains this bridge certifies: the top-level one plus each issuer's.

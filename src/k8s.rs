@@ -11,6 +11,7 @@
 //!
 //! Named `k8s` rather than `kube` so that paths into the `kube` crate stay unambiguous.
 
+pub mod ca_secret;
 pub mod issuer_keys;
 pub mod leader;
 pub mod pods;

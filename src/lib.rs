@@ -33,6 +33,7 @@ pub mod k8s;
 pub mod metrics;
 pub mod pki;
 pub mod publish;
+pub mod rotation;
 pub mod server;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

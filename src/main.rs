@@ -44,6 +44,9 @@ enum Cmd {
     CheckConfig { config: PathBuf },
     /// Request a certificate like istio-agent does, verify it and write it to files.
     Request(cli::request::RequestArgs),
+    /// Rotate the local CA's root through a running bridge's admin port
+    /// (docs/root-rotation.md).
+    Rotate(cli::rotate::RotateArgs),
     /// Mint a token from the development issuer (authn.devIssuer).
     DevToken {
         #[arg(long)]
@@ -105,6 +108,7 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Request(r) => run_async(cli::request::run(r)),
+        Cmd::Rotate(r) => run_async(cli::rotate::run(r)),
         Cmd::Serve { config } => {
             let cfg = match Config::load(&config) {
                 Ok(c) => c,

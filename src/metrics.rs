@@ -53,6 +53,11 @@ pub struct Metrics {
     pub intermediate_preparations: IntCounterVec,
     pub intermediate_rotations: IntCounterVec,
     pub intermediate_successor_ready: IntGaugeVec,
+    // Root rotation.
+    pub rotation_phase: IntGauge,
+    pub rotation_next_phase: Gauge,
+    pub rotation_transitions: IntCounterVec,
+    pub rotation_state_errors: IntCounterVec,
     // Audit log.
     pub audit_records: IntCounter,
     pub audit_write_errors: IntCounter,
@@ -317,6 +322,40 @@ impl Metrics {
                     "1 while this replica holds the cluster's Lease (writes root ConfigMaps and istiod-tls)."
                 ),
                 &["cluster"],
+                true
+            ),
+            rotation_phase: new!(
+                IntGauge,
+                Opts::new(
+                    "istio_ca_bridge_root_rotation_phase",
+                    "Phase of the root rotation as this replica applies it: 0 idle, 1 publishing (old + new root trusted, old signs), 2 signingNew (new signs), 3 retiring (new root alone trusted), 4 done."
+                ),
+                true
+            ),
+            rotation_next_phase: new!(
+                Gauge,
+                Opts::new(
+                    "istio_ca_bridge_root_rotation_next_phase_timestamp_seconds",
+                    "Earliest time the rotation's next phase is safe (unix seconds); 0 when no rotation is in progress."
+                ),
+                true
+            ),
+            rotation_transitions: new!(
+                IntCounterVec,
+                Opts::new(
+                    "istio_ca_bridge_root_rotation_transitions_total",
+                    "Rotation phase changes this replica wrote, by target phase and action (start, advance, auto, abort)."
+                ),
+                &["to", "action"],
+                true
+            ),
+            rotation_state_errors: new!(
+                IntCounterVec,
+                Opts::new(
+                    "istio_ca_bridge_root_rotation_state_errors_total",
+                    "Failures reading or writing the shared CA state (operation read or write); the replica keeps its last good state."
+                ),
+                &["operation"],
                 true
             ),
             build_info: new!(

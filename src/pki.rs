@@ -84,6 +84,17 @@ pub fn generate_key(kind: KeyType) -> Result<KeyPair, PkiError> {
     r.map_err(|e| PkiError::Generate(e.to_string()))
 }
 
+/// Formats unix seconds as RFC 3339 UTC.
+pub fn rfc3339(secs: i64) -> String {
+    ::time::OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|t| {
+            t.format(&::time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| secs.to_string())
+}
+
 pub fn unix_secs(t: SystemTime) -> i64 {
     match t.duration_since(UNIX_EPOCH) {
         Ok(d) => d.as_secs() as i64,

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[&[&str]] = &[
     &["identity", "pb"],
     &["validate", "pki", "jwks"],
-    &["trust"],
+    &["trust", "rotation"],
     &["metrics"],
     &["backend"],
     &["config"],

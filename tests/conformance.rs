@@ -26,6 +26,8 @@ async fn build(cfg: BackendConfig) -> Arc<dyn Signer> {
         trust_domain: TD.into(),
         max_leaf_ttl: Duration::from_secs(86400),
         metrics: Arc::new(Metrics::new(false)),
+        rotation: Default::default(),
+        ca_store: None,
     })
     .await
     .unwrap_or_else(|e| panic!("{:#}", anyhow::Error::new(e)))

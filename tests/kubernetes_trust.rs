@@ -285,6 +285,8 @@ async fn trust_bundle_change_reaches_every_configmap_and_istiod_tls() {
         trust_domain: TD.into(),
         max_leaf_ttl: std::time::Duration::from_secs(86400),
         metrics: std::sync::Arc::new(istio_ca_bridge::metrics::Metrics::new(false)),
+        rotation: Default::default(),
+        ca_store: None,
     })
     .await
     .unwrap();

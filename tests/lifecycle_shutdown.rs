@@ -28,13 +28,13 @@ struct SlowSigner {
 }
 
 impl SlowSigner {
-    fn new(dir: &Path, delay: Duration) -> Arc<SlowSigner> {
+    async fn new(dir: &Path, delay: Duration) -> Arc<SlowSigner> {
         let cfg = LocalConfig {
             state_dir: dir.join("slow-ca"),
             ..Default::default()
         };
         Arc::new(SlowSigner {
-            inner: LocalCa::load_or_create(&cfg, TD).unwrap(),
+            inner: LocalCa::open_standalone(&cfg, TD).await.unwrap(),
             delay,
             started: AtomicUsize::new(0),
             finished: Mutex::new(Vec::new()),
@@ -108,7 +108,7 @@ async fn spawn_calls(
 async fn shutdown_drains_in_flight_calls_within_the_grace_period() {
     let tmp = tempfile::tempdir().unwrap();
     let delay = Duration::from_millis(1500);
-    let slow = SlowSigner::new(tmp.path(), delay);
+    let slow = SlowSigner::new(tmp.path(), delay).await;
     let grace = Duration::from_secs(10);
     let mut b = Bridge::start_opts(
         |c| c.server.shutdown_grace = grace,
@@ -166,7 +166,7 @@ async fn shutdown_drains_in_flight_calls_within_the_grace_period() {
 async fn shutdown_gives_up_on_calls_slower_than_the_grace_period() {
     let tmp = tempfile::tempdir().unwrap();
     let delay = Duration::from_secs(5);
-    let slow = SlowSigner::new(tmp.path(), delay);
+    let slow = SlowSigner::new(tmp.path(), delay).await;
     let grace = Duration::from_millis(500);
     let mut b = Bridge::start_opts(
         |c| c.server.shutdown_grace = grace,

@@ -120,7 +120,7 @@ fn ca_files_that_do_not_fit_together_are_refused() {
         root_bundle_file: bundle.map(|b| d.join(b)),
         ..Default::default()
     };
-    let err = |c: LocalConfig| match LocalCa::load_or_create(&c, TD) {
+    let err = |c: LocalConfig| match LocalCa::from_files(&c) {
         Ok(_) => panic!("accepted"),
         Err(e) => e.to_string(),
     };

@@ -51,6 +51,8 @@ async fn istio_csrs_are_signed_by_the_openbao_role_and_verify_to_its_root() {
             trust_domain: TD.into(),
             max_leaf_ttl: std::time::Duration::from_secs(86400),
             metrics: std::sync::Arc::new(istio_ca_bridge::metrics::Metrics::new(false)),
+            rotation: Default::default(),
+            ca_store: None,
         })
         .await
         .err()

@@ -165,13 +165,14 @@ mod tests {
     async fn a_leaf_longer_than_asked_is_refused_unless_opted_in_and_always_counted() {
         crate::install_crypto_provider();
         let dir = tempfile::tempdir().unwrap();
-        let ca = LocalCa::load_or_create(
+        let ca = LocalCa::open_standalone(
             &LocalConfig {
                 state_dir: dir.path().to_path_buf(),
                 ..Default::default()
             },
             "cluster.local",
         )
+        .await
         .unwrap();
         let longer: Arc<dyn Signer> = Arc::new(Longer {
             inner: Arc::new(ca),

@@ -7,12 +7,16 @@
 //! signing path.
 
 mod config;
+mod rotation;
+pub mod store;
 
 pub use config::LocalConfig;
+pub use store::{CaDocument, CaStore, FileStore, KeyedCert, StoreError, Stored};
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -34,9 +38,6 @@ use crate::trust::{SharedBundle, TrustBundle};
 /// Leaves start this far in the past so that clients with a slightly slow clock accept
 /// them (istiod does the same).
 pub const CLOCK_SKEW: Duration = Duration::from_secs(120);
-
-const ROOT_CERT_FILE: &str = "root-cert.pem";
-const ROOT_KEY_FILE: &str = "root-key.pem";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LocalError {
@@ -204,44 +205,119 @@ pub fn random_serial() -> SerialNumber {
     SerialNumber::from_slice(&b)
 }
 
-pub struct LocalCa {
+/// What signs and what is trusted right now: swapped as a whole when the CA or, during a
+/// root rotation, the phase changes, without locking the signing path.
+pub(crate) struct Core {
     ca: ArcSwap<SigningCa>,
     bundle: watch::Sender<SharedBundle>,
+    /// SubjectPublicKeyInfos of the roots whose leaves may renew with a client certificate.
+    renewable: ArcSwap<Vec<Vec<u8>>>,
+    /// The latest NotAfter this replica signed (unix seconds): how long a rotation phase
+    /// must wait at least for the certificates already out.
+    signed_until: AtomicI64,
 }
 
-impl LocalCa {
-    pub fn new(ca: SigningCa, bundle: TrustBundle) -> Self {
+impl Core {
+    fn new(ca: SigningCa, bundle: TrustBundle, renewable: Vec<Vec<u8>>) -> Self {
         let (tx, _) = watch::channel(Arc::new(bundle));
         Self {
             ca: ArcSwap::from_pointee(ca),
             bundle: tx,
+            renewable: ArcSwap::from_pointee(renewable),
+            signed_until: AtomicI64::new(0),
         }
     }
 
-    /// Loads the CA from files, or from/into the state directory when no files are set.
-    pub fn load_or_create(cfg: &LocalConfig, trust_domain: &str) -> Result<Self, LocalError> {
-        let (ca, mut roots) = match (&cfg.ca_cert_file, &cfg.ca_key_file) {
-            (Some(cert), Some(key)) => {
-                let certs = read_certs(cert)?;
-                let key_pair =
-                    pki::load_key_pair(&read(key)?).map_err(|source| LocalError::Pki {
-                        path: key.clone(),
-                        source,
-                    })?;
-                let mut certs = certs.into_iter();
-                let ca_cert = certs.next().expect("read_certs returns at least one");
-                // Extra certificates after the CA in the same file are its chain.
-                let mut chain: Vec<_> = certs.collect();
-                if let Some(chain_file) = &cfg.chain_file {
-                    chain.extend(read_certs(chain_file)?);
-                }
-                SigningCa::new(ca_cert, key_pair, chain)?
-            }
-            _ => {
-                let (cert, key) = load_or_generate_root(cfg, trust_domain)?;
-                SigningCa::new(cert, key, Vec::new())?
-            }
+    /// Installs a CA and bundle. Every receiver of the bundle is told, even when the roots
+    /// are unchanged: a new signing root must reach the serving and istiod certificates.
+    fn install(&self, ca: SigningCa, bundle: TrustBundle, renewable: Vec<Vec<u8>>) {
+        self.ca.store(Arc::new(ca));
+        self.renewable.store(Arc::new(renewable));
+        self.bundle.send_replace(Arc::new(bundle));
+    }
+}
+
+pub struct LocalCa {
+    core: Arc<Core>,
+    /// For a generated root: its shared state and rotation.
+    rotation: Option<Arc<rotation::Controller>>,
+    _stop: Option<tokio_util::sync::DropGuard>,
+}
+
+impl LocalCa {
+    pub fn new(ca: SigningCa, bundle: TrustBundle) -> Self {
+        let renewable = vec![ca.spki().to_vec()];
+        Self {
+            core: Arc::new(Core::new(ca, bundle, renewable)),
+            rotation: None,
+            _stop: None,
+        }
+    }
+
+    /// Loads the CA from files, or, when none are set, from (or into) `store`: the state
+    /// directory unless another store is handed in. A generated root can rotate.
+    pub async fn open(cfg: &LocalConfig, ctx: &super::BuildContext) -> Result<Self, LocalError> {
+        if cfg.ca_cert_file.is_some() {
+            return Self::from_files(cfg);
+        }
+        let store = ctx
+            .ca_store
+            .clone()
+            .unwrap_or_else(|| Arc::new(FileStore::new(cfg.state_dir.clone())));
+        let controller = rotation::Controller::open(
+            store,
+            cfg,
+            &ctx.trust_domain,
+            ctx.rotation.clone(),
+            ctx.max_leaf_ttl,
+            ctx.metrics.clone(),
+        )
+        .await?;
+        let stop = tokio_util::sync::CancellationToken::new();
+        controller.spawn(stop.clone());
+        Ok(Self {
+            core: controller.core(),
+            rotation: Some(controller),
+            _stop: Some(stop.drop_guard()),
+        })
+    }
+
+    /// [`Self::open`] with the default rotation settings and a 24 h maximum leaf lifetime
+    /// (tests and tools that build a CA outside a bridge).
+    pub async fn open_standalone(
+        cfg: &LocalConfig,
+        trust_domain: &str,
+    ) -> Result<Self, LocalError> {
+        let ctx = super::BuildContext {
+            trust_domain: trust_domain.to_string(),
+            max_leaf_ttl: Duration::from_secs(24 * 3600),
+            metrics: Arc::new(crate::metrics::Metrics::new(false)),
+            rotation: Default::default(),
+            ca_store: None,
         };
+        Self::open(cfg, &ctx).await
+    }
+
+    /// The CA from `caCertFile`/`caKeyFile` (and its chain and bundle files).
+    pub fn from_files(cfg: &LocalConfig) -> Result<Self, LocalError> {
+        let (Some(cert), Some(key)) = (&cfg.ca_cert_file, &cfg.ca_key_file) else {
+            return Err(LocalError::Invalid(
+                "caCertFile and caKeyFile must be set together".into(),
+            ));
+        };
+        let certs = read_certs(cert)?;
+        let key_pair = pki::load_key_pair(&read(key)?).map_err(|source| LocalError::Pki {
+            path: key.clone(),
+            source,
+        })?;
+        let mut certs = certs.into_iter();
+        let ca_cert = certs.next().expect("read_certs returns at least one");
+        // Extra certificates after the CA in the same file are its chain.
+        let mut chain: Vec<_> = certs.collect();
+        if let Some(chain_file) = &cfg.chain_file {
+            chain.extend(read_certs(chain_file)?);
+        }
+        let (ca, mut roots) = SigningCa::new(ca_cert, key_pair, chain)?;
         if let Some(bundle_file) = &cfg.root_bundle_file {
             roots = read_certs(bundle_file)?;
         }
@@ -257,10 +333,9 @@ impl LocalCa {
 
     /// Replaces the signing CA (and optionally the bundle) without interrupting signing.
     pub fn replace(&self, ca: SigningCa, bundle: Option<TrustBundle>) {
-        self.ca.store(Arc::new(ca));
-        if let Some(b) = bundle {
-            self.bundle.send_replace(Arc::new(b));
-        }
+        let renewable = vec![ca.spki().to_vec()];
+        let bundle = bundle.unwrap_or_else(|| (**self.core.bundle.borrow()).clone());
+        self.core.install(ca, bundle, renewable);
     }
 }
 
@@ -269,10 +344,10 @@ impl Authority for LocalCa {
         KIND
     }
     fn trust_bundle(&self) -> watch::Receiver<SharedBundle> {
-        self.bundle.subscribe()
+        self.core.bundle.subscribe()
     }
     fn health(&self) -> Health {
-        if self.ca.load().not_after <= OffsetDateTime::now_utc() {
+        if self.core.ca.load().not_after <= OffsetDateTime::now_utc() {
             Health::NotReady("the signing CA has expired".into())
         } else {
             Health::Ready
@@ -283,17 +358,30 @@ impl Authority for LocalCa {
 #[async_trait]
 impl Signer for LocalCa {
     async fn sign(&self, req: &SignRequest) -> Result<IssuedChain, SignError> {
-        self.ca.load().sign(req)
+        let ca = self.core.ca.load();
+        let issued = ca.sign(req)?;
+        let until = (OffsetDateTime::now_utc().unix_timestamp())
+            .saturating_add(i64::try_from(req.ttl.as_secs()).unwrap_or(i64::MAX))
+            .min(ca.not_after.unix_timestamp());
+        self.core.signed_until.fetch_max(until, Ordering::Relaxed);
+        Ok(issued)
     }
 
     fn signing_ca(&self) -> SigningCaInfo {
         SigningCaInfo {
-            not_after: Some(self.ca.load().not_after.unix_timestamp()),
+            not_after: Some(self.core.ca.load().not_after.unix_timestamp()),
         }
     }
 
     fn issued_under(&self, issuer: &super::IssuerRef<'_>) -> bool {
-        issuer.spki == self.ca.load().spki()
+        issuer.spki == self.core.ca.load().spki()
+            || self.core.renewable.load().iter().any(|s| s == issuer.spki)
+    }
+
+    fn root_rotation(&self) -> Option<Arc<dyn super::RootRotation>> {
+        self.rotation
+            .clone()
+            .map(|c| c as Arc<dyn super::RootRotation>)
     }
 }
 
@@ -311,28 +399,23 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, LocalError> {
     })
 }
 
-fn load_or_generate_root(
+/// A new self-signed root and its key. `rotated_at` names a rotation's next root apart from
+/// the one it replaces (some verifiers pick an issuer by name alone).
+fn generate_root_pair(
     cfg: &LocalConfig,
     trust_domain: &str,
+    rotated_at: Option<i64>,
 ) -> Result<(CertificateDer<'static>, KeyPair), LocalError> {
-    let dir = &cfg.state_dir;
-    let cert_path = dir.join(ROOT_CERT_FILE);
-    let key_path = dir.join(ROOT_KEY_FILE);
-    if cert_path.exists() || key_path.exists() {
-        let certs = read_certs(&cert_path)?;
-        let key = pki::load_key_pair(&read(&key_path)?).map_err(|source| LocalError::Pki {
-            path: key_path.clone(),
-            source,
-        })?;
-        tracing::info!(path = %cert_path.display(), "loaded the local CA root from the state directory");
-        return Ok((certs.into_iter().next().expect("non-empty"), key));
-    }
     let key = pki::generate_key(cfg.generated_key_type)
         .map_err(|e| LocalError::Invalid(e.to_string()))?;
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, trust_domain);
-    dn.push(DnType::CommonName, "istio-ca-bridge local root CA");
+    let cn = match rotated_at {
+        None => "istio-ca-bridge local root CA".to_string(),
+        Some(t) => format!("istio-ca-bridge local root CA {}", pki::rfc3339(t)),
+    };
+    dn.push(DnType::CommonName, cn);
     params.distinguished_name = dn;
     let now = OffsetDateTime::now_utc();
     params.not_before = now - time::Duration::hours(1);
@@ -345,11 +428,20 @@ fn load_or_generate_root(
         KeyUsagePurpose::DigitalSignature,
     ];
     let cert = params.self_signed(&key)?;
-    create_private_dir(dir)?;
-    write_private(&key_path, key.serialize_pem().as_bytes())?;
-    write_file(&cert_path, cert.pem().as_bytes(), 0o644)?;
-    tracing::warn!(path = %cert_path.display(), "generated a new local CA root; every workload must trust it");
     Ok((cert.der().clone(), key))
+}
+
+/// [`generate_root_pair`] as the store keeps it.
+fn generate_root(
+    cfg: &LocalConfig,
+    trust_domain: &str,
+    rotated_at: Option<i64>,
+) -> Result<KeyedCert, LocalError> {
+    let (cert, key) = generate_root_pair(cfg, trust_domain, rotated_at)?;
+    Ok(KeyedCert {
+        cert_pem: pki::cert_pem(&cert),
+        key_pem: key.serialize_pem(),
+    })
 }
 
 fn create_private_dir(dir: &Path) -> Result<(), LocalError> {
@@ -404,7 +496,8 @@ impl super::Plugin for LocalConfig {
     }
 
     async fn build(&self, ctx: &super::BuildContext) -> Result<Arc<dyn Signer>, super::BuildError> {
-        let ca = LocalCa::load_or_create(self, &ctx.trust_domain)
+        let ca = LocalCa::open(self, ctx)
+            .await
             .map_err(|e| super::BuildError::new("local CA", e))?;
         Ok(Arc::new(ca))
     }
@@ -417,13 +510,15 @@ mod tests {
     use crate::pki::KeyType;
     use x509_parser::prelude::*;
 
-    fn ca() -> LocalCa {
+    async fn ca() -> LocalCa {
         let dir = tempfile::tempdir().unwrap();
         let cfg = LocalConfig {
             state_dir: dir.path().join("ca"),
             ..Default::default()
         };
-        LocalCa::load_or_create(&cfg, "cluster.local").unwrap()
+        LocalCa::open_standalone(&cfg, "cluster.local")
+            .await
+            .unwrap()
     }
 
     #[tokio::test]
@@ -434,6 +529,7 @@ mod tests {
         let key = crate::pki::generate_key(KeyType::EcdsaP256).unwrap();
         let id = SpiffeId::parse("spiffe://cluster.local/ns/a/sa/b").unwrap();
         let issued = ca()
+            .await
             .sign(&SignRequest {
                 subject: Subject::Workload(id),
                 public_key_der: rcgen::PublicKeyData::subject_public_key_info(&key),

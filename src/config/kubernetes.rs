@@ -16,6 +16,41 @@ pub struct KubernetesConfig {
     /// Only the holder of this Lease (per cluster) writes ConfigMaps and Secrets, so
     /// several replicas can run.
     pub leader_election: LeaderElectionConfig,
+    /// Where a generated local CA lives when `authn.kubernetes` is configured: one Secret
+    /// in the first cluster, shared by every replica.
+    pub ca_secret: CaSecretConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct CaSecretConfig {
+    /// Keep the generated local CA (and a rotation's next root) in this Secret. Off: each
+    /// replica keeps its own in `backend.stateDir` (one replica only).
+    pub enabled: bool,
+    /// Default: `kubernetes.leaderElection.namespace`.
+    pub namespace: String,
+    pub name: String,
+}
+
+impl Default for CaSecretConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            namespace: String::new(),
+            name: "istio-ca-bridge-ca".into(),
+        }
+    }
+}
+
+impl CaSecretConfig {
+    /// The Secret's namespace.
+    pub fn effective_namespace<'a>(&'a self, le: &'a LeaderElectionConfig) -> &'a str {
+        if self.namespace.is_empty() {
+            &le.namespace
+        } else {
+            &self.namespace
+        }
+    }
 }
 
 impl KubernetesConfig {
@@ -171,6 +206,12 @@ impl KubernetesConfig {
                     "must be > 0 and less than kubernetes.istiodCert.ttl",
                 );
             }
+        }
+        if self.ca_secret.enabled && !valid_dns_or_ip(&self.ca_secret.name) {
+            p.push(
+                "caSecret.name",
+                format!("{:?} is not a valid Secret name", self.ca_secret.name),
+            );
         }
         if self.writes() {
             let le = &self.leader_election;

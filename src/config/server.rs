@@ -113,6 +113,9 @@ pub struct AdminConfig {
     /// `loopback` (default: only from inside the pod, e.g. `kubectl port-forward` or `exec`),
     /// `anywhere` (whoever reaches the admin port), or `off`.
     pub config_access: ConfigAccess,
+    /// A file holding a bearer token that allows root-rotation steps (`rotate start`,
+    /// `advance`, `abort`) from peers other than loopback. Unset: loopback only.
+    pub rotation_token_file: Option<std::path::PathBuf>,
 }
 
 /// See [`AdminConfig::config_access`].
@@ -130,6 +133,7 @@ impl Default for AdminConfig {
         Self {
             listen: "0.0.0.0:15014".parse().expect("static addr"),
             config_access: ConfigAccess::default(),
+            rotation_token_file: None,
         }
     }
 }

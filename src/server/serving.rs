@@ -176,6 +176,11 @@ pub fn spawn_maintainer(
             crate::config::ServingCertMode::Issued => {
                 let mut failures = 0u32;
                 let mut issued_at = pki::unix_secs(SystemTime::now());
+                // A new bundle may come with a new signing root (a root rotation's phases):
+                // the certificate is re-issued at once, so it chains to what clients
+                // will trust next.
+                let mut bundle_rx = signer.trust_bundle();
+                bundle_rx.mark_unchanged();
                 loop {
                     let renew_at =
                         pki::from_unix(pki::renew_at(issued_at, not_after, cfg.renew_before));
@@ -191,6 +196,13 @@ pub fn spawn_maintainer(
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
                         _ = tokio::time::sleep(wait) => {}
+                        r = bundle_rx.changed() => {
+                            if r.is_err() {
+                                return;
+                            }
+                            bundle_rx.mark_unchanged();
+                            tracing::info!("trust bundle changed; re-issuing the serving certificate");
+                        }
                     }
                     match issue(signer.as_ref(), &cfg.dns_names, cfg.ttl).await {
                         Ok(loaded) => {

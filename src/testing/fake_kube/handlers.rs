@@ -15,7 +15,8 @@ use axum::routing::{get, post};
 use serde_json::{Value, json};
 
 use super::objects::{
-    apply_configmap, apply_secret, create_lease, get_lease, get_secret, replace_lease,
+    apply_configmap, apply_secret, create_lease, create_secret, get_lease, get_secret,
+    replace_lease, replace_secret,
 };
 use super::{CLIENT_TOKEN, Inner, Review};
 
@@ -34,9 +35,10 @@ pub(super) fn router(inner: Arc<Inner>) -> Router {
             "/api/v1/namespaces/{ns}/configmaps/{name}",
             axum::routing::patch(apply_configmap),
         )
+        .route("/api/v1/namespaces/{ns}/secrets", post(create_secret))
         .route(
             "/api/v1/namespaces/{ns}/secrets/{name}",
-            get(get_secret).patch(apply_secret),
+            get(get_secret).patch(apply_secret).put(replace_secret),
         )
         .route(
             "/apis/coordination.k8s.io/v1/namespaces/{ns}/leases",

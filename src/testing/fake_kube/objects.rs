@@ -1,6 +1,6 @@
 //! What the bridge writes: ConfigMaps and Secrets by server-side apply (the root
-//! ConfigMaps, istiod's TLS Secret) and `coordination.k8s.io/v1` Leases with optimistic
-//! concurrency (leader election).
+//! ConfigMaps, istiod's TLS Secret), and `coordination.k8s.io/v1` Leases (leader election)
+//! and Secrets (the shared local CA) by create and replace with optimistic concurrency.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -38,24 +38,7 @@ pub(super) async fn get_secret(
     headers: HeaderMap,
     UrlPath((ns, name)): UrlPath<(String, String)>,
 ) -> Response {
-    if let Some(r) = unauthorized(&inner, &headers) {
-        return r;
-    }
-    count(&inner, "secrets.get");
-    let secret = inner.store.lock().unwrap().get("secrets", &ns, &name);
-    match secret {
-        Some(mut s) => {
-            s["kind"] = json!("Secret");
-            s["apiVersion"] = json!("v1");
-            (
-                StatusCode::OK,
-                [("content-type", "application/json")],
-                s.to_string(),
-            )
-                .into_response()
-        }
-        None => status_json(404, "NotFound", &format!("secrets \"{name}\" not found")),
-    }
+    get_object(&inner, &headers, &SECRETS, &ns, &name)
 }
 
 /// Server-side apply (`PATCH` with `application/apply-patch+yaml`, `fieldManager`
@@ -134,15 +117,128 @@ async fn apply_object(
         .into_response()
 }
 
-fn lease_response(code: StatusCode, mut lease: Value) -> Response {
-    lease["kind"] = json!("Lease");
-    lease["apiVersion"] = json!("coordination.k8s.io/v1");
+fn object_response(code: StatusCode, t: &Typed, mut obj: Value) -> Response {
+    obj["kind"] = json!(t.kind);
+    obj["apiVersion"] = json!(t.api_version);
     (
         code,
         [("content-type", "application/json")],
-        lease.to_string(),
+        obj.to_string(),
     )
         .into_response()
+}
+
+/// What the generic create/get/replace handlers need to know of a kind.
+struct Typed {
+    coll: &'static str,
+    kind: &'static str,
+    api_version: &'static str,
+    /// As API errors name it (`leases.coordination.k8s.io`).
+    resource: &'static str,
+    counts: [&'static str; 3],
+}
+
+const LEASES: Typed = Typed {
+    coll: "leases",
+    kind: "Lease",
+    api_version: "coordination.k8s.io/v1",
+    resource: "leases.coordination.k8s.io",
+    counts: ["leases.get", "leases.create", "leases.replace"],
+};
+
+const SECRETS: Typed = Typed {
+    coll: "secrets",
+    kind: "Secret",
+    api_version: "v1",
+    resource: "secrets",
+    counts: ["secrets.get", "secrets.create", "secrets.replace"],
+};
+
+fn get_object(inner: &Inner, headers: &HeaderMap, t: &Typed, ns: &str, name: &str) -> Response {
+    if let Some(r) = unauthorized(inner, headers) {
+        return r;
+    }
+    count(inner, t.counts[0]);
+    let obj = inner.store.lock().unwrap().get(t.coll, ns, name);
+    match obj {
+        Some(o) => object_response(StatusCode::OK, t, o),
+        None => status_json(
+            404,
+            "NotFound",
+            &format!("{} \"{name}\" not found", t.resource),
+        ),
+    }
+}
+
+fn create_object(inner: &Inner, headers: &HeaderMap, t: &Typed, ns: &str, body: &[u8]) -> Response {
+    if let Some(r) = unauthorized(inner, headers) {
+        return r;
+    }
+    count(inner, t.counts[1]);
+    let Ok(mut obj) = serde_json::from_slice::<Value>(body) else {
+        return status_json(400, "BadRequest", &format!("invalid {}", t.kind));
+    };
+    let Some(name) = obj["metadata"]["name"].as_str().map(str::to_string) else {
+        return status_json(422, "Invalid", "metadata.name is required");
+    };
+    if !obj["metadata"]["resourceVersion"].is_null() {
+        return status_json(
+            400,
+            "BadRequest",
+            "resourceVersion should not be set on objects to be created",
+        );
+    }
+    obj["metadata"]["namespace"] = json!(ns);
+    let mut store = inner.store.lock().unwrap();
+    if store.get(t.coll, ns, &name).is_some() {
+        return status_json(
+            409,
+            "AlreadyExists",
+            &format!("{} \"{name}\" already exists", t.resource),
+        );
+    }
+    let (_, _, obj) = store.put(t.coll, obj);
+    object_response(StatusCode::CREATED, t, obj)
+}
+
+/// PUT with optimistic concurrency: `metadata.resourceVersion` must be the current one.
+fn replace_object(
+    inner: &Inner,
+    headers: &HeaderMap,
+    t: &Typed,
+    ns: &str,
+    name: &str,
+    body: &[u8],
+) -> Response {
+    if let Some(r) = unauthorized(inner, headers) {
+        return r;
+    }
+    count(inner, t.counts[2]);
+    let Ok(mut obj) = serde_json::from_slice::<Value>(body) else {
+        return status_json(400, "BadRequest", &format!("invalid {}", t.kind));
+    };
+    let mut store = inner.store.lock().unwrap();
+    let Some(current) = store.get(t.coll, ns, name) else {
+        return status_json(
+            404,
+            "NotFound",
+            &format!("{} \"{name}\" not found", t.resource),
+        );
+    };
+    if obj["metadata"]["resourceVersion"] != current["metadata"]["resourceVersion"] {
+        return status_json(
+            409,
+            "Conflict",
+            &format!(
+                "Operation cannot be fulfilled on {} \"{name}\": the object has been modified; please apply your changes to the latest version and try again",
+                t.resource
+            ),
+        );
+    }
+    obj["metadata"]["namespace"] = json!(ns);
+    obj["metadata"]["uid"] = current["metadata"]["uid"].clone();
+    let (_, _, obj) = store.put(t.coll, obj);
+    object_response(StatusCode::OK, t, obj)
 }
 
 pub(super) async fn get_lease(
@@ -150,19 +246,7 @@ pub(super) async fn get_lease(
     headers: HeaderMap,
     UrlPath((ns, name)): UrlPath<(String, String)>,
 ) -> Response {
-    if let Some(r) = unauthorized(&inner, &headers) {
-        return r;
-    }
-    count(&inner, "leases.get");
-    let lease = inner.store.lock().unwrap().get("leases", &ns, &name);
-    match lease {
-        Some(l) => lease_response(StatusCode::OK, l),
-        None => status_json(
-            404,
-            "NotFound",
-            &format!("leases.coordination.k8s.io \"{name}\" not found"),
-        ),
-    }
+    get_object(&inner, &headers, &LEASES, &ns, &name)
 }
 
 pub(super) async fn create_lease(
@@ -171,62 +255,32 @@ pub(super) async fn create_lease(
     UrlPath(ns): UrlPath<String>,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Some(r) = unauthorized(&inner, &headers) {
-        return r;
-    }
-    count(&inner, "leases.create");
-    let Ok(mut lease) = serde_json::from_slice::<Value>(&body) else {
-        return status_json(400, "BadRequest", "invalid Lease");
-    };
-    let Some(name) = lease["metadata"]["name"].as_str().map(str::to_string) else {
-        return status_json(422, "Invalid", "metadata.name is required");
-    };
-    lease["metadata"]["namespace"] = json!(ns);
-    let mut store = inner.store.lock().unwrap();
-    if store.get("leases", &ns, &name).is_some() {
-        return status_json(
-            409,
-            "AlreadyExists",
-            &format!("leases.coordination.k8s.io \"{name}\" already exists"),
-        );
-    }
-    let (_, _, lease) = store.put("leases", lease);
-    lease_response(StatusCode::CREATED, lease)
+    create_object(&inner, &headers, &LEASES, &ns, &body)
 }
 
-/// PUT with optimistic concurrency: `metadata.resourceVersion` must be the current one.
 pub(super) async fn replace_lease(
     State(inner): State<Arc<Inner>>,
     headers: HeaderMap,
     UrlPath((ns, name)): UrlPath<(String, String)>,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Some(r) = unauthorized(&inner, &headers) {
-        return r;
-    }
-    count(&inner, "leases.replace");
-    let Ok(mut lease) = serde_json::from_slice::<Value>(&body) else {
-        return status_json(400, "BadRequest", "invalid Lease");
-    };
-    let mut store = inner.store.lock().unwrap();
-    let Some(current) = store.get("leases", &ns, &name) else {
-        return status_json(
-            404,
-            "NotFound",
-            &format!("leases.coordination.k8s.io \"{name}\" not found"),
-        );
-    };
-    if lease["metadata"]["resourceVersion"] != current["metadata"]["resourceVersion"] {
-        return status_json(
-            409,
-            "Conflict",
-            &format!(
-                "Operation cannot be fulfilled on leases.coordination.k8s.io \"{name}\": the object has been modified; please apply your changes to the latest version and try again"
-            ),
-        );
-    }
-    lease["metadata"]["namespace"] = json!(ns);
-    lease["metadata"]["uid"] = current["metadata"]["uid"].clone();
-    let (_, _, lease) = store.put("leases", lease);
-    lease_response(StatusCode::OK, lease)
+    replace_object(&inner, &headers, &LEASES, &ns, &name, &body)
+}
+
+pub(super) async fn create_secret(
+    State(inner): State<Arc<Inner>>,
+    headers: HeaderMap,
+    UrlPath(ns): UrlPath<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    create_object(&inner, &headers, &SECRETS, &ns, &body)
+}
+
+pub(super) async fn replace_secret(
+    State(inner): State<Arc<Inner>>,
+    headers: HeaderMap,
+    UrlPath((ns, name)): UrlPath<(String, String)>,
+    body: axum::body::Bytes,
+) -> Response {
+    replace_object(&inner, &headers, &SECRETS, &ns, &name, &body)
 }

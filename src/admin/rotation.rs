@@ -1,0 +1,144 @@
+//! `/rotation`: the root rotation's status (GET) and the operator's steps (POST
+//! `/rotation/start`, `/rotation/advance`, `/rotation/abort`). Steps are accepted from a
+//! loopback peer (`kubectl port-forward`, `kubectl exec`) or with the bearer token in
+//! `admin.rotationTokenFile`; anyone who reaches the port may read the status.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use sha2::{Digest, Sha256};
+
+use super::AdminState;
+use crate::backend::{RootRotation, RotationError};
+use crate::rotation::Step;
+
+fn json_response(code: StatusCode, body: serde_json::Value) -> Response {
+    (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        format!("{body:#}\n"),
+    )
+        .into_response()
+}
+
+fn error(code: StatusCode, message: impl std::fmt::Display) -> Response {
+    json_response(code, serde_json::json!({ "error": message.to_string() }))
+}
+
+fn rotation(s: &AdminState) -> Result<&Arc<dyn RootRotation>, Response> {
+    s.rotation.as_ref().ok_or_else(|| {
+        error(
+            StatusCode::NOT_FOUND,
+            format!(
+                "backend {} does not rotate its root here: only the local CA with a generated root does (a configured CA or a remote backend's root is rotated where it lives)",
+                s.readiness.signer.kind()
+            ),
+        )
+    })
+}
+
+fn answer(r: Result<crate::rotation::RotationStatus, RotationError>) -> Response {
+    match r {
+        Ok(st) => json_response(
+            StatusCode::OK,
+            serde_json::to_value(st).expect("serializable"),
+        ),
+        Err(e @ (RotationError::Refused(_) | RotationError::Conflict)) => {
+            error(StatusCode::CONFLICT, e)
+        }
+        Err(e @ RotationError::Unavailable(_)) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+    }
+}
+
+pub(super) async fn status(State(s): State<Arc<AdminState>>) -> Response {
+    match rotation(&s) {
+        Ok(r) => answer(r.status().await),
+        Err(resp) => resp,
+    }
+}
+
+/// Whether a peer may change the rotation: loopback, or the configured bearer token.
+fn may_change(s: &AdminState, peer: SocketAddr, headers: &HeaderMap) -> Result<(), Response> {
+    if peer.ip().to_canonical().is_loopback() {
+        return Ok(());
+    }
+    let Some(path) = &s.rotation_token_file else {
+        return Err(error(
+            StatusCode::FORBIDDEN,
+            "rotation steps are accepted only from loopback (kubectl port-forward or exec), or with a bearer token when admin.rotationTokenFile is set",
+        ));
+    };
+    // Read on every call, so the token can be rotated by replacing the file.
+    let expected = match std::fs::read_to_string(path) {
+        Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
+        _ => {
+            tracing::error!(path = %path.display(), "admin.rotationTokenFile cannot be read or is empty; refusing rotation steps from non-loopback peers");
+            return Err(error(
+                StatusCode::FORBIDDEN,
+                "the rotation token file cannot be read",
+            ));
+        }
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    // Compared as digests: equal length, no early exit on the secret's bytes.
+    if Sha256::digest(given.as_bytes()) == Sha256::digest(expected.as_bytes()) {
+        Ok(())
+    } else {
+        tracing::warn!(peer = %peer, "a rotation step with a missing or wrong bearer token was refused");
+        Err(error(
+            StatusCode::FORBIDDEN,
+            "missing or wrong bearer token",
+        ))
+    }
+}
+
+fn flag(q: &HashMap<String, String>, name: &str) -> bool {
+    q.get(name)
+        .is_some_and(|v| v.is_empty() || v == "true" || v == "1")
+}
+
+pub(super) async fn change(
+    State(s): State<Arc<AdminState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    axum::extract::Path(action): axum::extract::Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(resp) = may_change(&s, peer, &headers) {
+        return resp;
+    }
+    let r = match rotation(&s) {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    let force = flag(&q, "force");
+    let result = match action.as_str() {
+        "start" => {
+            let reason = q
+                .get("reason")
+                .map(|r| r.chars().take(200).collect::<String>())
+                .unwrap_or_else(|| "operator".into());
+            r.start(&reason).await
+        }
+        "advance" => r.step(Step::Advance { force, auto: false }).await,
+        "abort" => r.step(Step::Abort { force }).await,
+        other => {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("unknown rotation step {other:?}: start, advance or abort"),
+            );
+        }
+    };
+    if let Err(e) = &result {
+        tracing::info!(action = %action, error = %e, "rotation step not taken");
+    }
+    answer(result)
+}
