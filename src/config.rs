@@ -29,7 +29,8 @@ pub use self::authn::{
     KubernetesAuthnConfig, parse_accounts,
 };
 pub use self::kubernetes::{
-    CaSecretConfig, IstiodCertConfig, KubernetesConfig, LeaderElectionConfig, RootConfigMapConfig,
+    CaSecretConfig, ClusterTrustBundleConfig, IstiodCertConfig, KubernetesConfig,
+    LeaderElectionConfig, RootConfigMapConfig,
 };
 pub use self::metrics::MetricsConfig;
 pub use self::policy::{OverMax, PolicyConfig};
@@ -200,8 +201,10 @@ impl Config {
             p.push(
                 if k.root_config_map.enabled {
                     "kubernetes.rootConfigMap.enabled"
-                } else {
+                } else if k.istiod_cert.enabled {
                     "kubernetes.istiodCert.enabled"
+                } else {
+                    "kubernetes.clusterTrustBundle.enabled"
                 },
                 "needs authn.kubernetes (the clusters to write to)",
             );

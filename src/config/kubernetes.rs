@@ -19,6 +19,42 @@ pub struct KubernetesConfig {
     /// Where a generated local CA lives when `authn.kubernetes` is configured: one Secret
     /// in the first cluster, shared by every replica.
     pub ca_secret: CaSecretConfig,
+    /// Also publish the trust bundle as a cluster-scoped `certificates.k8s.io/v1beta1`
+    /// ClusterTrustBundle (Kubernetes 1.33+, beta), as istiod does with
+    /// ENABLE_CLUSTER_TRUST_BUNDLE_API.
+    pub cluster_trust_bundle: ClusterTrustBundleConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct ClusterTrustBundleConfig {
+    pub enabled: bool,
+    /// `spec.signerName` (the writer needs `attest` on it). istiod uses `istio.io/istiod-ca`.
+    pub signer_name: String,
+    /// Default: the signer name with `/` as `:`, then `:root-cert`
+    /// (`istio.io:istiod-ca:root-cert`), which the API requires as the name's prefix.
+    pub name: String,
+}
+
+impl Default for ClusterTrustBundleConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            signer_name: "istio.io/istiod-ca".into(),
+            name: String::new(),
+        }
+    }
+}
+
+impl ClusterTrustBundleConfig {
+    /// The object's name.
+    pub fn effective_name(&self) -> String {
+        if self.name.is_empty() {
+            format!("{}:root-cert", self.signer_name.replace('/', ":"))
+        } else {
+            self.name.clone()
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -56,7 +92,9 @@ impl CaSecretConfig {
 impl KubernetesConfig {
     /// True if the bridge writes anything into the clusters.
     pub fn writes(&self) -> bool {
-        self.root_config_map.enabled || self.istiod_cert.enabled
+        self.root_config_map.enabled
+            || self.istiod_cert.enabled
+            || self.cluster_trust_bundle.enabled
     }
 }
 
@@ -205,6 +243,29 @@ impl KubernetesConfig {
                     "istiodCert.renewBefore",
                     "must be > 0 and less than kubernetes.istiodCert.ttl",
                 );
+            }
+        }
+        let ctb = &self.cluster_trust_bundle;
+        if ctb.enabled {
+            let parts: Vec<&str> = ctb.signer_name.split('/').collect();
+            if parts.len() != 2 || parts.iter().any(|p| p.is_empty()) || !valid_dns_or_ip(parts[0])
+            {
+                p.push(
+                    "clusterTrustBundle.signerName",
+                    format!(
+                        "{:?} is not a signer name (<domain>/<path>)",
+                        ctb.signer_name
+                    ),
+                );
+            } else {
+                let prefix = format!("{}:", ctb.signer_name.replace('/', ":"));
+                let name = ctb.effective_name();
+                if !name.starts_with(&prefix) || name.len() == prefix.len() {
+                    p.push(
+                        "clusterTrustBundle.name",
+                        format!("{name:?} must start with {prefix:?} (the API requires the signer name as prefix)"),
+                    );
+                }
             }
         }
         if self.ca_secret.enabled && !valid_dns_or_ip(&self.ca_secret.name) {
