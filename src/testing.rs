@@ -15,6 +15,7 @@
 //! - [`fake_digicert`], [`fake_kube`]: fakes of DigiCert's REST API and the Kubernetes API.
 //! - [`aws`], [`openbao`]: real upstreams (moto's acm-pca, OpenBao) started per test.
 //! - [`conformance`]: the behaviours every backend must show, run against each one.
+//! - [`fleet`]: simulated workloads that renew at half-life and shake hands (root rotation).
 #![warn(missing_docs)]
 
 pub mod aws;
@@ -22,6 +23,7 @@ pub mod bridge;
 pub mod conformance;
 pub mod fake_digicert;
 pub mod fake_kube;
+pub mod fleet;
 pub mod issuer;
 pub mod log_capture;
 pub mod openbao;

@@ -9,7 +9,7 @@
 //! Proves: ConfigMaps in every (new) namespace from the Lease holder only, istiod's TLS
 //! Secret issued, verifiable and renewed (its key never logged), a trust-bundle change
 //! reaching every ConfigMap and istiod's TLS, and replicas starting together electing
-//! exactly one writer.
+//! exactly one writer, sharing one generated CA through one Secret.
 
 use std::time::Duration;
 
@@ -31,6 +31,8 @@ async fn root_configmap_in_every_namespace_written_by_the_lease_holder_only() {
     let edit = |c: &mut Config| {
         kube_config(c, vec![kc.clone()]);
         c.kubernetes.root_config_map.enabled = true;
+        // Each replica its own root (not the shared Secret), so a root tells who wrote.
+        c.kubernetes.ca_secret.enabled = false;
         let le = &mut c.kubernetes.leader_election;
         le.lease_duration = Duration::from_secs(2);
         le.retry_period = Duration::from_millis(500);
@@ -404,6 +406,14 @@ async fn replicas_starting_together_elect_exactly_one_writer() {
             "leader changed"
         );
     }
+    // They share one CA: one Secret, created once, and one root.
+    assert_eq!(a.root_pem(), b.root_pem(), "one root for both replicas");
+    let secret = fake
+        .secret("istio-system", "istio-ca-bridge-ca")
+        .expect("the CA Secret");
+    assert!(secret["data"]["ca-key.pem"].is_string());
+    assert_eq!(fake.count("secrets.replace"), 0);
+    assert!(fake.count("secrets.create") <= 2);
     // Every ConfigMap holds the leader's root, not a mix.
     let winner = if a.admin_get("/metrics").await.1.contains(leader_metric) {
         a.root_pem()

@@ -212,8 +212,8 @@ pub(crate) struct Core {
     bundle: watch::Sender<SharedBundle>,
     /// SubjectPublicKeyInfos of the roots whose leaves may renew with a client certificate.
     renewable: ArcSwap<Vec<Vec<u8>>>,
-    /// The latest NotAfter this replica signed (unix seconds): how long a rotation phase
-    /// must wait at least for the certificates already out.
+    /// The latest NotAfter of the workload certificates this replica signed (unix
+    /// seconds): how long a rotation phase must wait at least for those already out.
     signed_until: AtomicI64,
 }
 
@@ -360,6 +360,11 @@ impl Signer for LocalCa {
     async fn sign(&self, req: &SignRequest) -> Result<IssuedChain, SignError> {
         let ca = self.core.ca.load();
         let issued = ca.sign(req)?;
+        // Workload certificates only: the serving and istiod certificates are re-issued
+        // when a rotation's phase changes, so no phase waits for them.
+        if !matches!(req.subject, Subject::Workload(_)) {
+            return Ok(issued);
+        }
         let until = (OffsetDateTime::now_utc().unix_timestamp())
             .saturating_add(i64::try_from(req.ttl.as_secs()).unwrap_or(i64::MAX))
             .min(ca.not_after.unix_timestamp());
