@@ -352,8 +352,8 @@ impl App {
     }
 }
 
-/// Per cluster: while this replica holds the Lease, the root ConfigMaps and the istiod
-/// Secret (whichever are enabled) are kept current.
+/// Per cluster: while this replica holds the Lease, the root ConfigMaps, the istiod
+/// Secret and the ClusterTrustBundle (whichever are enabled) are kept current.
 fn spawn_cluster_writers(
     clusters: &k8s::Clusters,
     cfg: &config::KubernetesConfig,
@@ -407,7 +407,20 @@ fn spawn_cluster_writers(
                                 .await;
                             }
                         };
-                        tokio::join!(roots, istiod);
+                        let ctb = async {
+                            if cfg.cluster_trust_bundle.enabled {
+                                crate::publish::cluster_trust_bundle::publish(
+                                    client.clone(),
+                                    id.clone(),
+                                    cfg.cluster_trust_bundle.clone(),
+                                    cfg.root_config_map.resync_interval,
+                                    signer.trust_bundle(),
+                                    token.clone(),
+                                )
+                                .await;
+                            }
+                        };
+                        tokio::join!(roots, istiod, ctb);
                     }
                 },
             )

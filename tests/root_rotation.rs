@@ -1,7 +1,7 @@
 //! Root rotation, black-box: a fleet of simulated workloads renewing at half-life goes from
 //! root A to root B through every phase with no failed handshake; the shared state lives in
 //! one Kubernetes Secret of the fake API server (two replicas, one writer per transition,
-//! the ConfigMaps following each phase), or in the state directory (a restarted bridge
+//! the ConfigMaps and the ClusterTrustBundle following each phase), or in the state directory (a restarted bridge
 //! resumes its phase); the `rotate` CLI drives it and refuses to skip a wait unless forced.
 //!
 //! The Kubernetes API is `istio_ca_bridge::testing::fake_kube` (no kube-apiserver runs
@@ -91,6 +91,7 @@ async fn a_fleet_rotates_from_a_to_b_across_two_replicas_with_no_failed_handshak
     let edit = |c: &mut Config| {
         kube_config(c, vec![kc.clone()]);
         c.kubernetes.root_config_map.enabled = true;
+        c.kubernetes.cluster_trust_bundle.enabled = true;
         let le = &mut c.kubernetes.leader_election;
         le.lease_duration = Duration::from_secs(2);
         le.retry_period = Duration::from_millis(200);
@@ -134,6 +135,18 @@ async fn a_fleet_rotates_from_a_to_b_across_two_replicas_with_no_failed_handshak
             .and_then(|cm| cm["data"]["root-cert.pem"].as_str().map(root_names))
             .unwrap_or_default()
     };
+    let ctb_roots = || {
+        fake.cluster_trust_bundle("istio.io:istiod-ca:root-cert")
+            .filter(|c| c["spec"]["signerName"] == "istio.io/istiod-ca")
+            .and_then(|c| c["spec"]["trustBundle"].as_str().map(root_names))
+            .unwrap_or_default()
+    };
+    eventually(
+        "the ClusterTrustBundle holds A",
+        Duration::from_secs(5),
+        || async { ctb_roots() == root_a },
+    )
+    .await;
     let mut seen = vec![Phase::Publishing];
     let mut root_b: Option<String> = None;
     let mut last_ring = Instant::now();
@@ -170,9 +183,11 @@ async fn a_fleet_rotates_from_a_to_b_across_two_replicas_with_no_failed_handshak
             })
             .await;
             let names = root_names(&want);
-            eventually("the ConfigMaps follow", Duration::from_secs(5), || async {
-                cm_roots() == names
-            })
+            eventually(
+                "the ConfigMaps and the ClusterTrustBundle follow",
+                Duration::from_secs(5),
+                || async { cm_roots() == names && ctb_roots() == names },
+            )
             .await;
             match phase {
                 Phase::SigningNew => {

@@ -323,6 +323,15 @@ impl FakeKube {
         self.inner.store.lock().unwrap().get("secrets", ns, name)
     }
 
+    /// The stored ClusterTrustBundle `name` (cluster-scoped).
+    pub fn cluster_trust_bundle(&self, name: &str) -> Option<Value> {
+        self.inner
+            .store
+            .lock()
+            .unwrap()
+            .get("clustertrustbundles", "", name)
+    }
+
     /// The stored Lease (who holds leadership).
     pub fn lease(&self, ns: &str, name: &str) -> Option<Value> {
         self.inner.store.lock().unwrap().get("leases", ns, name)

@@ -15,8 +15,8 @@ use axum::routing::{get, post};
 use serde_json::{Value, json};
 
 use super::objects::{
-    apply_configmap, apply_secret, create_lease, create_secret, get_lease, get_secret,
-    replace_lease, replace_secret,
+    apply_cluster_trust_bundle, apply_configmap, apply_secret, create_lease, create_secret,
+    get_lease, get_secret, replace_lease, replace_secret,
 };
 use super::{CLIENT_TOKEN, Inner, Review};
 
@@ -36,6 +36,10 @@ pub(super) fn router(inner: Arc<Inner>) -> Router {
             axum::routing::patch(apply_configmap),
         )
         .route("/api/v1/namespaces/{ns}/secrets", post(create_secret))
+        .route(
+            "/apis/certificates.k8s.io/v1beta1/clustertrustbundles/{name}",
+            axum::routing::patch(apply_cluster_trust_bundle),
+        )
         .route(
             "/api/v1/namespaces/{ns}/secrets/{name}",
             get(get_secret).patch(apply_secret).put(replace_secret),

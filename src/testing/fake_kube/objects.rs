@@ -284,3 +284,59 @@ pub(super) async fn replace_secret(
 ) -> Response {
     replace_object(&inner, &headers, &SECRETS, &ns, &name, &body)
 }
+
+/// Server-side apply of a cluster-scoped `certificates.k8s.io/v1beta1` ClusterTrustBundle:
+/// `spec.signerName` and `spec.trustBundle` taken; the name must carry the signer name as
+/// its prefix, as the API requires.
+pub(super) async fn apply_cluster_trust_bundle(
+    State(inner): State<Arc<Inner>>,
+    headers: HeaderMap,
+    UrlPath(name): UrlPath<String>,
+    Query(q): Query<HashMap<String, String>>,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Some(r) = unauthorized(&inner, &headers) {
+        return r;
+    }
+    count(&inner, "clustertrustbundles.apply");
+    let ct = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if ct != "application/apply-patch+yaml" || q.get("fieldManager").is_none_or(|m| m.is_empty()) {
+        return status_json(
+            422,
+            "Invalid",
+            "server-side apply with a fieldManager expected",
+        );
+    }
+    let Ok(obj) = serde_json::from_slice::<Value>(&body) else {
+        return status_json(400, "BadRequest", "cannot parse apply patch");
+    };
+    if obj["kind"] != "ClusterTrustBundle" || obj["metadata"]["name"] != name.as_str() {
+        return status_json(400, "BadRequest", "patch does not match the URL");
+    }
+    let signer = obj["spec"]["signerName"].as_str().unwrap_or("");
+    if !signer.is_empty() && !name.starts_with(&format!("{}:", signer.replace('/', ":"))) {
+        return status_json(
+            422,
+            "Invalid",
+            "metadata.name: must begin with the signer name, '/' replaced by ':'",
+        );
+    }
+    let mut store = inner.store.lock().unwrap();
+    let mut ctb = store
+        .get("clustertrustbundles", "", &name)
+        .unwrap_or_else(|| json!({"metadata": {"name": name}}));
+    ctb["metadata"]["labels"] = obj["metadata"]["labels"].clone();
+    ctb["spec"] = obj["spec"].clone();
+    let (_, _, ctb) = store.put("clustertrustbundles", ctb);
+    let t = Typed {
+        coll: "clustertrustbundles",
+        kind: "ClusterTrustBundle",
+        api_version: "certificates.k8s.io/v1beta1",
+        resource: "clustertrustbundles.certificates.k8s.io",
+        counts: ["", "", ""],
+    };
+    object_response(StatusCode::OK, &t, ctb)
+}
