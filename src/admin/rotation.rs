@@ -62,11 +62,15 @@ pub(super) async fn status(State(s): State<Arc<AdminState>>) -> Response {
 }
 
 /// Whether a peer may change the rotation: loopback, or the configured bearer token.
-fn may_change(s: &AdminState, peer: SocketAddr, headers: &HeaderMap) -> Result<(), Response> {
+fn may_change(
+    token_file: Option<&std::path::Path>,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+) -> Result<(), Response> {
     if peer.ip().to_canonical().is_loopback() {
         return Ok(());
     }
-    let Some(path) = &s.rotation_token_file else {
+    let Some(path) = token_file else {
         return Err(error(
             StatusCode::FORBIDDEN,
             "rotation steps are accepted only from loopback (kubectl port-forward or exec), or with a bearer token when admin.rotationTokenFile is set",
@@ -112,7 +116,7 @@ pub(super) async fn change(
     Query(q): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(resp) = may_change(&s, peer, &headers) {
+    if let Err(resp) = may_change(s.rotation_token_file.as_deref(), peer, &headers) {
         return resp;
     }
     let r = match rotation(&s) {
@@ -141,4 +145,53 @@ pub(super) async fn change(
         tracing::info!(action = %action, error = %e, "rotation step not taken");
     }
     answer(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_bearer(t: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            format!("Bearer {t}").parse().unwrap(),
+        );
+        h
+    }
+
+    #[test]
+    fn steps_need_loopback_or_the_token() {
+        let at = |a: &str| a.parse::<SocketAddr>().unwrap();
+        let none = HeaderMap::new();
+        assert!(may_change(None, at("127.0.0.1:1"), &none).is_ok());
+        assert!(may_change(None, at("[::ffff:127.0.0.1]:1"), &none).is_ok());
+        let refused = |r: Result<(), Response>| r.unwrap_err().status() == StatusCode::FORBIDDEN;
+        assert!(refused(may_change(
+            None,
+            at("10.0.0.1:1"),
+            &with_bearer("x")
+        )));
+
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("token");
+        std::fs::write(&f, "s3cret\n").unwrap();
+        let p = Some(f.as_path());
+        assert!(may_change(p, at("10.0.0.1:1"), &with_bearer("s3cret")).is_ok());
+        assert!(refused(may_change(
+            p,
+            at("10.0.0.1:1"),
+            &with_bearer("s3cre")
+        )));
+        assert!(refused(may_change(p, at("10.0.0.1:1"), &none)));
+        // An empty or unreadable token file allows nobody but loopback.
+        std::fs::write(&f, "\n").unwrap();
+        assert!(refused(may_change(p, at("10.0.0.1:1"), &with_bearer(""))));
+        std::fs::remove_file(&f).unwrap();
+        assert!(refused(may_change(
+            p,
+            at("10.0.0.1:1"),
+            &with_bearer("s3cret")
+        )));
+    }
 }
