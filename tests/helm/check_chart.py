@@ -910,6 +910,14 @@ def check_schema(chart):
                                                           "rateLimit": "fast"}}}, "/config/backend/rateLimit"),
         ("another backend's key", {"config": {"backend": {"type": "awsPca", "caArn": "arn:aws:acm-pca:us-east-1:1:certificate-authority/x",
                                                           "role": "r"}}}, "'role' not allowed"),
+        ("CA Secret name that is no object name", {"config": {"kubernetes": {"caSecret": {"name": "Root CA"}}}},
+         "/config/kubernetes/caSecret/name"),
+        ("CA Secret switch as a string", {"config": {"kubernetes": {"caSecret": {"enabled": "no"}}}},
+         "/config/kubernetes/caSecret/enabled"),
+        ("signer name without a path", {"config": {"kubernetes": {"clusterTrustBundle": {"enabled": True, "signerName": "istio.io"}}}},
+         "/config/kubernetes/clusterTrustBundle/signerName"),
+        ("rotation skew that is no duration", {"config": {"rotation": {"skew": "a while"}}}, "/config/rotation/skew"),
+        ("relative rotation token file", {"config": {"admin": {"rotationTokenFile": "token"}}}, "/config/admin/rotationTokenFile"),
     ):
         try:
             c.validate_schema(values)
