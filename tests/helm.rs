@@ -13,7 +13,8 @@
 //!   other writable volume; RBAC equals the API calls the binary's effective config makes (none
 //!   without `kubernetes.enabled`), never a wildcard.
 //! - `rbac`: per feature combination (TokenReview, impersonation, root ConfigMaps, istiod-tls,
-//!   leader election, renamed objects) the exact grants, written out literally.
+//!   leader election, the Secret a generated local root is shared through, the
+//!   ClusterTrustBundle and its signer, renamed objects) the exact grants, written out literally.
 //! - `image`: the Deployment runs the Dockerfile's ENTRYPOINT as its USER with its EXPOSEd ports
 //!   (the image itself is not built: no container runtime on the test machines).
 //! - `failures`: unsafe values (several replicas each generating its own root, ...) fail

@@ -253,6 +253,15 @@ def variants(chart):
              "config": {"kubernetes": {"istiodCert": {"revisions": ["canary"]}}}},
         )
     )
+    out.append(
+        (
+            "generated root in a Secret of its own namespace, ClusterTrustBundle",
+            {"replicaCount": 1, "kubernetes": {"enabled": True},
+             "config": {"kubernetes": {"caSecret": {"namespace": "mesh-ca", "name": "mesh-root"},
+                                       "clusterTrustBundle": {"enabled": True}},
+                        "rotation": {"skew": "10m", "autoAdvance": False, "pollInterval": "30s"}}},
+        )
+    )
     return out
 
 
@@ -568,12 +577,16 @@ def rbac_grants(docs, label):
 
 def expected_grants(eff):
     """The API calls the bridge makes for an effective config (check-config's output), written
-    down from src/k8s.rs, src/k8s/{pods,leader}.rs and src/trust/{configmap,istiod_cert}.rs:
+    down from src/k8s.rs, src/k8s/{pods,leader,ca_secret}.rs and src/trust/{configmap,istiod_cert}.rs:
     TokenReview create, and GET /openid/v1/jwks (the service-account issuer keys every token is
     checked against first); the pod watch (LIST+WATCH) for impersonation; the namespace watch and a
     server-side apply of the root ConfigMap (PATCH, authorized as `create` too, with the name,
     when it creates the object); the Lease get / create (POST: no name to restrict) / replace;
-    istiod-tls get + server-side apply."""
+    istiod-tls get + server-side apply; the shared local CA's Secret (Config::shared_local_ca:
+    local backend without CA files, authn.kubernetes, caSecret.enabled) get / create (POST: no
+    name) / replace (PUT: `update`), in caSecret.namespace or else leaderElection.namespace; the
+    ClusterTrustBundle get / create (not restricted by name) / server-side apply, plus `attest`
+    on its signer, which the API server requires to write a bundle naming that signer."""
     kube = eff["authn"].get("kubernetes")
     if kube is None:
         return set()
@@ -588,7 +601,17 @@ def expected_grants(eff):
         want |= {("cluster", "", "configmaps", rc["name"], v) for v in ("create", "patch")}
     if ic["enabled"]:
         want |= {(ic["namespace"], "", "secrets", ic["secretName"], v) for v in ("get", "create", "patch")}
-    if rc["enabled"] or ic["enabled"]:
+    cs, ctb, be = k["caSecret"], k["clusterTrustBundle"], eff["backend"]
+    if be["type"] == "local" and be["caCertFile"] is None and cs["enabled"]:
+        ns = cs["namespace"] or le["namespace"]
+        want.add((ns, "", "secrets", None, "create"))
+        want |= {(ns, "", "secrets", cs["name"], v) for v in ("get", "update")}
+    if ctb["enabled"]:
+        name = ctb["name"] or ctb["signerName"].replace("/", ":") + ":root-cert"
+        want.add(("cluster", "certificates.k8s.io", "clustertrustbundles", None, "create"))
+        want |= {("cluster", "certificates.k8s.io", "clustertrustbundles", name, v) for v in ("get", "patch")}
+        want.add(("cluster", "certificates.k8s.io", "signers", ctb["signerName"], "attest"))
+    if rc["enabled"] or ic["enabled"] or ctb["enabled"]:
         want.add((le["namespace"], "coordination.k8s.io", "leases", None, "create"))
         want |= {(le["namespace"], "coordination.k8s.io", "leases", le["leaseName"], v) for v in ("get", "update")}
     return want
@@ -671,25 +694,64 @@ def check_rbac(chart):
         return {(ns, "coordination.k8s.io", "leases", None, "create"),
                 (ns, "coordination.k8s.io", "leases", name, "get"), (ns, "coordination.k8s.io", "leases", name, "update")}
 
+    def ca(ns=NAMESPACE, name="istio-ca-bridge-ca"):
+        # POST (create) names no object; get and replace (PUT: update) are by name.
+        return {(ns, "", "secrets", None, "create"), (ns, "", "secrets", name, "get"), (ns, "", "secrets", name, "update")}
+
+    def bundle(name="istio.io:istiod-ca:root-cert", signer="istio.io/istiod-ca"):
+        return {("cluster", "certificates.k8s.io", "clustertrustbundles", None, "create"),
+                ("cluster", "certificates.k8s.io", "clustertrustbundles", name, "get"),
+                ("cluster", "certificates.k8s.io", "clustertrustbundles", name, "patch"),
+                ("cluster", "certificates.k8s.io", "signers", signer, "attest")}
+
     on = {"replicaCount": 1, "kubernetes": {"enabled": True}}
+    no_ca_secret = {"caSecret": {"enabled": False}}
 
     def cfg(**c):
         return {**on, "config": c}
 
     cases = [
-        ("kubernetes.enabled false", {"replicaCount": 1}, set()),
-        ("kubernetes.enabled, defaults (TokenReview, impersonation, root ConfigMaps, istiod-tls)", on,
-         tr | pods | roots() | istiod() | lease()),
+        ("kubernetes.enabled false", {"replicaCount": 1, "kubernetes": {"enabled": False}}, set()),
+        ("kubernetes.enabled, defaults (TokenReview, impersonation, root ConfigMaps, istiod-tls, the generated root's Secret)", on,
+         tr | pods | roots() | istiod() | lease() | ca()),
         ("no impersonation (trustedNodeAccounts: [])", cfg(authn={"trustedNodeAccounts": []}),
-         tr | roots() | istiod() | lease()),
-        ("root ConfigMaps off", cfg(kubernetes={"rootConfigMap": {"enabled": False}}), tr | pods | istiod() | lease()),
-        ("istiod-tls off", cfg(kubernetes={"istiodCert": {"enabled": False}}), tr | pods | roots() | lease()),
-        ("authentication only (no writers, no impersonation)",
-         cfg(authn={"trustedNodeAccounts": []}, kubernetes={"rootConfigMap": {"enabled": False}, "istiodCert": {"enabled": False}}), tr),
-        ("renamed objects, istiod and the Lease elsewhere",
+         tr | roots() | istiod() | lease() | ca()),
+        ("root ConfigMaps off", cfg(kubernetes={"rootConfigMap": {"enabled": False}}), tr | pods | istiod() | lease() | ca()),
+        ("istiod-tls off", cfg(kubernetes={"istiodCert": {"enabled": False}}), tr | pods | roots() | lease() | ca()),
+        ("CA Secret off (1 replica, root in the state dir)", cfg(kubernetes=no_ca_secret),
+         tr | pods | roots() | istiod() | lease()),
+        ("the CA Secret alone needs no Lease (writers off)",
+         cfg(kubernetes={"rootConfigMap": {"enabled": False}, "istiodCert": {"enabled": False}}), tr | pods | ca()),
+        ("authentication only (no writers, no impersonation, CA Secret off)",
+         cfg(authn={"trustedNodeAccounts": []},
+             kubernetes={"rootConfigMap": {"enabled": False}, "istiodCert": {"enabled": False}, **no_ca_secret}), tr),
+        ("own CA from backends.local.caSecret: no CA Secret grants", {**CA_SECRET, "kubernetes": {"enabled": True}},
+         tr | pods | roots() | istiod() | lease()),
+        ("own CA files (config.backend.caCertFile): no CA Secret grants",
+         cfg(backend={"type": "local", "caCertFile": "/etc/extra/ca.pem", "caKeyFile": "/etc/extra/ca.key"}),
+         tr | pods | roots() | istiod() | lease()),
+        ("a remote backend (Vault): no CA Secret grants",
+         {**on, "backends": {"vault": {"authSecret": {"name": "vault-token"}}}, "config": {"backend": {**VAULT_TOKEN}}},
+         tr | pods | roots() | istiod() | lease()),
+        ("renamed objects, istiod and the Lease elsewhere (the CA Secret follows the Lease)",
          cfg(kubernetes={"rootConfigMap": {"name": "mesh-roots"}, "istiodCert": {"namespace": "istiod-ns", "secretName": "istiod-cert"},
                          "leaderElection": {"namespace": "bridge-leases", "leaseName": "bridge-writer"}}),
-         tr | pods | roots("mesh-roots") | istiod("istiod-ns", "istiod-cert") | lease("bridge-leases", "bridge-writer")),
+         tr | pods | roots("mesh-roots") | istiod("istiod-ns", "istiod-cert") | lease("bridge-leases", "bridge-writer")
+         | ca("bridge-leases")),
+        ("CA Secret renamed, in a namespace of its own",
+         cfg(kubernetes={"caSecret": {"namespace": "mesh-ca", "name": "mesh-root"}}),
+         tr | pods | roots() | istiod() | lease() | ca("mesh-ca", "mesh-root")),
+        ("CA Secret name from the release's full name", {**on, "fullnameOverride": "bridge"},
+         tr | pods | roots() | istiod() | lease(name="bridge") | ca(name="bridge-ca")),
+        ("ClusterTrustBundle (istiod's signer)", cfg(kubernetes={"clusterTrustBundle": {"enabled": True}}),
+         tr | pods | roots() | istiod() | lease() | ca() | bundle()),
+        ("ClusterTrustBundle the only writer, own signer: still the Lease",
+         cfg(kubernetes={"rootConfigMap": {"enabled": False}, "istiodCert": {"enabled": False},
+                         "clusterTrustBundle": {"enabled": True, "signerName": "mesh.example.com/roots"}}),
+         tr | pods | lease() | ca() | bundle("mesh.example.com:roots:root-cert", "mesh.example.com/roots")),
+        ("ClusterTrustBundle with its own name",
+         cfg(kubernetes={"clusterTrustBundle": {"enabled": True, "name": "istio.io:istiod-ca:root-cert:mesh"}}),
+         tr | pods | roots() | istiod() | lease() | ca() | bundle("istio.io:istiod-ca:root-cert:mesh")),
     ]
     for label, values, want in cases:
         docs = chart.render(values)
@@ -727,6 +789,9 @@ def check_failures(chart):
         ("a cluster writer without kubernetes.enabled",
          {"replicaCount": 1, "config": {"kubernetes": {"istiodCert": {"enabled": True}}}},
          ["config.kubernetes.istiodCert.enabled", "kubernetes.enabled: true"]),
+        ("a ClusterTrustBundle without kubernetes.enabled",
+         {"replicaCount": 1, "config": {"kubernetes": {"clusterTrustBundle": {"enabled": True}}}},
+         ["config.kubernetes.clusterTrustBundle.enabled", "kubernetes.enabled: true"]),
         ("loopback listener", {"replicaCount": 1, "config": {"server": {"listen": "127.0.0.1:15012"}}}, None),
         ("same port twice", {"replicaCount": 1, "config": {"admin": {"listen": "0.0.0.0:15012"}}},
          ["config.admin.listen", "different port"]),

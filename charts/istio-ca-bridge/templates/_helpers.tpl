@@ -288,7 +288,7 @@ replicas or Secrets). Rendered (as nothing) from the Deployment, so every instal
 {{- if dig "authn" "kubernetes" nil $userCfg }}
 {{- fail "config.authn.kubernetes is set but kubernetes.enabled is false: set kubernetes.enabled: true so the chart grants the RBAC and mounts the API token the bridge needs" }}
 {{- end }}
-{{- range $f := list "rootConfigMap" "istiodCert" }}
+{{- range $f := list "rootConfigMap" "istiodCert" "clusterTrustBundle" }}
 {{- if dig "kubernetes" $f "enabled" false $userCfg }}
 {{- fail (printf "config.kubernetes.%s.enabled needs kubernetes.enabled: true (the bridge writes through the Kubernetes API; the chart then grants the RBAC)" $f) }}
 {{- end }}
@@ -530,6 +530,24 @@ owns (mounted Secrets, the state dir) and the default serving-cert names.
 {{- $_ := set $k "leaderElection" $le }}
 {{- if not $le.namespace }}{{ $_ := set $le "namespace" .Release.Namespace }}{{ end }}
 {{- if not $le.leaseName }}{{ $_ := set $le "leaseName" (include "istio-ca-bridge.fullname" .) }}{{ end }}
+{{- /* A generated local root is kept in one Secret every replica shares (unless switched off):
+     its namespace (the Lease's, as the bridge defaults it) and name (<fullname>-ca, so two
+     releases never share a root by accident; istio-ca-bridge-ca, the bridge's own default,
+     for the default release name) written out. */}}
+{{- if and (eq (include "istio-ca-bridge.backendType" .) "local") (not $backend.caCertFile) }}
+{{- $cs := $k.caSecret | default dict }}
+{{- if or (not (hasKey $cs "enabled")) $cs.enabled }}
+{{- $_ := set $k "caSecret" $cs }}
+{{- if not $cs.namespace }}{{ $_ := set $cs "namespace" $le.namespace }}{{ end }}
+{{- if not $cs.name }}{{ $_ := set $cs "name" (printf "%s-ca" (include "istio-ca-bridge.fullname" .)) }}{{ end }}
+{{- end }}
+{{- end }}
+{{- /* The ClusterTrustBundle (off unless enabled): signer and object name written out. */}}
+{{- $ctb := $k.clusterTrustBundle | default dict }}
+{{- if $ctb.enabled }}
+{{- if not $ctb.signerName }}{{ $_ := set $ctb "signerName" "istio.io/istiod-ca" }}{{ end }}
+{{- if not $ctb.name }}{{ $_ := set $ctb "name" (printf "%s:root-cert" (replace "/" ":" $ctb.signerName)) }}{{ end }}
+{{- end }}
 {{- end }}
 {{- toYaml $cfg }}
 {{- end }}
@@ -545,9 +563,16 @@ and names; RBAC is derived from it (templates/rbac.yaml), so the two cannot disa
 {{- $rc := dig "kubernetes" "rootConfigMap" dict $cfg }}
 {{- $ic := dig "kubernetes" "istiodCert" dict $cfg }}
 {{- $le := dig "kubernetes" "leaderElection" dict $cfg }}
+{{- $cs := dig "kubernetes" "caSecret" dict $cfg }}
+{{- $ctb := dig "kubernetes" "clusterTrustBundle" dict $cfg }}
+{{- $be := dig "backend" dict $cfg }}
 {{- $on := not (empty $ka) }}
 {{- $roots := and $on ($rc.enabled | default false) }}
 {{- $istiod := and $on ($ic.enabled | default false) }}
+{{- $bundle := and $on ($ctb.enabled | default false) }}
+{{- /* The bridge's Config::shared_local_ca: local backend without CA files, authn.kubernetes
+     set, kubernetes.caSecret.enabled (default true). */}}
+{{- $caSecret := and $on (eq (toString $be.type) "local") (not $be.caCertFile) (ne (toString (dig "enabled" true $cs)) "false") }}
 {{- toYaml (dict
   "tokenReview" $on
   "pods" (and $on (not (empty $nodeAccounts)))
@@ -556,7 +581,13 @@ and names; RBAC is derived from it (templates/rbac.yaml), so the two cannot disa
   "istiodCert" $istiod
   "istiodNamespace" ($ic.namespace | default "")
   "istiodSecretName" ($ic.secretName | default "")
-  "leases" (or $roots $istiod)
+  "caSecret" $caSecret
+  "caSecretNamespace" ($cs.namespace | default $le.namespace | default "")
+  "caSecretName" ($cs.name | default "")
+  "clusterTrustBundle" $bundle
+  "clusterTrustBundleName" ($ctb.name | default "")
+  "clusterTrustBundleSigner" ($ctb.signerName | default "")
+  "leases" (or $roots $istiod $bundle)
   "leaseNamespace" ($le.namespace | default "")
   "leaseName" ($le.leaseName | default "")) }}
 {{- end }}
