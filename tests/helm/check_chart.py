@@ -185,7 +185,9 @@ def variants(chart):
     """(label, values) for every values file in ci/ plus variants that move what the chart
     derives (ports, grace period, serving-cert files mode)."""
     out = [(os.path.relpath(p, chart.dir), chart.values_file(p)) for p in chart.ci_files()]
-    out.append(("defaults with replicaCount 1", {"replicaCount": 1}))
+    out.append(("defaults (2 replicas sharing one generated root through the CA Secret)", {}))
+    out.append(("no Kubernetes API, generated root in the state dir, replicaCount 1",
+                {"replicaCount": 1, "kubernetes": {"enabled": False}}))
     out.append(
         (
             "moved ports, IPv6, long grace, CA Secret, 3 replicas",
@@ -224,7 +226,8 @@ def variants(chart):
                                         "rootBundleConfigMap": {"name": "next-root"}}},
                  "config": {"backend": {**vault, "rootsFromMount": False, "auth": {"method": "jwt", "role": "bridge"}}}}))
     out.append(("AWS Private CA with extra roots, no Kubernetes API",
-                {"backends": {"awsPca": {"extraRootsConfigMap": {"name": "next-root", "key": "r.pem"}}},
+                {"kubernetes": {"enabled": False},
+                 "backends": {"awsPca": {"extraRootsConfigMap": {"name": "next-root", "key": "r.pem"}}},
                  "config": {"authn": {"jwt": [{"issuer": "https://k8s.example", "jwksUri": "https://k8s.example/jwks"}]},
                             "backend": {"type": "awsPca", "caArn": "arn:aws:acm-pca:us-east-1:111122223333:certificate-authority/x"}}}))
     out.append(("AWS Private CA in intermediate mode, state on node disk, audit to a shared volume",
@@ -255,8 +258,8 @@ def variants(chart):
     )
     out.append(
         (
-            "generated root in a Secret of its own namespace, ClusterTrustBundle",
-            {"replicaCount": 1, "kubernetes": {"enabled": True},
+            "shared generated root in a Secret of its own namespace, ClusterTrustBundle, 3 replicas",
+            {"replicaCount": 3,
              "config": {"kubernetes": {"caSecret": {"namespace": "mesh-ca", "name": "mesh-root"},
                                        "clusterTrustBundle": {"enabled": True}},
                         "rotation": {"skew": "10m", "autoAdvance": False, "pollInterval": "30s"}}},
@@ -316,6 +319,23 @@ def check_render(chart):
             ok(f"{label}: IRSA role {arn} on ServiceAccount {sa['metadata']['name']}; CA {eff['backend']['caArn']}")
         missing = want - set(kinds)
         check(not missing, f"{label}: missing {sorted(missing)}")
+    # The defaults alone install: 2 replicas signing with ONE generated root, which the bridge
+    # keeps in the Secret every replica reads (Config::shared_local_ca), with the RBAC for it.
+    chart.chart.validate_schema({})
+    docs = chart.render({})
+    eff = chart.check_config(rendered_config(docs), "default values")
+    dep = one(docs, "Deployment")
+    k = eff["kubernetes"]
+    check(dep["spec"]["replicas"] == 2, f"default values: {dep['spec']['replicas']} replicas")
+    check(eff["backend"]["type"] == "local" and eff["backend"]["caCertFile"] is None and eff["authn"]["kubernetes"]
+          and k["caSecret"]["enabled"], f"default values: the generated root is not shared: {eff['backend']} {k['caSecret']}")
+    ns, name = k["caSecret"]["namespace"] or k["leaderElection"]["namespace"], k["caSecret"]["name"]
+    check((ns, name) == (NAMESPACE, "istio-ca-bridge-ca"), f"default values: CA Secret {ns}/{name}")
+    grants = rbac_grants(docs, "default values")
+    check({(ns, "", "secrets", name, "get"), (ns, "", "secrets", name, "update"), (ns, "", "secrets", None, "create")} <= grants,
+          f"default values: the CA Secret's grants are missing: {sorted(grants, key=str)}")
+    ok(f"default values: {len(list(objects(docs)))} objects, 2 replicas; check-config accepts the config; the generated "
+       f"root is shared through Secret {ns}/{name} (get/update by name, create)")
 
 
 def backend_files(be):
@@ -657,7 +677,7 @@ def check_image(chart):
     check("cargo build --release --locked" in text, "the Dockerfile does not build with --release --locked")
     check(dest == "/usr/local/bin/istio-ca-bridge", f"binary copied to {dest}")
     check(entry[0] in ("istio-ca-bridge", dest), f"ENTRYPOINT runs {entry[0]}")
-    for label, values in [("default values", {"replicaCount": 1})] + [
+    for label, values in [("default values", {})] + [
             (os.path.relpath(p, chart.dir), chart.values_file(p)) for p in chart.ci_files()]:
         docs = chart.render(values)
         pod = one(docs, "Deployment")["spec"]["template"]["spec"]
@@ -712,8 +732,9 @@ def check_rbac(chart):
 
     cases = [
         ("kubernetes.enabled false", {"replicaCount": 1, "kubernetes": {"enabled": False}}, set()),
-        ("kubernetes.enabled, defaults (TokenReview, impersonation, root ConfigMaps, istiod-tls, the generated root's Secret)", on,
+        ("defaults (2 replicas; TokenReview, impersonation, root ConfigMaps, istiod-tls, the generated root's Secret)", {},
          tr | pods | roots() | istiod() | lease() | ca()),
+        ("kubernetes.enabled, 1 replica: the same grants", on, tr | pods | roots() | istiod() | lease() | ca()),
         ("no impersonation (trustedNodeAccounts: [])", cfg(authn={"trustedNodeAccounts": []}),
          tr | roots() | istiod() | lease() | ca()),
         ("root ConfigMaps off", cfg(kubernetes={"rootConfigMap": {"enabled": False}}), tr | pods | istiod() | lease() | ca()),
@@ -779,18 +800,23 @@ VAULT_TOKEN = {"type": "vault", "address": "https://v:8200", "role": "r", "auth"
 
 
 def check_failures(chart):
+    off = {"kubernetes": {"enabled": False}}
+    one_root_each = ["generate its own root", "kubernetes.enabled: true", "config.kubernetes.caSecret",
+                     "backends.local.caSecret.name", "replicaCount: 1"]
     cases = [
-        ("defaults (2 replicas, generated root)", {},
-         ["replicaCount is 2", "generate its own root", "backends.local.caSecret.name", "replicaCount: 1"]),
-        ("3 replicas, generated root", {"replicaCount": 3}, ["replicaCount is 3", "backends.local.caSecret.name"]),
+        ("2 replicas, generated root, no Kubernetes API (no shared Secret)", off,
+         ["replicaCount is 2", "(kubernetes.enabled is false)"] + one_root_each),
+        ("3 replicas, generated root, the CA Secret switched off",
+         {"replicaCount": 3, "config": {"kubernetes": {"caSecret": {"enabled": False}}}},
+         ["replicaCount is 3", "(config.kubernetes.caSecret.enabled is false)"] + one_root_each),
         ("authn.kubernetes without kubernetes.enabled",
-         {"replicaCount": 1, "config": {"authn": {"kubernetes": {"clusters": [{"id": "Kubernetes", "inCluster": True}]}}}},
+         {"replicaCount": 1, **off, "config": {"authn": {"kubernetes": {"clusters": [{"id": "Kubernetes", "inCluster": True}]}}}},
          ["config.authn.kubernetes", "kubernetes.enabled: true", "RBAC"]),
         ("a cluster writer without kubernetes.enabled",
-         {"replicaCount": 1, "config": {"kubernetes": {"istiodCert": {"enabled": True}}}},
+         {"replicaCount": 1, **off, "config": {"kubernetes": {"istiodCert": {"enabled": True}}}},
          ["config.kubernetes.istiodCert.enabled", "kubernetes.enabled: true"]),
         ("a ClusterTrustBundle without kubernetes.enabled",
-         {"replicaCount": 1, "config": {"kubernetes": {"clusterTrustBundle": {"enabled": True}}}},
+         {"replicaCount": 1, **off, "config": {"kubernetes": {"clusterTrustBundle": {"enabled": True}}}},
          ["config.kubernetes.clusterTrustBundle.enabled", "kubernetes.enabled: true"]),
         ("loopback listener", {"replicaCount": 1, "config": {"server": {"listen": "127.0.0.1:15012"}}}, None),
         ("same port twice", {"replicaCount": 1, "config": {"admin": {"listen": "0.0.0.0:15012"}}},
@@ -858,7 +884,12 @@ def check_failures(chart):
     err = chart.render_error({"replicaCount": 1, "config": {"server": {"listen": "127.0.0.1:15012"}}})
     check("/config/server/listen" in err, f"loopback listener: {err}")
     # Controls: the fixes the messages suggest do render.
-    for label, values in (("replicaCount 1", {"replicaCount": 1}), ("CA Secret, 2 replicas", CA_SECRET),
+    for label, values in (("the defaults: 2 replicas sharing the generated root through the CA Secret", {}),
+                          ("kubernetes.enabled with 3 replicas", {"replicaCount": 3, "kubernetes": {"enabled": True}}),
+                          ("no Kubernetes API, replicaCount 1", {"replicaCount": 1, **off}),
+                          ("CA Secret switched off, replicaCount 1", {"replicaCount": 1, "config": {"kubernetes": {"caSecret": {"enabled": False}}}}),
+                          ("no Kubernetes API, CA Secret, 2 replicas", {**CA_SECRET, **off}),
+                          ("CA Secret, 2 replicas", CA_SECRET),
                           ("DigiCert with an API key Secret and roots", {"backends": {"digicert": {"apiKeySecret": {"name": "k"},
                                                                                                    "trustBundle": {"configMapName": "t"}}},
                                                                          "config": {"backend": {**DIGICERT}}}),

@@ -166,8 +166,10 @@ value the bridge reads so the two cannot drift.
 
 {{/*
 How the local backend gets its signing CA: "secret" (backends.local.caSecret), "files" (paths
-set in config.backend by the user, e.g. from extraVolumes) or "generated" (a root generated in
-stateDir on first start, one per pod).
+set in config.backend by the user, e.g. from extraVolumes) or "generated" (a root the bridge
+generates on first start: kept in the Kubernetes Secret config.kubernetes.caSecret and shared by
+every replica when kubernetes.enabled, see "istio-ca-bridge.kubeAccess" caSecret; otherwise in
+stateDir, one per pod).
 */}}
 {{- define "istio-ca-bridge.localCAMode" -}}
 {{- $b := dig "backend" dict (.Values.config | default dict) }}
@@ -386,8 +388,12 @@ replicas or Secrets). Rendered (as nothing) from the Deployment, so every instal
 {{- end }}
 {{- end }}
 {{- $mode := include "istio-ca-bridge.localCAMode" . }}
-{{- if and (eq $backend "local") (eq $mode "generated") (gt (int .Values.replicaCount) 1) }}
-{{- fail (printf "replicaCount is %d but the local backend has no CA: each replica would generate its own root and clients would trust only one of them. Either set replicaCount: 1 (a generated root, kept in backend.stateDir), or give every replica the same CA with backends.local.caSecret.name (an existing Secret with the CA certificate and key)." (int .Values.replicaCount)) }}
+{{- /* A generated root is one per replica only when no shared Secret keeps it: without the
+     Kubernetes API, or with config.kubernetes.caSecret switched off. Read from the rendered
+     config, like the RBAC that lets the replicas share it. */}}
+{{- if and (eq $backend "local") (eq $mode "generated") (gt (int .Values.replicaCount) 1) (not (include "istio-ca-bridge.kubeAccess" . | fromYaml).caSecret) }}
+{{- $why := ternary "config.kubernetes.caSecret.enabled is false" "kubernetes.enabled is false" .Values.kubernetes.enabled }}
+{{- fail (printf "replicaCount is %d but the local backend's generated root is not shared (%s): each replica would generate its own root and clients would trust only one of them. Either share one generated root through the Kubernetes Secret config.kubernetes.caSecret (kubernetes.enabled: true, the default, and leave config.kubernetes.caSecret.enabled unset or true), give every replica the same CA with backends.local.caSecret.name (an existing Secret with the CA certificate and key), or set replicaCount: 1 (a root generated in backend.stateDir)." (int .Values.replicaCount) $why) }}
 {{- end }}
 {{- if and (eq $mode "secret") (or $b.caCertFile $b.caKeyFile $b.chainFile $b.rootBundleFile) }}
 {{- fail "backends.local.caSecret.name is set: leave config.backend.caCertFile/caKeyFile/chainFile/rootBundleFile unset, the chart points them into the mounted Secret" }}
