@@ -13,7 +13,8 @@
 //!   other writable volume; RBAC equals the API calls the binary's effective config makes (none
 //!   without `kubernetes.enabled`), never a wildcard.
 //! - `rbac`: per feature combination (TokenReview, impersonation, root ConfigMaps, istiod-tls,
-//!   leader election, renamed objects) the exact grants, written out literally.
+//!   leader election, the Secret a generated local root is shared through, the
+//!   ClusterTrustBundle and its signer, renamed objects) the exact grants, written out literally.
 //! - `image`: the Deployment runs the Dockerfile's ENTRYPOINT as its USER with its EXPOSEd ports
 //!   (the image itself is not built: no container runtime on the test machines).
 //! - `failures`: unsafe values (several replicas each generating its own root, ...) fail
@@ -26,14 +27,18 @@
 //!   from the `backends.<type>` keys, when the schema is skipped); intermediate mode is wired for
 //!   exactly the branches that allow `mode`; no template names two types in one action.
 //! - `alerts`: the PrometheusRule passes `promtool check rules` and `promtool test rules`.
-//! - `live`: each `ci/` install that can run on this machine (local backend, no Kubernetes API:
-//!   the others need the install's own API server, Vault or AWS account) is run for real (its
-//!   args, env and mounted files): probes answer, a Kubernetes-shaped token gets a certificate
-//!   over TLS to the Service's name, SIGTERM exits within the grace period, nothing is written
-//!   outside the writable mounts (read-only root filesystem), the audit file has the workload's
-//!   record, and every metric the alerts and dashboard use is exported (the intermediate-mode
-//!   ones, which appear only with a Vault or AWS backend, are checked to be named in the binary
-//!   instead). The installs not run are named in the output.
+//! - `live`: each `ci/` install that can run on this machine, and the chart's defaults, is run
+//!   for real (its args, env and mounted files; the local backend: the others need the
+//!   install's Vault, AWS account or DigiCert tenant): probes answer, a Kubernetes-shaped token
+//!   gets a certificate over TLS to the Service's name, SIGTERM exits within the grace period,
+//!   nothing is written outside the writable mounts (read-only root filesystem), the audit file
+//!   has the workload's record, and every metric the alerts and dashboard use is exported (the
+//!   intermediate-mode ones, which appear only with a Vault or AWS backend, are checked to be
+//!   named in the binary instead). Kubernetes installs run every replica against the
+//!   `fake-apiserver` binary standing in for the cluster (in-cluster credentials become its
+//!   kubeconfig): for the defaults, both replicas sign with the one generated root in the shared
+//!   Secret, report it in `rotate status`, and the Lease holder publishes it. The installs not
+//!   run are named in the output.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -75,6 +80,10 @@ fn chart_check(check: &str) {
         .arg(&chart)
         .arg("--bin")
         .arg(env!("CARGO_BIN_EXE_istio-ca-bridge"))
+        // The test suite's fake Kubernetes API server (built with the `testing` feature, which
+        // the dev-dependency on this crate enables), for `live`.
+        .arg("--fake-apiserver")
+        .arg(env!("CARGO_BIN_EXE_fake-apiserver"))
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&out_path).unwrap())

@@ -1,6 +1,7 @@
 //! The test suite's fake Kubernetes API server (`istio_ca_bridge::testing::fake_kube`) as a
 //! process of its own, for benchmarks that run the release bridge against it
-//! (`scripts/bench_tokens.py`). Built only with the `testing` feature.
+//! (`scripts/bench_tokens.py`) and for the Helm chart's live run of its Kubernetes installs
+//! (`tests/helm/check_chart.py live`). Built only with the `testing` feature.
 //!
 //! It writes into `--dir`:
 //! - `kubeconfig`: for the bridge's `authn.kubernetes.clusters[].kubeconfig`;
@@ -32,6 +33,10 @@ struct Args {
     /// Each TokenReview is answered after this long (an API server's latency).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "5ms")]
     review_latency: Duration,
+    /// Namespaces that exist from the start (repeatable); the bridge writes root ConfigMaps
+    /// and `istiod-tls` only into existing ones.
+    #[arg(long = "namespace")]
+    namespaces: Vec<String>,
 }
 
 #[tokio::main]
@@ -40,6 +45,9 @@ async fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.dir)?;
     let fake = std::sync::Arc::new(FakeKube::start_new().await);
     fake.set_review_delay(args.review_latency);
+    for ns in &args.namespaces {
+        fake.put_namespace(ns);
+    }
     fake.write_kubeconfig(&args.dir.join("kubeconfig"), "Kubernetes");
     let mut real = String::new();
     for i in 0..args.real {

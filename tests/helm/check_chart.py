@@ -2,13 +2,14 @@
 """Checks charts/istio-ca-bridge with the real Helm v4 engine (helm-python-sdk) and the real
 istio-ca-bridge binary. Driven by tests/helm.rs (`cargo test --test helm`), one check per run:
 
-    check_chart.py CHECK --chart DIR --bin PATH
+    check_chart.py CHECK --chart DIR --bin PATH [--fake-apiserver PATH]
 
 CHECK is one of: lint, render, structure, rbac, image, failures, schema, backends, alerts, live.
 Each prints what it proved ("ok: ...") and exits 0, or prints the reason and exits 1. Nothing
 is mocked: templates are rendered by Helm's Go engine, every rendered config is validated by
 `istio-ca-bridge check-config`, rules by `promtool`, and `live` runs the binary exactly as the
-rendered Deployment would (args, env, files where the volumes would put them).
+rendered Deployment would (args, env, files where the volumes would put them; a Kubernetes
+install against the test suite's fake API server, `fake-apiserver`, as its cluster).
 """
 
 import argparse
@@ -58,9 +59,10 @@ def ok(msg):
 
 
 class Chart:
-    def __init__(self, directory, binary):
+    def __init__(self, directory, binary, fake_apiserver=None):
         self.dir = os.path.abspath(directory)
         self.bin = os.path.abspath(binary)
+        self.fake_apiserver = fake_apiserver and os.path.abspath(fake_apiserver)
         self.chart = helm.Chart.load(self.dir)
         self.tmp = tempfile.mkdtemp(prefix="helm-check-")
 
@@ -185,7 +187,9 @@ def variants(chart):
     """(label, values) for every values file in ci/ plus variants that move what the chart
     derives (ports, grace period, serving-cert files mode)."""
     out = [(os.path.relpath(p, chart.dir), chart.values_file(p)) for p in chart.ci_files()]
-    out.append(("defaults with replicaCount 1", {"replicaCount": 1}))
+    out.append(("defaults (2 replicas sharing one generated root through the CA Secret)", {}))
+    out.append(("no Kubernetes API, generated root in the state dir, replicaCount 1",
+                {"replicaCount": 1, "kubernetes": {"enabled": False}}))
     out.append(
         (
             "moved ports, IPv6, long grace, CA Secret, 3 replicas",
@@ -224,7 +228,8 @@ def variants(chart):
                                         "rootBundleConfigMap": {"name": "next-root"}}},
                  "config": {"backend": {**vault, "rootsFromMount": False, "auth": {"method": "jwt", "role": "bridge"}}}}))
     out.append(("AWS Private CA with extra roots, no Kubernetes API",
-                {"backends": {"awsPca": {"extraRootsConfigMap": {"name": "next-root", "key": "r.pem"}}},
+                {"kubernetes": {"enabled": False},
+                 "backends": {"awsPca": {"extraRootsConfigMap": {"name": "next-root", "key": "r.pem"}}},
                  "config": {"authn": {"jwt": [{"issuer": "https://k8s.example", "jwksUri": "https://k8s.example/jwks"}]},
                             "backend": {"type": "awsPca", "caArn": "arn:aws:acm-pca:us-east-1:111122223333:certificate-authority/x"}}}))
     out.append(("AWS Private CA in intermediate mode, state on node disk, audit to a shared volume",
@@ -251,6 +256,15 @@ def variants(chart):
             "Kubernetes integration with a CA Secret, 2 replicas",
             {**CA_SECRET, "kubernetes": {"enabled": True, "clusterId": "primary"},
              "config": {"kubernetes": {"istiodCert": {"revisions": ["canary"]}}}},
+        )
+    )
+    out.append(
+        (
+            "shared generated root in a Secret of its own namespace, ClusterTrustBundle, 3 replicas",
+            {"replicaCount": 3,
+             "config": {"kubernetes": {"caSecret": {"namespace": "mesh-ca", "name": "mesh-root"},
+                                       "clusterTrustBundle": {"enabled": True}},
+                        "rotation": {"skew": "10m", "autoAdvance": False, "pollInterval": "30s"}}},
         )
     )
     return out
@@ -307,6 +321,23 @@ def check_render(chart):
             ok(f"{label}: IRSA role {arn} on ServiceAccount {sa['metadata']['name']}; CA {eff['backend']['caArn']}")
         missing = want - set(kinds)
         check(not missing, f"{label}: missing {sorted(missing)}")
+    # The defaults alone install: 2 replicas signing with ONE generated root, which the bridge
+    # keeps in the Secret every replica reads (Config::shared_local_ca), with the RBAC for it.
+    chart.chart.validate_schema({})
+    docs = chart.render({})
+    eff = chart.check_config(rendered_config(docs), "default values")
+    dep = one(docs, "Deployment")
+    k = eff["kubernetes"]
+    check(dep["spec"]["replicas"] == 2, f"default values: {dep['spec']['replicas']} replicas")
+    check(eff["backend"]["type"] == "local" and eff["backend"]["caCertFile"] is None and eff["authn"]["kubernetes"]
+          and k["caSecret"]["enabled"], f"default values: the generated root is not shared: {eff['backend']} {k['caSecret']}")
+    ns, name = k["caSecret"]["namespace"] or k["leaderElection"]["namespace"], k["caSecret"]["name"]
+    check((ns, name) == (NAMESPACE, "istio-ca-bridge-ca"), f"default values: CA Secret {ns}/{name}")
+    grants = rbac_grants(docs, "default values")
+    check({(ns, "", "secrets", name, "get"), (ns, "", "secrets", name, "update"), (ns, "", "secrets", None, "create")} <= grants,
+          f"default values: the CA Secret's grants are missing: {sorted(grants, key=str)}")
+    ok(f"default values: {len(list(objects(docs)))} objects, 2 replicas; check-config accepts the config; the generated "
+       f"root is shared through Secret {ns}/{name} (get/update by name, create)")
 
 
 def backend_files(be):
@@ -568,12 +599,16 @@ def rbac_grants(docs, label):
 
 def expected_grants(eff):
     """The API calls the bridge makes for an effective config (check-config's output), written
-    down from src/k8s.rs, src/k8s/{pods,leader}.rs and src/trust/{configmap,istiod_cert}.rs:
+    down from src/k8s.rs, src/k8s/{pods,leader,ca_secret}.rs and src/trust/{configmap,istiod_cert}.rs:
     TokenReview create, and GET /openid/v1/jwks (the service-account issuer keys every token is
     checked against first); the pod watch (LIST+WATCH) for impersonation; the namespace watch and a
     server-side apply of the root ConfigMap (PATCH, authorized as `create` too, with the name,
     when it creates the object); the Lease get / create (POST: no name to restrict) / replace;
-    istiod-tls get + server-side apply."""
+    istiod-tls get + server-side apply; the shared local CA's Secret (Config::shared_local_ca:
+    local backend without CA files, authn.kubernetes, caSecret.enabled) get / create (POST: no
+    name) / replace (PUT: `update`), in caSecret.namespace or else leaderElection.namespace; the
+    ClusterTrustBundle get / create (not restricted by name) / server-side apply, plus `attest`
+    on its signer, which the API server requires to write a bundle naming that signer."""
     kube = eff["authn"].get("kubernetes")
     if kube is None:
         return set()
@@ -588,7 +623,17 @@ def expected_grants(eff):
         want |= {("cluster", "", "configmaps", rc["name"], v) for v in ("create", "patch")}
     if ic["enabled"]:
         want |= {(ic["namespace"], "", "secrets", ic["secretName"], v) for v in ("get", "create", "patch")}
-    if rc["enabled"] or ic["enabled"]:
+    cs, ctb, be = k["caSecret"], k["clusterTrustBundle"], eff["backend"]
+    if be["type"] == "local" and be["caCertFile"] is None and cs["enabled"]:
+        ns = cs["namespace"] or le["namespace"]
+        want.add((ns, "", "secrets", None, "create"))
+        want |= {(ns, "", "secrets", cs["name"], v) for v in ("get", "update")}
+    if ctb["enabled"]:
+        name = ctb["name"] or ctb["signerName"].replace("/", ":") + ":root-cert"
+        want.add(("cluster", "certificates.k8s.io", "clustertrustbundles", None, "create"))
+        want |= {("cluster", "certificates.k8s.io", "clustertrustbundles", name, v) for v in ("get", "patch")}
+        want.add(("cluster", "certificates.k8s.io", "signers", ctb["signerName"], "attest"))
+    if rc["enabled"] or ic["enabled"] or ctb["enabled"]:
         want.add((le["namespace"], "coordination.k8s.io", "leases", None, "create"))
         want |= {(le["namespace"], "coordination.k8s.io", "leases", le["leaseName"], v) for v in ("get", "update")}
     return want
@@ -634,7 +679,7 @@ def check_image(chart):
     check("cargo build --release --locked" in text, "the Dockerfile does not build with --release --locked")
     check(dest == "/usr/local/bin/istio-ca-bridge", f"binary copied to {dest}")
     check(entry[0] in ("istio-ca-bridge", dest), f"ENTRYPOINT runs {entry[0]}")
-    for label, values in [("default values", {"replicaCount": 1})] + [
+    for label, values in [("default values", {})] + [
             (os.path.relpath(p, chart.dir), chart.values_file(p)) for p in chart.ci_files()]:
         docs = chart.render(values)
         pod = one(docs, "Deployment")["spec"]["template"]["spec"]
@@ -671,25 +716,65 @@ def check_rbac(chart):
         return {(ns, "coordination.k8s.io", "leases", None, "create"),
                 (ns, "coordination.k8s.io", "leases", name, "get"), (ns, "coordination.k8s.io", "leases", name, "update")}
 
+    def ca(ns=NAMESPACE, name="istio-ca-bridge-ca"):
+        # POST (create) names no object; get and replace (PUT: update) are by name.
+        return {(ns, "", "secrets", None, "create"), (ns, "", "secrets", name, "get"), (ns, "", "secrets", name, "update")}
+
+    def bundle(name="istio.io:istiod-ca:root-cert", signer="istio.io/istiod-ca"):
+        return {("cluster", "certificates.k8s.io", "clustertrustbundles", None, "create"),
+                ("cluster", "certificates.k8s.io", "clustertrustbundles", name, "get"),
+                ("cluster", "certificates.k8s.io", "clustertrustbundles", name, "patch"),
+                ("cluster", "certificates.k8s.io", "signers", signer, "attest")}
+
     on = {"replicaCount": 1, "kubernetes": {"enabled": True}}
+    no_ca_secret = {"caSecret": {"enabled": False}}
 
     def cfg(**c):
         return {**on, "config": c}
 
     cases = [
-        ("kubernetes.enabled false", {"replicaCount": 1}, set()),
-        ("kubernetes.enabled, defaults (TokenReview, impersonation, root ConfigMaps, istiod-tls)", on,
-         tr | pods | roots() | istiod() | lease()),
+        ("kubernetes.enabled false", {"replicaCount": 1, "kubernetes": {"enabled": False}}, set()),
+        ("defaults (2 replicas; TokenReview, impersonation, root ConfigMaps, istiod-tls, the generated root's Secret)", {},
+         tr | pods | roots() | istiod() | lease() | ca()),
+        ("kubernetes.enabled, 1 replica: the same grants", on, tr | pods | roots() | istiod() | lease() | ca()),
         ("no impersonation (trustedNodeAccounts: [])", cfg(authn={"trustedNodeAccounts": []}),
-         tr | roots() | istiod() | lease()),
-        ("root ConfigMaps off", cfg(kubernetes={"rootConfigMap": {"enabled": False}}), tr | pods | istiod() | lease()),
-        ("istiod-tls off", cfg(kubernetes={"istiodCert": {"enabled": False}}), tr | pods | roots() | lease()),
-        ("authentication only (no writers, no impersonation)",
-         cfg(authn={"trustedNodeAccounts": []}, kubernetes={"rootConfigMap": {"enabled": False}, "istiodCert": {"enabled": False}}), tr),
-        ("renamed objects, istiod and the Lease elsewhere",
+         tr | roots() | istiod() | lease() | ca()),
+        ("root ConfigMaps off", cfg(kubernetes={"rootConfigMap": {"enabled": False}}), tr | pods | istiod() | lease() | ca()),
+        ("istiod-tls off", cfg(kubernetes={"istiodCert": {"enabled": False}}), tr | pods | roots() | lease() | ca()),
+        ("CA Secret off (1 replica, root in the state dir)", cfg(kubernetes=no_ca_secret),
+         tr | pods | roots() | istiod() | lease()),
+        ("the CA Secret alone needs no Lease (writers off)",
+         cfg(kubernetes={"rootConfigMap": {"enabled": False}, "istiodCert": {"enabled": False}}), tr | pods | ca()),
+        ("authentication only (no writers, no impersonation, CA Secret off)",
+         cfg(authn={"trustedNodeAccounts": []},
+             kubernetes={"rootConfigMap": {"enabled": False}, "istiodCert": {"enabled": False}, **no_ca_secret}), tr),
+        ("own CA from backends.local.caSecret: no CA Secret grants", {**CA_SECRET, "kubernetes": {"enabled": True}},
+         tr | pods | roots() | istiod() | lease()),
+        ("own CA files (config.backend.caCertFile): no CA Secret grants",
+         cfg(backend={"type": "local", "caCertFile": "/etc/extra/ca.pem", "caKeyFile": "/etc/extra/ca.key"}),
+         tr | pods | roots() | istiod() | lease()),
+        ("a remote backend (Vault): no CA Secret grants",
+         {**on, "backends": {"vault": {"authSecret": {"name": "vault-token"}}}, "config": {"backend": {**VAULT_TOKEN}}},
+         tr | pods | roots() | istiod() | lease()),
+        ("renamed objects, istiod and the Lease elsewhere (the CA Secret follows the Lease)",
          cfg(kubernetes={"rootConfigMap": {"name": "mesh-roots"}, "istiodCert": {"namespace": "istiod-ns", "secretName": "istiod-cert"},
                          "leaderElection": {"namespace": "bridge-leases", "leaseName": "bridge-writer"}}),
-         tr | pods | roots("mesh-roots") | istiod("istiod-ns", "istiod-cert") | lease("bridge-leases", "bridge-writer")),
+         tr | pods | roots("mesh-roots") | istiod("istiod-ns", "istiod-cert") | lease("bridge-leases", "bridge-writer")
+         | ca("bridge-leases")),
+        ("CA Secret renamed, in a namespace of its own",
+         cfg(kubernetes={"caSecret": {"namespace": "mesh-ca", "name": "mesh-root"}}),
+         tr | pods | roots() | istiod() | lease() | ca("mesh-ca", "mesh-root")),
+        ("CA Secret name from the release's full name", {**on, "fullnameOverride": "bridge"},
+         tr | pods | roots() | istiod() | lease(name="bridge") | ca(name="bridge-ca")),
+        ("ClusterTrustBundle (istiod's signer)", cfg(kubernetes={"clusterTrustBundle": {"enabled": True}}),
+         tr | pods | roots() | istiod() | lease() | ca() | bundle()),
+        ("ClusterTrustBundle the only writer, own signer: still the Lease",
+         cfg(kubernetes={"rootConfigMap": {"enabled": False}, "istiodCert": {"enabled": False},
+                         "clusterTrustBundle": {"enabled": True, "signerName": "mesh.example.com/roots"}}),
+         tr | pods | lease() | ca() | bundle("mesh.example.com:roots:root-cert", "mesh.example.com/roots")),
+        ("ClusterTrustBundle with its own name",
+         cfg(kubernetes={"clusterTrustBundle": {"enabled": True, "name": "istio.io:istiod-ca:root-cert:mesh"}}),
+         tr | pods | roots() | istiod() | lease() | ca() | bundle("istio.io:istiod-ca:root-cert:mesh")),
     ]
     for label, values, want in cases:
         docs = chart.render(values)
@@ -717,16 +802,24 @@ VAULT_TOKEN = {"type": "vault", "address": "https://v:8200", "role": "r", "auth"
 
 
 def check_failures(chart):
+    off = {"kubernetes": {"enabled": False}}
+    one_root_each = ["generate its own root", "kubernetes.enabled: true", "config.kubernetes.caSecret",
+                     "backends.local.caSecret.name", "replicaCount: 1"]
     cases = [
-        ("defaults (2 replicas, generated root)", {},
-         ["replicaCount is 2", "generate its own root", "backends.local.caSecret.name", "replicaCount: 1"]),
-        ("3 replicas, generated root", {"replicaCount": 3}, ["replicaCount is 3", "backends.local.caSecret.name"]),
+        ("2 replicas, generated root, no Kubernetes API (no shared Secret)", off,
+         ["replicaCount is 2", "(kubernetes.enabled is false)"] + one_root_each),
+        ("3 replicas, generated root, the CA Secret switched off",
+         {"replicaCount": 3, "config": {"kubernetes": {"caSecret": {"enabled": False}}}},
+         ["replicaCount is 3", "(config.kubernetes.caSecret.enabled is false)"] + one_root_each),
         ("authn.kubernetes without kubernetes.enabled",
-         {"replicaCount": 1, "config": {"authn": {"kubernetes": {"clusters": [{"id": "Kubernetes", "inCluster": True}]}}}},
+         {"replicaCount": 1, **off, "config": {"authn": {"kubernetes": {"clusters": [{"id": "Kubernetes", "inCluster": True}]}}}},
          ["config.authn.kubernetes", "kubernetes.enabled: true", "RBAC"]),
         ("a cluster writer without kubernetes.enabled",
-         {"replicaCount": 1, "config": {"kubernetes": {"istiodCert": {"enabled": True}}}},
+         {"replicaCount": 1, **off, "config": {"kubernetes": {"istiodCert": {"enabled": True}}}},
          ["config.kubernetes.istiodCert.enabled", "kubernetes.enabled: true"]),
+        ("a ClusterTrustBundle without kubernetes.enabled",
+         {"replicaCount": 1, **off, "config": {"kubernetes": {"clusterTrustBundle": {"enabled": True}}}},
+         ["config.kubernetes.clusterTrustBundle.enabled", "kubernetes.enabled: true"]),
         ("loopback listener", {"replicaCount": 1, "config": {"server": {"listen": "127.0.0.1:15012"}}}, None),
         ("same port twice", {"replicaCount": 1, "config": {"admin": {"listen": "0.0.0.0:15012"}}},
          ["config.admin.listen", "different port"]),
@@ -793,7 +886,12 @@ def check_failures(chart):
     err = chart.render_error({"replicaCount": 1, "config": {"server": {"listen": "127.0.0.1:15012"}}})
     check("/config/server/listen" in err, f"loopback listener: {err}")
     # Controls: the fixes the messages suggest do render.
-    for label, values in (("replicaCount 1", {"replicaCount": 1}), ("CA Secret, 2 replicas", CA_SECRET),
+    for label, values in (("the defaults: 2 replicas sharing the generated root through the CA Secret", {}),
+                          ("kubernetes.enabled with 3 replicas", {"replicaCount": 3, "kubernetes": {"enabled": True}}),
+                          ("no Kubernetes API, replicaCount 1", {"replicaCount": 1, **off}),
+                          ("CA Secret switched off, replicaCount 1", {"replicaCount": 1, "config": {"kubernetes": {"caSecret": {"enabled": False}}}}),
+                          ("no Kubernetes API, CA Secret, 2 replicas", {**CA_SECRET, **off}),
+                          ("CA Secret, 2 replicas", CA_SECRET),
                           ("DigiCert with an API key Secret and roots", {"backends": {"digicert": {"apiKeySecret": {"name": "k"},
                                                                                                    "trustBundle": {"configMapName": "t"}}},
                                                                          "config": {"backend": {**DIGICERT}}}),
@@ -910,6 +1008,14 @@ def check_schema(chart):
                                                           "rateLimit": "fast"}}}, "/config/backend/rateLimit"),
         ("another backend's key", {"config": {"backend": {"type": "awsPca", "caArn": "arn:aws:acm-pca:us-east-1:1:certificate-authority/x",
                                                           "role": "r"}}}, "'role' not allowed"),
+        ("CA Secret name that is no object name", {"config": {"kubernetes": {"caSecret": {"name": "Root CA"}}}},
+         "/config/kubernetes/caSecret/name"),
+        ("CA Secret switch as a string", {"config": {"kubernetes": {"caSecret": {"enabled": "no"}}}},
+         "/config/kubernetes/caSecret/enabled"),
+        ("signer name without a path", {"config": {"kubernetes": {"clusterTrustBundle": {"enabled": True, "signerName": "istio.io"}}}},
+         "/config/kubernetes/clusterTrustBundle/signerName"),
+        ("rotation skew that is no duration", {"config": {"rotation": {"skew": "a while"}}}, "/config/rotation/skew"),
+        ("relative rotation token file", {"config": {"admin": {"rotationTokenFile": "token"}}}, "/config/admin/rotationTokenFile"),
     ):
         try:
             c.validate_schema(values)
@@ -1400,65 +1506,89 @@ INTERMEDIATE_MODE_ONLY = {
 
 def live_unrunnable(cfg):
     """Why a rendered install cannot be run on this machine as its pod would run, or None. The
-    pod's own environment is what is missing, not the binary's abilities: in-cluster Kubernetes
-    credentials live at fixed paths (/var/run/secrets/kubernetes.io/serviceaccount) with
-    KUBERNETES_SERVICE_HOST, Vault must be the one at the install's address, AWS Private CA needs
-    the install's real CA ARN and IRSA credentials, DigiCert its tenant and API key.
-    (tests/kubernetes_*.rs, tests/vault_*.rs, tests/aws_pca.rs and tests/digicert.rs drive those code
-    paths against a fake API server, OpenBao, moto and a fake DigiCert.)"""
-    if cfg["authn"].get("kubernetes"):
-        return "kubernetes.enabled needs the in-cluster API server and service-account token"
+    pod's own environment is what is missing, not the binary's abilities: Vault must be the one
+    at the install's address, AWS Private CA needs the install's real CA ARN and IRSA
+    credentials, DigiCert its tenant and API key, a remote cluster its kubeconfig. (In-cluster
+    Kubernetes credentials are the one thing moved: the fake API server of the test suite
+    stands in for this cluster, see FakeApiServer. tests/kubernetes_*.rs, tests/vault_*.rs,
+    tests/aws_pca.rs and tests/digicert.rs drive the other code paths against a fake API
+    server, OpenBao, moto and a fake DigiCert.)"""
     if cfg["backend"]["type"] == "vault":
         return f"the Vault at {cfg['backend']['address']}"
     if cfg["backend"]["type"] == "awsPca":
         return f"the AWS Private CA {cfg['backend']['caArn']} and IRSA credentials"
     if cfg["backend"]["type"] == "digicert":
         return f"DigiCert ONE at {cfg['backend'].get('baseUrl', 'https://one.digicert.com')}, its profile and API key"
+    kube = cfg["authn"].get("kubernetes")
+    if kube and not all(c.get("inCluster") for c in kube["clusters"]):
+        return "the remote clusters' kubeconfigs"
     return None
 
 
-def check_live(chart):
-    """Runs the binary the way each ci/ install's Deployment would: its args and env, its config
-    file from the rendered ConfigMap, every Secret/ConfigMap/emptyDir volume materialised under
-    a temporary root at its mountPath (only listen addresses move to free loopback ports). The
-    read-only root filesystem is emulated by checking, after the run, that everything the
+class FakeApiServer:
+    """The test suite's fake Kubernetes API server (src/testing/fake_kube, the fake-apiserver
+    binary) as this cluster's API server: it serves TokenReviews, the pod and namespace
+    watches, Secrets, ConfigMaps and Leases as the real one does (not RBAC: the grants are
+    checked by `rbac`/`structure`). A rendered install's in-cluster credentials become its
+    kubeconfig; everything else in the config stays as rendered."""
+
+    def __init__(self, binary, tmp):
+        self.dir = tempfile.mkdtemp(dir=tmp, prefix="fake-apiserver-")
+        self.log = open(os.path.join(self.dir, "log"), "w+")
+        self.proc = subprocess.Popen(
+            [binary, "--dir", self.dir, "--control-port", str(free_port()), "--real", "1", "--junk", "0",
+             "--namespace", NAMESPACE, "--namespace", "default"],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 30
+        while not os.path.exists(os.path.join(self.dir, "ready")):
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.log.seek(0)
+                raise CheckFailed(f"fake-apiserver did not start:\n{self.log.read()}")
+            time.sleep(0.1)
+        self.kubeconfig = os.path.join(self.dir, "kubeconfig")
+        with open(self.kubeconfig) as f:
+            kc = helm.values_from_yaml(f.read())
+        self.server = kc["clusters"][0]["cluster"]["server"]
+        self.client_token = kc["users"][0]["user"]["token"]
+        import ssl
+        self.ssl = ssl.create_default_context(
+            cadata=base64.b64decode(kc["clusters"][0]["cluster"]["certificate-authority-data"]).decode())
+        with open(os.path.join(self.dir, "real-tokens")) as f:
+            # A service-account token of default/web (audience istio-ca) the fake reviews as valid.
+            self.workload_token = f.readline().strip()
+
+    def get(self, path):
+        """GET as the bridge's service account would; (status, parsed JSON or None)."""
+        req = urllib.request.Request(self.server + path, headers={"Authorization": f"Bearer {self.client_token}"})
+        try:
+            with urllib.request.urlopen(req, timeout=5, context=self.ssl) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, None
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+        self.log.close()
+
+
+class Pod:
+    """One replica of a rendered Deployment, run the way its pod would run: its args and env,
+    its config file from the rendered ConfigMap, every Secret/ConfigMap/emptyDir volume
+    materialised under a temporary root at its mountPath. Only listen addresses move (to free
+    loopback ports) and, given a fake API server, in-cluster credentials become its kubeconfig.
+    The read-only root filesystem is emulated by checking, after the run, that everything the
     bridge wrote is below a writable (emptyDir/PVC) mount."""
-    pki = TestPki()
-    exported = set()
-    referenced = {}
-    ran = []
-    for path in chart.ci_files():
-        label = os.path.relpath(path, chart.dir)
-        values = chart.values_file(path)
-        docs = chart.render(values)
-        # What the alerts and dashboard of every install use (run for real or not).
-        for o in objects(docs, "PrometheusRule"):
-            for g in o["spec"]["groups"]:
-                for r in g["rules"]:
-                    referenced.setdefault(f"alert {r.get('alert')}", set()).update(metric_names_in(r["expr"]))
-        for o in objects(docs, "ConfigMap"):
-            if o["metadata"]["name"].endswith("-dashboard"):
-                board = json.loads(next(iter(o["data"].values())))
-                for panel in board["panels"]:
-                    for t in panel.get("targets", []):
-                        referenced.setdefault(f"panel {panel['title']!r}", set()).update(metric_names_in(t["expr"]))
-                for var in board["templating"]["list"]:
-                    if isinstance(var.get("query"), dict):
-                        referenced.setdefault(f"variable {var['name']}", set()).update(metric_names_in(var["query"]["query"]))
-        why_not = live_unrunnable(helm.values_from_yaml(rendered_config(docs)))
-        if why_not:
-            print(f"not run for real: {label}: {why_not} (rendered, check-config'd and structurally checked by "
-                  "render/structure/rbac instead)", flush=True)
-            continue
-        ran.append(label)
+
+    def __init__(self, chart, label, docs, values, pki, fake=None):
+        self.chart, self.label = chart, label
         dep = one(docs, "Deployment")
-        svc = one(docs, "Service")
-        pod = dep["spec"]["template"]["spec"]
-        c = pod["containers"][0]
-        root = tempfile.mkdtemp(dir=chart.tmp, prefix="pod-")
-        client = tempfile.mkdtemp(dir=chart.tmp, prefix="client-")  # the workload's side, not the pod's
-        at = lambda p: root + p
-        grpc, admin = free_port(), free_port()
+        self.pod = pod = dep["spec"]["template"]["spec"]
+        self.c = c = pod["containers"][0]
+        self.root = root = tempfile.mkdtemp(dir=chart.tmp, prefix="pod-")
+        self.client = tempfile.mkdtemp(dir=chart.tmp, prefix="client-")  # the workload's side, not the pod's
+        at = self.at = lambda p: root + p
+        self.grpc, self.admin = free_port(), free_port()
         cfg = helm.values_from_yaml(rendered_config(docs))
 
         def remap(v):
@@ -1471,9 +1601,15 @@ def check_live(chart):
             return v
 
         cfg = remap(cfg)
-        cfg["server"]["listen"] = f"127.0.0.1:{grpc}"
-        cfg["admin"]["listen"] = f"127.0.0.1:{admin}"
-        vols = {v["name"]: v for v in pod["volumes"]}
+        cfg["server"]["listen"] = f"127.0.0.1:{self.grpc}"
+        cfg["admin"]["listen"] = f"127.0.0.1:{self.admin}"
+        if cfg["authn"].get("kubernetes"):
+            check(fake is not None, f"{label}: a Kubernetes install needs the fake API server")
+            for cl in cfg["authn"]["kubernetes"]["clusters"]:
+                cl.pop("inCluster")
+                cl["kubeconfig"] = fake.kubeconfig
+        self.cfg = cfg
+        self.vols = vols = {v["name"]: v for v in pod["volumes"]}
         for m in c["volumeMounts"]:
             v = vols[m["name"]]
             dst = at(m["mountPath"])
@@ -1495,86 +1631,265 @@ def check_live(chart):
                         f.write(data)
             else:
                 raise CheckFailed(f"{label}: no way to materialise volume {v}")
-        before = {os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs}
+        self.before = {os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs}
         env = dict(os.environ)
         env.update({e["name"]: e["value"] for e in c.get("env", []) if "value" in e})
         args = [at(a) if a == CONFIG_PATH else a for a in c["command"][1:] + c.get("args", [])]
-        log = open(os.path.join(client, "bridge.log"), "w+")
-        proc = subprocess.Popen([chart.bin] + args, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.time() + 30
-            status = None
-            while time.time() < deadline and proc.poll() is None:
-                status, body = http_get(f"http://127.0.0.1:{admin}{c['readinessProbe']['httpGet']['path']}")
-                if status == 200:
-                    break
-                time.sleep(0.2)
-            log.seek(0)
-            check(status == 200, f"{label}: readiness probe never passed (last {status}); bridge log:\n{log.read()}")
-            status, _ = http_get(f"http://127.0.0.1:{admin}{c['livenessProbe']['httpGet']['path']}")
-            check(status == 200, f"{label}: liveness probe path answers {status}")
-            ok(f"{label}: the rendered pod starts; its readiness and liveness probe paths answer 200")
+        self.log = open(os.path.join(self.client, "bridge.log"), "w+")
+        self.proc = subprocess.Popen([chart.bin] + args, env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
-            # A workload calls like istio-agent: Kubernetes-shaped token from the configured issuer,
-            # TLS verified against the trusted root and the Service's DNS name (Istio's caAddress host).
-            jwt = cfg["authn"]["jwt"][0]
-            tok = os.path.join(client, "token")
-            with open(tok, "w") as f:
-                f.write(pki.token(jwt["issuer"], jwt["audiences"][0], "default", "demo"))
-            if "caCertFile" in cfg["backend"]:
-                trust = os.path.join(client, "root.pem")
-                with open(trust, "w") as f:
-                    f.write(pki.ca_secret["ca.crt"])
-            else:
-                trust = os.path.join(cfg["backend"]["stateDir"], "root-cert.pem")
-            host = f"{svc['metadata']['name']}.{svc['metadata']['namespace']}.svc"
-            spiffe = f"spiffe://{cfg['trustDomain']}/ns/default/sa/demo"
-            out = run([chart.bin, "request", "--addr", f"127.0.0.1:{grpc}", "--server-name", host, "--ca-cert", trust,
-                       "--token-file", tok, "--spiffe-id", spiffe, "--cluster-id", jwt.get("clusterId", "Kubernetes"),
-                       "--out-dir", os.path.join(client, "issued")], f"{label}: istio-ca-bridge request", timeout=30)
-            summary = "; ".join(ln.strip() for ln in out.splitlines() if ln.startswith(("issuer:", "chain:")))
-            ok(f"{label}: a workload token from {jwt['issuer']} gets {spiffe} over TLS to {host} ({summary})")
-            # Refused calls, so the error-side series exist too: an unparsable CSR from a valid
-            # caller (a permanent INVALID_ARGUMENT, istiod's CSR_ERROR), then an unknown issuer.
-            code = raw_create_certificate(f"127.0.0.1:{grpc}", host, trust, pki.token(jwt["issuer"], jwt["audiences"][0], "default", "demo"),
-                                          jwt.get("clusterId", "Kubernetes"), b"not a CSR")
-            check(code == "INVALID_ARGUMENT", f"{label}: a garbage CSR got {code}, want INVALID_ARGUMENT")
-            with open(tok, "w") as f:
-                f.write(pki.token("https://not-the-issuer.example", "istio-ca", "default", "demo"))
-            p = subprocess.run([chart.bin, "request", "--addr", f"127.0.0.1:{grpc}", "--server-name", host, "--ca-cert", trust,
-                                "--token-file", tok, "--spiffe-id", spiffe, "--out-dir", os.path.join(client, "refused")],
-                               capture_output=True, text=True, timeout=30)
-            check(p.returncode != 0, f"{label}: a token from an unknown issuer was accepted")
-            status, text = http_get(f"http://127.0.0.1:{admin}/metrics")
-            check(status == 200, f"{label}: /metrics answers {status}")
-            exported |= {ln.split()[2] for ln in text.splitlines() if ln.startswith("# TYPE ")}
-        finally:
-            # SIGTERM, as the kubelet sends it: the bridge must be gone within the pod's grace period.
-            start = time.time()
-            proc.send_signal(signal.SIGTERM)
-            try:
-                code = proc.wait(timeout=pod["terminationGracePeriodSeconds"])
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                raise CheckFailed(f"{label}: still running {pod['terminationGracePeriodSeconds']}s after SIGTERM")
-            log.close()
-        check(code == 0, f"{label}: exit code {code} after SIGTERM")
-        ok(f"{label}: SIGTERM -> clean exit in {time.time() - start:.1f}s "
-           f"(terminationGracePeriodSeconds {pod['terminationGracePeriodSeconds']})")
-        # readOnlyRootFilesystem: every file the bridge created is on a writable volume.
-        writable = [at(m["mountPath"]) for m in c["volumeMounts"] if not m.get("readOnly")
+    def bridge_log(self):
+        self.log.seek(0)
+        return self.log.read()
+
+    def wait_ready(self):
+        c = self.c
+        deadline = time.time() + 30
+        status = None
+        while time.time() < deadline and self.proc.poll() is None:
+            status, _ = http_get(f"http://127.0.0.1:{self.admin}{c['readinessProbe']['httpGet']['path']}")
+            if status == 200:
+                break
+            time.sleep(0.2)
+        check(status == 200, f"{self.label}: readiness probe never passed (last {status}); bridge log:\n{self.bridge_log()}")
+        status, _ = http_get(f"http://127.0.0.1:{self.admin}{c['livenessProbe']['httpGet']['path']}")
+        check(status == 200, f"{self.label}: liveness probe path answers {status}")
+
+    def stop(self):
+        """SIGTERM, as the kubelet sends it: the bridge must be gone within the pod's grace
+        period, with exit code 0, having written only below its writable mounts."""
+        grace = self.pod["terminationGracePeriodSeconds"]
+        start = time.time()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise CheckFailed(f"{self.label}: still running {grace}s after SIGTERM")
+        took = time.time() - start
+        check(code == 0, f"{self.label}: exit code {code} after SIGTERM; bridge log:\n{self.bridge_log()}")
+        self.log.close()
+        ok(f"{self.label}: SIGTERM -> clean exit in {took:.1f}s (terminationGracePeriodSeconds {grace})")
+        root, vols = self.root, self.vols
+        writable = [self.at(m["mountPath"]) for m in self.c["volumeMounts"] if not m.get("readOnly")
                     and ("emptyDir" in vols[m["name"]] or "persistentVolumeClaim" in vols[m["name"]])]
-        written = sorted({os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs} - before)
-        stray = [f[len(root):] for f in written if not any(f.startswith(w.rstrip("/") + "/") for w in writable)]
-        check(not stray, f"{label}: the bridge wrote {stray} outside its writable mounts (the pod's root filesystem is read-only)")
-        ok(f"{label}: everything the bridge wrote ({', '.join(f[len(root):] for f in written) or 'nothing'}) is on a writable mount")
-        if cfg["audit"].get("sink") == "file":
-            with open(cfg["audit"]["path"]) as f:
-                records = [json.loads(ln) for ln in f if ln.strip()]
-            mine = [r for r in records if r.get("identity") == spiffe and r.get("event")]
-            check(mine, f"{label}: no audit record for {spiffe} in {cfg['audit']['path'][len(root):]}: {records}")
-            ok(f"{label}: {len(records)} audit records in {cfg['audit']['path'][len(root):]} (writable volume), "
-               f"one for {spiffe} ({mine[0]['event']}, serial {mine[0].get('serial')})")
+        self.written = sorted({os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs} - self.before)
+        stray = [f[len(root):] for f in self.written if not any(f.startswith(w.rstrip("/") + "/") for w in writable)]
+        check(not stray, f"{self.label}: the bridge wrote {stray} outside its writable mounts (the pod's root filesystem is read-only)")
+        ok(f"{self.label}: everything the bridge wrote ({', '.join(f[len(root):] for f in self.written) or 'nothing'}) "
+           "is on a writable mount")
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def request_cert(chart, pod, host, trust, token_file, spiffe, cluster_id, out):
+    """istio-ca-bridge request, as istio-agent calls: TLS verified against `trust` and the
+    Service's name, the issued chain verified; returns its summary lines."""
+    text = run([chart.bin, "request", "--addr", f"127.0.0.1:{pod.grpc}", "--server-name", host, "--ca-cert", trust,
+                "--token-file", token_file, "--spiffe-id", spiffe, "--cluster-id", cluster_id, "--out-dir", out],
+               f"{pod.label}: istio-ca-bridge request", timeout=30)
+    return "; ".join(ln.strip() for ln in text.splitlines() if ln.startswith(("issuer:", "chain:")))
+
+
+def live_jwt_install(chart, label, docs, values, pki, exported):
+    """One replica authenticating workloads with a JWT issuer (the JWKS from a ConfigMap)."""
+    svc = one(docs, "Service")
+    p = Pod(chart, label, docs, values, pki)
+    cfg = p.cfg
+    try:
+        p.wait_ready()
+        ok(f"{label}: the rendered pod starts; its readiness and liveness probe paths answer 200")
+        # A workload calls like istio-agent: Kubernetes-shaped token from the configured issuer,
+        # TLS verified against the trusted root and the Service's DNS name (Istio's caAddress host).
+        jwt = cfg["authn"]["jwt"][0]
+        tok = os.path.join(p.client, "token")
+        with open(tok, "w") as f:
+            f.write(pki.token(jwt["issuer"], jwt["audiences"][0], "default", "demo"))
+        if "caCertFile" in cfg["backend"]:
+            trust = os.path.join(p.client, "root.pem")
+            with open(trust, "w") as f:
+                f.write(pki.ca_secret["ca.crt"])
+        else:
+            trust = os.path.join(cfg["backend"]["stateDir"], "root-cert.pem")
+        host = f"{svc['metadata']['name']}.{svc['metadata']['namespace']}.svc"
+        spiffe = f"spiffe://{cfg['trustDomain']}/ns/default/sa/demo"
+        summary = request_cert(chart, p, host, trust, tok, spiffe, jwt.get("clusterId", "Kubernetes"),
+                               os.path.join(p.client, "issued"))
+        ok(f"{label}: a workload token from {jwt['issuer']} gets {spiffe} over TLS to {host} ({summary})")
+        # Refused calls, so the error-side series exist too: an unparsable CSR from a valid
+        # caller (a permanent INVALID_ARGUMENT, istiod's CSR_ERROR), then an unknown issuer.
+        code = raw_create_certificate(f"127.0.0.1:{p.grpc}", host, trust, pki.token(jwt["issuer"], jwt["audiences"][0], "default", "demo"),
+                                      jwt.get("clusterId", "Kubernetes"), b"not a CSR")
+        check(code == "INVALID_ARGUMENT", f"{label}: a garbage CSR got {code}, want INVALID_ARGUMENT")
+        with open(tok, "w") as f:
+            f.write(pki.token("https://not-the-issuer.example", "istio-ca", "default", "demo"))
+        r = subprocess.run([chart.bin, "request", "--addr", f"127.0.0.1:{p.grpc}", "--server-name", host, "--ca-cert", trust,
+                            "--token-file", tok, "--spiffe-id", spiffe, "--out-dir", os.path.join(p.client, "refused")],
+                           capture_output=True, text=True, timeout=30)
+        check(r.returncode != 0, f"{label}: a token from an unknown issuer was accepted")
+        status, text = http_get(f"http://127.0.0.1:{p.admin}/metrics")
+        check(status == 200, f"{label}: /metrics answers {status}")
+        exported |= {ln.split()[2] for ln in text.splitlines() if ln.startswith("# TYPE ")}
+    except BaseException:
+        p.kill()
+        raise
+    p.stop()
+    if cfg["audit"].get("sink") == "file":
+        with open(cfg["audit"]["path"]) as f:
+            records = [json.loads(ln) for ln in f if ln.strip()]
+        mine = [r for r in records if r.get("identity") == spiffe and r.get("event")]
+        root = p.root
+        check(mine, f"{label}: no audit record for {spiffe} in {cfg['audit']['path'][len(root):]}: {records}")
+        ok(f"{label}: {len(records)} audit records in {cfg['audit']['path'][len(root):]} (writable volume), "
+           f"one for {spiffe} ({mine[0]['event']}, serial {mine[0].get('serial')})")
+
+
+def live_kubernetes_install(chart, label, docs, values, pki, fake, exported):
+    """Every replica of a Kubernetes install (TokenReview against the fake API server), started
+    together. With the local backend's generated root they must all sign with the ONE root the
+    first of them put in the shared Secret (config.kubernetes.caSecret), and the Lease holder
+    must publish that root (istiod-tls' ca.crt)."""
+    svc = one(docs, "Service")
+    replicas = one(docs, "Deployment")["spec"]["replicas"]
+    pods = [Pod(chart, f"{label} [replica {i + 1}/{replicas}]", docs, values, pki, fake) for i in range(replicas)]
+    cfg = pods[0].cfg
+    k = cfg["kubernetes"]
+    try:
+        for p in pods:
+            p.wait_ready()
+        ok(f"{label}: {replicas} replicas started together against the fake API server; readiness and liveness answer 200")
+        host = f"{svc['metadata']['name']}.{svc['metadata']['namespace']}.svc"
+        cluster_id = cfg["authn"]["kubernetes"]["clusters"][0]["id"]
+        client = pods[0].client
+        tok = os.path.join(client, "token")
+        with open(tok, "w") as f:
+            f.write(fake.workload_token)
+        spiffe = f"spiffe://{cfg['trustDomain']}/ns/default/sa/web"
+        shared = cfg["backend"]["type"] == "local" and not cfg["backend"].get("caCertFile") and k.get("caSecret", {}).get("enabled", True)
+        check(shared, f"{label}: only the local backend's shared generated root is run against the fake here")
+        ns, name = k["caSecret"]["namespace"], k["caSecret"]["name"]
+        code, secret = fake.get(f"/api/v1/namespaces/{ns}/secrets/{name}")
+        check(code == 200, f"{label}: Secret {ns}/{name} (config.kubernetes.caSecret) not found ({code})")
+        root_pem = base64.b64decode(secret["data"]["ca-cert.pem"]).decode()
+        check("ca-key.pem" in secret["data"] and secret["metadata"]["labels"].get("app.kubernetes.io/managed-by") == "istio-ca-bridge",
+              f"{label}: Secret {ns}/{name} is not the bridge's: {sorted(secret['data'])} {secret['metadata'].get('labels')}")
+        trust = os.path.join(client, "root-from-secret.pem")
+        with open(trust, "w") as f:
+            f.write(root_pem)
+        statuses = []
+        for i, p in enumerate(pods):
+            out = os.path.join(client, f"issued-{i}")
+            summary = request_cert(chart, p, host, trust, tok, spiffe, cluster_id, out)
+            with open(os.path.join(out, "root-cert.pem")) as f:
+                check(f.read().strip() == root_pem.strip(), f"{p.label}: the answer's root is not the Secret's")
+            status, roots = http_get(f"http://127.0.0.1:{p.admin}/roots")
+            check(status == 200 and roots.strip() == root_pem.strip(), f"{p.label}: /roots is not the Secret's root:\n{roots}")
+            ok(f"{p.label}: a TokenReview'd token gets {spiffe} over TLS to {host}, chained to the root in Secret "
+               f"{ns}/{name} ({summary}); /roots is that root alone")
+            # What the README and NOTES tell operators to run (through kubectl exec: loopback).
+            st = json.loads(run([chart.bin, "rotate", "status", "--admin", f"http://127.0.0.1:{p.admin}"],
+                                f"{p.label}: istio-ca-bridge rotate status", timeout=30))
+            statuses.append(st)
+        check(all(st["phase"] == "idle" and st["store"] == f"Secret {ns}/{name}" for st in statuses)
+              and len({json.dumps(st["roots"], sort_keys=True) for st in statuses}) == 1,
+              f"{label}: the replicas do not report one rotation state in Secret {ns}/{name}: {statuses}")
+        ok(f"{label}: rotate status on every replica: phase idle, state in Secret {ns}/{name}, the same root "
+           f"(serial {statuses[0]['roots'][0].get('serial')})")
+        # The Lease holder writes istiod-tls with the same root as its ca.crt.
+        ic = k["istiodCert"]
+        if ic["enabled"]:
+            deadline, code, tls = time.time() + 30, None, None
+            while time.time() < deadline:
+                code, tls = fake.get(f"/api/v1/namespaces/{ic['namespace']}/secrets/{ic['secretName']}")
+                if code == 200:
+                    break
+                time.sleep(0.3)
+            check(code == 200, f"{label}: {ic['namespace']}/{ic['secretName']} never written ({code})")
+            ca_crt = base64.b64decode(tls["data"]["ca.crt"]).decode()
+            check(ca_crt.strip() == root_pem.strip(), f"{label}: istiod-tls ca.crt is not the shared root")
+            le = k["leaderElection"]
+            code, lease = fake.get(f"/apis/coordination.k8s.io/v1/namespaces/{le['namespace']}/leases/{le['leaseName']}")
+            check(code == 200 and lease["spec"].get("holderIdentity"), f"{label}: Lease {le['namespace']}/{le['leaseName']}: {code} {lease}")
+            ok(f"{label}: the Lease holder ({lease['spec']['holderIdentity']}) wrote {ic['namespace']}/{ic['secretName']} "
+               "with the shared root as ca.crt")
+        # Refused: a token the API server does not know (TokenReview unauthenticated).
+        with open(tok, "w") as f:
+            f.write(junk_token())
+        r = subprocess.run([chart.bin, "request", "--addr", f"127.0.0.1:{pods[0].grpc}", "--server-name", host, "--ca-cert", trust,
+                            "--token-file", tok, "--spiffe-id", spiffe, "--cluster-id", cluster_id,
+                            "--out-dir", os.path.join(client, "refused")], capture_output=True, text=True, timeout=30)
+        check(r.returncode != 0, f"{label}: a token the API server does not know was accepted")
+        for p in pods:
+            status, text = http_get(f"http://127.0.0.1:{p.admin}/metrics")
+            check(status == 200, f"{p.label}: /metrics answers {status}")
+            exported |= {ln.split()[2] for ln in text.splitlines() if ln.startswith("# TYPE ")}
+        for p in pods:
+            p.stop()
+            state = [f for f in p.written if f.startswith(p.cfg["backend"]["stateDir"] + "/")]
+            check(not any(f.endswith("root-cert.pem") for f in state),
+                  f"{p.label}: a root was written to the pod's stateDir although the Secret holds it: {state}")
+    finally:
+        for p in pods:
+            p.kill()
+
+
+def junk_token():
+    """JWT-shaped, unknown to the API server."""
+    head = b64url(json.dumps({"alg": "ES256", "kid": "nobody"}).encode())
+    body = b64url(json.dumps({"iss": "kubernetes/serviceaccount", "sub": "system:serviceaccount:default:web",
+                              "aud": ["istio-ca"], "exp": int(time.time()) + 600}).encode())
+    return f"{head}.{body}.{b64url(os.urandom(64))}"
+
+
+def check_live(chart):
+    """Runs the binary the way each ci/ install's Deployment, and the chart's defaults, would
+    (see Pod): the JWT installs one replica each; the Kubernetes installs with every replica
+    against the fake API server (FakeApiServer), which for the defaults proves that 2
+    replicas sign with one generated root, kept in the shared Secret."""
+    pki = TestPki()
+    exported = set()
+    referenced = {}
+    ran = []
+    fake = None
+    installs = [(os.path.relpath(p, chart.dir), chart.values_file(p)) for p in chart.ci_files()]
+    installs.append(("default values", {}))
+    try:
+        for label, values in installs:
+            docs = chart.render(values)
+            # What the alerts and dashboard of every install use (run for real or not).
+            for o in objects(docs, "PrometheusRule"):
+                for g in o["spec"]["groups"]:
+                    for r in g["rules"]:
+                        referenced.setdefault(f"alert {r.get('alert')}", set()).update(metric_names_in(r["expr"]))
+            for o in objects(docs, "ConfigMap"):
+                if o["metadata"]["name"].endswith("-dashboard"):
+                    board = json.loads(next(iter(o["data"].values())))
+                    for panel in board["panels"]:
+                        for t in panel.get("targets", []):
+                            referenced.setdefault(f"panel {panel['title']!r}", set()).update(metric_names_in(t["expr"]))
+                    for var in board["templating"]["list"]:
+                        if isinstance(var.get("query"), dict):
+                            referenced.setdefault(f"variable {var['name']}", set()).update(metric_names_in(var["query"]["query"]))
+            cfg = helm.values_from_yaml(rendered_config(docs))
+            why_not = live_unrunnable(cfg)
+            if why_not:
+                print(f"not run for real: {label}: {why_not} (rendered, check-config'd and structurally checked by "
+                      "render/structure/rbac instead)", flush=True)
+                continue
+            ran.append(label)
+            if cfg["authn"].get("kubernetes"):
+                check(chart.fake_apiserver, f"{label}: needs --fake-apiserver (the fake-apiserver binary)")
+                if fake is None:
+                    fake = FakeApiServer(chart.fake_apiserver, chart.tmp)
+                live_kubernetes_install(chart, label, docs, values, pki, fake, exported)
+            else:
+                live_jwt_install(chart, label, docs, values, pki, exported)
+    finally:
+        if fake is not None:
+            fake.stop()
 
     def family(name):
         for suffix in ("_bucket", "_count", "_sum"):
@@ -1582,7 +1897,7 @@ def check_live(chart):
                 return name[: -len(suffix)]
         return name
 
-    check(len(ran) >= 2, f"only {ran} could be run for real")
+    check(len(ran) >= 3 and "default values" in ran, f"only {ran} could be run for real")
     check(referenced, "no PrometheusRule or dashboard was rendered by any ci/ file run for real")
     unknown = {where: sorted(n for n in names if family(n) not in exported and n not in INTERMEDIATE_MODE_ONLY)
                for where, names in referenced.items()}
@@ -1621,8 +1936,9 @@ def main():
     ap.add_argument("check", choices=sorted(CHECKS))
     ap.add_argument("--chart", required=True)
     ap.add_argument("--bin", required=True, help="the istio-ca-bridge binary")
+    ap.add_argument("--fake-apiserver", help="the fake-apiserver binary (live: the Kubernetes installs)")
     a = ap.parse_args()
-    chart = Chart(a.chart, a.bin)
+    chart = Chart(a.chart, a.bin, a.fake_apiserver)
     try:
         CHECKS[a.check](chart)
     except (CheckFailed, helm.HelmError) as e:

@@ -166,8 +166,10 @@ value the bridge reads so the two cannot drift.
 
 {{/*
 How the local backend gets its signing CA: "secret" (backends.local.caSecret), "files" (paths
-set in config.backend by the user, e.g. from extraVolumes) or "generated" (a root generated in
-stateDir on first start, one per pod).
+set in config.backend by the user, e.g. from extraVolumes) or "generated" (a root the bridge
+generates on first start: kept in the Kubernetes Secret config.kubernetes.caSecret and shared by
+every replica when kubernetes.enabled, see "istio-ca-bridge.kubeAccess" caSecret; otherwise in
+stateDir, one per pod).
 */}}
 {{- define "istio-ca-bridge.localCAMode" -}}
 {{- $b := dig "backend" dict (.Values.config | default dict) }}
@@ -288,7 +290,7 @@ replicas or Secrets). Rendered (as nothing) from the Deployment, so every instal
 {{- if dig "authn" "kubernetes" nil $userCfg }}
 {{- fail "config.authn.kubernetes is set but kubernetes.enabled is false: set kubernetes.enabled: true so the chart grants the RBAC and mounts the API token the bridge needs" }}
 {{- end }}
-{{- range $f := list "rootConfigMap" "istiodCert" }}
+{{- range $f := list "rootConfigMap" "istiodCert" "clusterTrustBundle" }}
 {{- if dig "kubernetes" $f "enabled" false $userCfg }}
 {{- fail (printf "config.kubernetes.%s.enabled needs kubernetes.enabled: true (the bridge writes through the Kubernetes API; the chart then grants the RBAC)" $f) }}
 {{- end }}
@@ -386,8 +388,12 @@ replicas or Secrets). Rendered (as nothing) from the Deployment, so every instal
 {{- end }}
 {{- end }}
 {{- $mode := include "istio-ca-bridge.localCAMode" . }}
-{{- if and (eq $backend "local") (eq $mode "generated") (gt (int .Values.replicaCount) 1) }}
-{{- fail (printf "replicaCount is %d but the local backend has no CA: each replica would generate its own root and clients would trust only one of them. Either set replicaCount: 1 (a generated root, kept in backend.stateDir), or give every replica the same CA with backends.local.caSecret.name (an existing Secret with the CA certificate and key)." (int .Values.replicaCount)) }}
+{{- /* A generated root is one per replica only when no shared Secret keeps it: without the
+     Kubernetes API, or with config.kubernetes.caSecret switched off. Read from the rendered
+     config, like the RBAC that lets the replicas share it. */}}
+{{- if and (eq $backend "local") (eq $mode "generated") (gt (int .Values.replicaCount) 1) (not (include "istio-ca-bridge.kubeAccess" . | fromYaml).caSecret) }}
+{{- $why := ternary "config.kubernetes.caSecret.enabled is false" "kubernetes.enabled is false" .Values.kubernetes.enabled }}
+{{- fail (printf "replicaCount is %d but the local backend's generated root is not shared (%s): each replica would generate its own root and clients would trust only one of them. Either share one generated root through the Kubernetes Secret config.kubernetes.caSecret (kubernetes.enabled: true, the default, and leave config.kubernetes.caSecret.enabled unset or true), give every replica the same CA with backends.local.caSecret.name (an existing Secret with the CA certificate and key), or set replicaCount: 1 (a root generated in backend.stateDir)." (int .Values.replicaCount) $why) }}
 {{- end }}
 {{- if and (eq $mode "secret") (or $b.caCertFile $b.caKeyFile $b.chainFile $b.rootBundleFile) }}
 {{- fail "backends.local.caSecret.name is set: leave config.backend.caCertFile/caKeyFile/chainFile/rootBundleFile unset, the chart points them into the mounted Secret" }}
@@ -530,6 +536,24 @@ owns (mounted Secrets, the state dir) and the default serving-cert names.
 {{- $_ := set $k "leaderElection" $le }}
 {{- if not $le.namespace }}{{ $_ := set $le "namespace" .Release.Namespace }}{{ end }}
 {{- if not $le.leaseName }}{{ $_ := set $le "leaseName" (include "istio-ca-bridge.fullname" .) }}{{ end }}
+{{- /* A generated local root is kept in one Secret every replica shares (unless switched off):
+     its namespace (the Lease's, as the bridge defaults it) and name (<fullname>-ca, so two
+     releases never share a root by accident; istio-ca-bridge-ca, the bridge's own default,
+     for the default release name) written out. */}}
+{{- if and (eq (include "istio-ca-bridge.backendType" .) "local") (not $backend.caCertFile) }}
+{{- $cs := $k.caSecret | default dict }}
+{{- if or (not (hasKey $cs "enabled")) $cs.enabled }}
+{{- $_ := set $k "caSecret" $cs }}
+{{- if not $cs.namespace }}{{ $_ := set $cs "namespace" $le.namespace }}{{ end }}
+{{- if not $cs.name }}{{ $_ := set $cs "name" (printf "%s-ca" (include "istio-ca-bridge.fullname" .)) }}{{ end }}
+{{- end }}
+{{- end }}
+{{- /* The ClusterTrustBundle (off unless enabled): signer and object name written out. */}}
+{{- $ctb := $k.clusterTrustBundle | default dict }}
+{{- if $ctb.enabled }}
+{{- if not $ctb.signerName }}{{ $_ := set $ctb "signerName" "istio.io/istiod-ca" }}{{ end }}
+{{- if not $ctb.name }}{{ $_ := set $ctb "name" (printf "%s:root-cert" (replace "/" ":" $ctb.signerName)) }}{{ end }}
+{{- end }}
 {{- end }}
 {{- toYaml $cfg }}
 {{- end }}
@@ -545,9 +569,16 @@ and names; RBAC is derived from it (templates/rbac.yaml), so the two cannot disa
 {{- $rc := dig "kubernetes" "rootConfigMap" dict $cfg }}
 {{- $ic := dig "kubernetes" "istiodCert" dict $cfg }}
 {{- $le := dig "kubernetes" "leaderElection" dict $cfg }}
+{{- $cs := dig "kubernetes" "caSecret" dict $cfg }}
+{{- $ctb := dig "kubernetes" "clusterTrustBundle" dict $cfg }}
+{{- $be := dig "backend" dict $cfg }}
 {{- $on := not (empty $ka) }}
 {{- $roots := and $on ($rc.enabled | default false) }}
 {{- $istiod := and $on ($ic.enabled | default false) }}
+{{- $bundle := and $on ($ctb.enabled | default false) }}
+{{- /* The bridge's Config::shared_local_ca: local backend without CA files, authn.kubernetes
+     set, kubernetes.caSecret.enabled (default true). */}}
+{{- $caSecret := and $on (eq (toString $be.type) "local") (not $be.caCertFile) (ne (toString (dig "enabled" true $cs)) "false") }}
 {{- toYaml (dict
   "tokenReview" $on
   "pods" (and $on (not (empty $nodeAccounts)))
@@ -556,7 +587,13 @@ and names; RBAC is derived from it (templates/rbac.yaml), so the two cannot disa
   "istiodCert" $istiod
   "istiodNamespace" ($ic.namespace | default "")
   "istiodSecretName" ($ic.secretName | default "")
-  "leases" (or $roots $istiod)
+  "caSecret" $caSecret
+  "caSecretNamespace" ($cs.namespace | default $le.namespace | default "")
+  "caSecretName" ($cs.name | default "")
+  "clusterTrustBundle" $bundle
+  "clusterTrustBundleName" ($ctb.name | default "")
+  "clusterTrustBundleSigner" ($ctb.signerName | default "")
+  "leases" (or $roots $istiod $bundle)
   "leaseNamespace" ($le.namespace | default "")
   "leaseName" ($le.leaseName | default "")) }}
 {{- end }}
