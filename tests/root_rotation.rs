@@ -431,3 +431,38 @@ async fn a_configured_ca_does_not_rotate_here_and_says_so() {
     assert!(!ok && err.contains("404"), "{err}");
     b.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_root_kept_in_the_state_directory_is_carried_into_the_shared_secret() {
+    let state = tempfile::tempdir().unwrap();
+    let sd = state.path().join("ca");
+    // A single replica from before: its root in the state directory.
+    let old = Bridge::start_with(state_dir(&sd)).await;
+    let root = old.root_pem();
+    old.shutdown().await.unwrap();
+
+    let fake = FakeKube::start_new().await;
+    fake.put_namespace("istio-system");
+    let kdir = tempfile::tempdir().unwrap();
+    let kc = cluster(&fake, kdir.path(), "Kubernetes", None);
+    let b = Bridge::start_with(|c| {
+        state_dir(&sd)(c);
+        kube_config(c, vec![kc.clone()]);
+    })
+    .await;
+    assert_eq!(b.root_pem(), root, "the same root, not a new one");
+    let secret = fake.secret("istio-system", "istio-ca-bridge-ca").unwrap();
+    let cert = base64::Engine::decode(
+        &base64::engine::general_purpose::STANDARD,
+        secret["data"]["ca-cert.pem"].as_str().unwrap(),
+    )
+    .unwrap();
+    assert_eq!(String::from_utf8(cert).unwrap(), root);
+    assert!(
+        status(&b).await["store"]
+            .as_str()
+            .unwrap()
+            .contains("Secret")
+    );
+    b.shutdown().await.unwrap();
+}

@@ -29,9 +29,12 @@ fn error(code: StatusCode, message: impl std::fmt::Display) -> Response {
     json_response(code, serde_json::json!({ "error": message.to_string() }))
 }
 
-fn rotation(s: &AdminState) -> Result<&Arc<dyn RootRotation>, Response> {
+/// A refusal: its status and message, turned into a [`Response`] by [`error`].
+type Refusal = (StatusCode, String);
+
+fn rotation(s: &AdminState) -> Result<&Arc<dyn RootRotation>, Refusal> {
     s.rotation.as_ref().ok_or_else(|| {
-        error(
+        (
             StatusCode::NOT_FOUND,
             format!(
                 "backend {} does not rotate its root here: only the local CA with a generated root does (a configured CA or a remote backend's root is rotated where it lives)",
@@ -57,7 +60,7 @@ fn answer(r: Result<crate::rotation::RotationStatus, RotationError>) -> Response
 pub(super) async fn status(State(s): State<Arc<AdminState>>) -> Response {
     match rotation(&s) {
         Ok(r) => answer(r.status().await),
-        Err(resp) => resp,
+        Err((code, m)) => error(code, m),
     }
 }
 
@@ -66,14 +69,14 @@ fn may_change(
     token_file: Option<&std::path::Path>,
     peer: SocketAddr,
     headers: &HeaderMap,
-) -> Result<(), Response> {
+) -> Result<(), Refusal> {
     if peer.ip().to_canonical().is_loopback() {
         return Ok(());
     }
     let Some(path) = token_file else {
-        return Err(error(
+        return Err((
             StatusCode::FORBIDDEN,
-            "rotation steps are accepted only from loopback (kubectl port-forward or exec), or with a bearer token when admin.rotationTokenFile is set",
+            "rotation steps are accepted only from loopback (kubectl port-forward or exec), or with a bearer token when admin.rotationTokenFile is set".into(),
         ));
     };
     // Read on every call, so the token can be rotated by replacing the file.
@@ -81,9 +84,9 @@ fn may_change(
         Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
         _ => {
             tracing::error!(path = %path.display(), "admin.rotationTokenFile cannot be read or is empty; refusing rotation steps from non-loopback peers");
-            return Err(error(
+            return Err((
                 StatusCode::FORBIDDEN,
-                "the rotation token file cannot be read",
+                "the rotation token file cannot be read".into(),
             ));
         }
     };
@@ -97,9 +100,9 @@ fn may_change(
         Ok(())
     } else {
         tracing::warn!(peer = %peer, "a rotation step with a missing or wrong bearer token was refused");
-        Err(error(
+        Err((
             StatusCode::FORBIDDEN,
-            "missing or wrong bearer token",
+            "missing or wrong bearer token".into(),
         ))
     }
 }
@@ -116,12 +119,12 @@ pub(super) async fn change(
     Query(q): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(resp) = may_change(s.rotation_token_file.as_deref(), peer, &headers) {
-        return resp;
+    if let Err((code, m)) = may_change(s.rotation_token_file.as_deref(), peer, &headers) {
+        return error(code, m);
     }
     let r = match rotation(&s) {
         Ok(r) => r,
-        Err(resp) => return resp,
+        Err((code, m)) => return error(code, m),
     };
     let force = flag(&q, "force");
     let result = match action.as_str() {
@@ -166,7 +169,7 @@ mod tests {
         let none = HeaderMap::new();
         assert!(may_change(None, at("127.0.0.1:1"), &none).is_ok());
         assert!(may_change(None, at("[::ffff:127.0.0.1]:1"), &none).is_ok());
-        let refused = |r: Result<(), Response>| r.unwrap_err().status() == StatusCode::FORBIDDEN;
+        let refused = |r: Result<(), Refusal>| r.unwrap_err().0 == StatusCode::FORBIDDEN;
         assert!(refused(may_change(
             None,
             at("10.0.0.1:1"),

@@ -260,12 +260,14 @@ impl LocalCa {
         if cfg.ca_cert_file.is_some() {
             return Self::from_files(cfg);
         }
-        let store = ctx
-            .ca_store
-            .clone()
-            .unwrap_or_else(|| Arc::new(FileStore::new(cfg.state_dir.clone())));
+        let state_dir = FileStore::new(cfg.state_dir.clone());
+        let (store, import_from): (Arc<dyn CaStore>, Option<&dyn CaStore>) = match &ctx.ca_store {
+            Some(shared) => (shared.clone(), Some(&state_dir)),
+            None => (Arc::new(FileStore::new(cfg.state_dir.clone())), None),
+        };
         let controller = rotation::Controller::open(
             store,
+            import_from,
             cfg,
             &ctx.trust_domain,
             ctx.rotation.clone(),

@@ -74,7 +74,7 @@ impl SecretStore {
         }
     }
 
-    fn from_secret(&self, s: Secret) -> Result<Stored, StoreError> {
+    fn parse_secret(&self, s: Secret) -> Result<Stored, StoreError> {
         let corrupt = |m: String| StoreError::Corrupt(format!("{}: {m}", self.describe()));
         let version = s
             .metadata
@@ -145,7 +145,7 @@ impl CaStore for SecretStore {
         let what = format!("reading {}", self.describe());
         bounded(&what, self.api.get_opt(&self.name))
             .await?
-            .map(|s| self.from_secret(s))
+            .map(|s| self.parse_secret(s))
             .transpose()
     }
 
@@ -157,7 +157,7 @@ impl CaStore for SecretStore {
                 .create(&PostParams::default(), &self.to_secret(doc, None)),
         )
         .await?;
-        self.from_secret(s)
+        self.parse_secret(s)
     }
 
     async fn replace(&self, doc: &CaDocument, version: &str) -> Result<Stored, StoreError> {
@@ -171,6 +171,6 @@ impl CaStore for SecretStore {
             ),
         )
         .await?;
-        self.from_secret(s)
+        self.parse_secret(s)
     }
 }

@@ -102,10 +102,11 @@ fn parse(
 }
 
 impl Controller {
-    /// Reads the shared state, creating it with a new root when there is none (the first
-    /// replica), and applies it to `core`.
+    /// Reads the shared state, creating it when there is none (the first replica) from
+    /// `import_from` if that holds a CA, else with a new root.
     pub(super) async fn open(
         store: Arc<dyn CaStore>,
+        import_from: Option<&dyn CaStore>,
         cfg: &LocalConfig,
         trust_domain: &str,
         settings: RotationConfig,
@@ -119,14 +120,26 @@ impl Controller {
                 s
             }
             None => {
-                let doc = CaDocument {
-                    current: super::generate_root(cfg, trust_domain, None)?,
-                    next: None,
-                    rotation: RotationState::default(),
+                // A root this replica kept before the state was shared (an upgrade from a
+                // single replica with a persistent stateDir) is carried over, never replaced.
+                let imported = match import_from {
+                    Some(old) => old.load().await.map_err(unavailable)?,
+                    None => None,
+                };
+                let doc = match imported {
+                    Some(old) => {
+                        tracing::warn!(from = %import_from.map(|s| s.describe()).unwrap_or_default(), to = %store.describe(), "carrying the existing local CA root over into the shared store");
+                        old.doc
+                    }
+                    None => CaDocument {
+                        current: super::generate_root(cfg, trust_domain, None)?,
+                        next: None,
+                        rotation: RotationState::default(),
+                    },
                 };
                 match store.create(&doc).await {
                     Ok(s) => {
-                        tracing::warn!(store = %store.describe(), "generated a new local CA root; every workload must trust it");
+                        tracing::warn!(store = %store.describe(), "stored the local CA root; every workload must trust it");
                         s
                     }
                     // Another replica was first: use its root, never ours.
