@@ -1285,13 +1285,16 @@ def check_alerts(chart):
                     {"series": f'istio_ca_bridge_intermediate_expiry_timestamp_seconds{{{sel},pod="a",backend="vault"}}',
                      "values": f"{60 * 3600}x60"},
                     {"series": f'istio_ca_bridge_audit_write_errors_total{{{sel},pod="a"}}', "values": "0x60"},
+                    {"series": f'istio_ca_bridge_root_rotation_phase{{{sel},pod="a"}}', "values": "0x60"},
+                    {"series": f'istio_ca_bridge_root_rotation_next_phase_timestamp_seconds{{{sel},pod="a"}}', "values": "0x60"},
                 ],
                 "alert_rule_test": [
                     {"eval_time": "20m", "alertname": a, "exp_alerts": []}
                     for a in ("IstioCABridgeIssuanceErrors", "IstioCABridgeRequestsRejected", "IstioCABridgeBackendFailing",
                               "IstioCABridgeRootExpiringSoon", "IstioCABridgeSigningCAExpiringSoon", "IstioCABridgeDown",
                               "IstioCABridgeServingCertRotationErrors", "IstioCABridgeIntermediatePreparationFailing",
-                              "IstioCABridgeIntermediateExpiringSoon", "IstioCABridgeAuditWriteErrors")
+                              "IstioCABridgeIntermediateExpiringSoon", "IstioCABridgeAuditWriteErrors",
+                              "IstioCABridgeRootRotationStalled", "IstioCABridgeRootRotationReplicasDisagree")
                 ] + [
                     # 2 h left on a pod's serving cert: below the 4 h threshold.
                     {"eval_time": "20m", "alertname": "IstioCABridgeServingCertExpiringSoon",
@@ -1345,6 +1348,26 @@ def check_alerts(chart):
                     {"eval_time": "40m", "alertname": "IstioCABridgeAuditWriteErrors", "exp_alerts": []},
                 ],
             },
+            {   # Root rotation: the next phase became safe at t=10m (unix 600) and nothing advanced;
+                # pod b applied publishing (1) while pod a stayed idle (0) for 30 minutes.
+                "interval": "1m",
+                "input_series": [
+                    {"series": f'istio_ca_bridge_root_rotation_next_phase_timestamp_seconds{{{sel},pod="a"}}', "values": "600x120"},
+                    {"series": f'istio_ca_bridge_root_rotation_phase{{{sel},pod="a"}}', "values": "0x30 1x90"},
+                    {"series": f'istio_ca_bridge_root_rotation_phase{{{sel},pod="b"}}', "values": "1x120"},
+                ],
+                "alert_rule_test": [
+                    # Safe since 10m: an hour later (70m) the condition holds, firing after `for` (15m).
+                    {"eval_time": "60m", "alertname": "IstioCABridgeRootRotationStalled", "exp_alerts": []},
+                    {"eval_time": "80m", "alertname": "IstioCABridgeRootRotationStalled", "exp_alerts": []},
+                    {"eval_time": "90m", "alertname": "IstioCABridgeRootRotationStalled",
+                     "exp_alerts": [{"exp_labels": {"severity": "warning", "namespace": NAMESPACE}}]},
+                    {"eval_time": "5m", "alertname": "IstioCABridgeRootRotationReplicasDisagree", "exp_alerts": []},
+                    {"eval_time": "20m", "alertname": "IstioCABridgeRootRotationReplicasDisagree",
+                     "exp_alerts": [{"exp_labels": {"severity": "warning", "namespace": NAMESPACE}}]},
+                    {"eval_time": "45m", "alertname": "IstioCABridgeRootRotationReplicasDisagree", "exp_alerts": []},
+                ],
+            },
         ],
     }
     tests_file = os.path.join(work, "tests.yaml")
@@ -1352,7 +1375,8 @@ def check_alerts(chart):
         json.dump(tests, f)
     run([promtool, "test", "rules", tests_file], "promtool test rules")
     ok("promtool test rules: issuance errors, rejections, backend failing, root/signing-CA/serving-cert/intermediate "
-       "expiry, intermediate preparations failing, audit write errors, rotation errors and down fire on synthetic "
+       "expiry, intermediate preparations failing, audit write errors, rotation errors, a stalled or split root "
+       "rotation and down fire on synthetic "
        "series and stay quiet on a healthy bridge")
 
     def expiry_rule(v):
