@@ -433,7 +433,8 @@ async fn a_configured_ca_does_not_rotate_here_and_says_so() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_root_kept_in_the_state_directory_is_carried_into_the_shared_secret() {
+async fn a_root_kept_in_the_state_directory_is_carried_into_the_shared_secret_and_a_deleted_secret_restored()
+ {
     let state = tempfile::tempdir().unwrap();
     let sd = state.path().join("ca");
     // A single replica from before: its root in the state directory.
@@ -464,5 +465,21 @@ async fn a_root_kept_in_the_state_directory_is_carried_into_the_shared_secret() 
             .unwrap()
             .contains("Secret")
     );
+
+    // Deleted by mistake: written back from memory within a poll interval, same root, so a
+    // restart finds it instead of making a new root.
+    fake.delete_secret("istio-system", "istio-ca-bridge-ca");
+    eventually("the Secret is restored", Duration::from_secs(5), || async {
+        fake.secret("istio-system", "istio-ca-bridge-ca").is_some()
+    })
+    .await;
+    b.shutdown().await.unwrap();
+    std::fs::remove_dir_all(&sd).unwrap();
+    let b = Bridge::start_with(|c| {
+        state_dir(&sd)(c);
+        kube_config(c, vec![kc.clone()]);
+    })
+    .await;
+    assert_eq!(b.root_pem(), root, "the restored Secret's root");
     b.shutdown().await.unwrap();
 }

@@ -323,6 +323,11 @@ impl FakeKube {
         self.inner.store.lock().unwrap().get("secrets", ns, name)
     }
 
+    /// Deletes a Secret (as `kubectl delete secret` would).
+    pub fn delete_secret(&self, ns: &str, name: &str) {
+        self.inner.store.lock().unwrap().delete("secrets", ns, name);
+    }
+
     /// The stored ClusterTrustBundle `name` (cluster-scoped).
     pub fn cluster_trust_bundle(&self, name: &str) -> Option<Value> {
         self.inner

@@ -233,14 +233,36 @@ impl Controller {
         let stored = match self.store.load().await {
             Ok(Some(s)) => s,
             Ok(None) => {
+                // Deleted (by hand, or with its namespace): written back from memory at
+                // once, before a restarting replica would find nothing and make a new root.
                 self.metrics
                     .rotation_state_errors
                     .with_label_values(&["read"])
                     .inc();
-                return Err(RotationError::Unavailable(format!(
-                    "{}: the CA state was deleted; keeping the CA in memory",
-                    self.store.describe()
-                )));
+                match self.store.create(&applied.stored.doc).await {
+                    Ok(s) => {
+                        tracing::error!(store = %self.store.describe(), "the CA state was deleted; restored it from this replica's memory");
+                        s
+                    }
+                    // Another replica restored it first: read that.
+                    Err(StoreError::Conflict) => match self.store.load().await {
+                        Ok(Some(s)) => s,
+                        Ok(None) => {
+                            return Err(RotationError::Unavailable(format!(
+                                "{}: the CA state was deleted again",
+                                self.store.describe()
+                            )));
+                        }
+                        Err(e) => return Err(store_err(e)),
+                    },
+                    Err(e) => {
+                        self.metrics
+                            .rotation_state_errors
+                            .with_label_values(&["write"])
+                            .inc();
+                        return Err(store_err(e));
+                    }
+                }
             }
             Err(e) => {
                 self.metrics
