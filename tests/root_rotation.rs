@@ -340,6 +340,18 @@ async fn a_restarted_bridge_resumes_its_phase_and_no_wait_is_skipped_unless_forc
         (root_a.as_str(), 2),
         "A signs, A+B trusted"
     );
+    // A VM's certificate under A, to renew with later (client-certificate authentication).
+    let vm = format!("spiffe://{TD}/ns/vms/sa/db");
+    let (vm_key, csr) = csr_for(&vm, pki::KeyType::EcdsaP256, pki::CsrShape::IstioAgent);
+    let mut client = b.client().await;
+    let answer = call(
+        &mut client,
+        request(csr, Some(&b.issuer.token("vms", "db")), 3600),
+    )
+    .await
+    .unwrap()
+    .cert_chain;
+    let vm_chain = answer[..answer.len() - 1].concat();
 
     let (ok, out, err) = rotate(b.admin, &["advance", "--force"]);
     assert!(ok, "{out}{err}");
@@ -377,6 +389,36 @@ async fn a_restarted_bridge_resumes_its_phase_and_no_wait_is_skipped_unless_forc
     );
     let (cn, _) = issuer_of_new_leaf(&b).await;
     assert_eq!(cn, root_b);
+    // The VM's certificate under A still renews (A is trusted, and its key is the bridge's),
+    // and the renewal is signed by B.
+    let ch = istio_ca_bridge::cli::request::connect(
+        &format!("localhost:{}", b.grpc.port()),
+        b.root_pem().as_bytes(),
+        Some("localhost"),
+        Some((vm_chain.into_bytes(), vm_key.serialize_pem().into_bytes())),
+    )
+    .await
+    .unwrap();
+    let mut vm_client =
+        istio_ca_bridge::pb::istio_certificate_service_client::IstioCertificateServiceClient::new(
+            ch,
+        );
+    let (_, csr) = csr_for(&vm, pki::KeyType::EcdsaP256, pki::CsrShape::IstioAgent);
+    let renewed = call(&mut vm_client, request(csr, None, 3600))
+        .await
+        .expect("an A-signed client certificate renews in signingNew")
+        .cert_chain;
+    let leaf = &pki::parse_certs_pem(renewed[0].as_bytes()).unwrap()[0];
+    let (_, x) = x509_parser::parse_x509_certificate(leaf).unwrap();
+    assert_eq!(
+        x.issuer()
+            .iter_common_name()
+            .next()
+            .unwrap()
+            .as_str()
+            .unwrap(),
+        root_b
+    );
     // The serving certificate was re-issued under B as well.
     eventually(
         "serving certificate under B",
