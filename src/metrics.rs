@@ -473,6 +473,21 @@ impl Metrics {
     }
 
     /// Updates the trust-bundle gauges.
+    /// The rotation gauges for `r`: its phase, and when the next one is safe (0: none).
+    pub fn observe_rotation(&self, r: &crate::rotation::RotationState) {
+        self.rotation_phase.set(r.phase.number());
+        self.rotation_next_phase
+            .set(r.next_after.filter(|_| r.in_progress()).unwrap_or(0) as f64);
+    }
+
+    /// Counts a transition this replica wrote, and logs it.
+    pub fn count_transition(&self, t: &crate::rotation::Transition) {
+        self.rotation_transitions
+            .with_label_values(&[t.to.as_str(), t.action.as_str()])
+            .inc();
+        tracing::warn!(from = %t.from, to = %t.to, action = %t.action, forced = t.forced, "root rotation: phase changed");
+    }
+
     pub fn observe_bundle(&self, bundle: &crate::trust::TrustBundle) {
         let t = bundle.earliest_expiry() as f64;
         self.root_expiry.set(t);

@@ -128,6 +128,21 @@ pub fn chain_links<'a>(
     Ok(links)
 }
 
+/// The root of `roots` that signed `top` (the last certificate of a chain below its root):
+/// same name, and the signature verifies with the root's key.
+pub fn signing_root<'r>(
+    top: &[u8],
+    roots: &'r [CertificateDer<'static>],
+) -> Option<&'r CertificateDer<'static>> {
+    let (_, cert) = parse_x509_certificate(top).ok()?;
+    roots.iter().find(|r| {
+        parse_x509_certificate(r).is_ok_and(|(_, root)| {
+            root.subject().as_raw() == cert.issuer().as_raw()
+                && cert.verify_signature(Some(root.public_key())).is_ok()
+        })
+    })
+}
+
 /// When to renew a certificate obtained at `issued_at` (unix seconds) that expires at
 /// `not_after`: `renew_before` ahead of expiry, but not before half of the lifetime really
 /// granted (a backend role or the intermediate's own expiry may cap it below

@@ -24,9 +24,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::validate::{FieldError, Problems};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum Phase {
+    #[default]
     Idle,
     Publishing,
     SigningNew,
@@ -350,7 +351,8 @@ impl RotationState {
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RootSummary {
-    /// `current` (A during a rotation) or `next` (B).
+    /// `current` (A during a rotation), `next` (B), or `other` (a further root an upstream
+    /// CA offers, published throughout).
     pub role: &'static str,
     pub common_name: Option<String>,
     pub serial: Option<String>,
@@ -359,6 +361,30 @@ pub struct RootSummary {
     pub trusted: bool,
     /// Signs leaves in this phase.
     pub signing: bool,
+}
+
+impl RootSummary {
+    /// The summary of the root certificate `der`.
+    pub fn of(der: &[u8], role: &'static str, trusted: bool, signing: bool) -> Self {
+        let info = crate::pki::cert_info(der).ok();
+        let common_name = x509_parser::parse_x509_certificate(der)
+            .ok()
+            .and_then(|(_, c)| {
+                c.subject()
+                    .iter_common_name()
+                    .next()
+                    .and_then(|a| a.as_str().ok())
+                    .map(str::to_string)
+            });
+        Self {
+            role,
+            common_name,
+            serial: info.as_ref().map(|i| i.serial_hex.clone()),
+            not_after: info.map(|i| crate::pki::rfc3339(i.not_after)),
+            trusted,
+            signing,
+        }
+    }
 }
 
 /// What `/rotation` and `rotate status` show.
@@ -432,6 +458,13 @@ pub struct RotationConfig {
     /// How often each replica re-reads the shared state (and advances a due phase).
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
+    /// A remote backend (Vault, AWS Private CA, DigiCert, intermediate mode): follow a new
+    /// root the CA offers through the phases (`backend::follow`). Off: the CA's roots are
+    /// published as they are read, as before rotation existed.
+    pub follow_upstream: bool,
+    /// Where a remote backend's rotation state is kept without Kubernetes (the file
+    /// `upstream-roots.json`); unset: memory only, and a restart forgets the phase.
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for RotationConfig {
@@ -440,6 +473,8 @@ impl Default for RotationConfig {
             skew: Duration::from_secs(300),
             auto_advance: true,
             poll_interval: Duration::from_secs(10),
+            follow_upstream: true,
+            state_dir: None,
         }
     }
 }

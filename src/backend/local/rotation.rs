@@ -49,10 +49,7 @@ fn now() -> i64 {
 }
 
 fn store_err(e: StoreError) -> RotationError {
-    match e {
-        StoreError::Conflict => RotationError::Conflict,
-        StoreError::Unavailable(m) | StoreError::Corrupt(m) => RotationError::Unavailable(m),
-    }
+    e.into()
 }
 
 /// The signing CA and the bundle a document means in its phase.
@@ -300,10 +297,7 @@ impl Controller {
     }
 
     fn observe(&self, r: &RotationState) {
-        self.metrics.rotation_phase.set(r.phase.number());
-        self.metrics
-            .rotation_next_phase
-            .set(r.next_after.filter(|_| r.in_progress()).unwrap_or(0) as f64);
+        self.metrics.observe_rotation(r);
     }
 
     /// Computes and writes one step from the applied state; on success applies it here.
@@ -342,11 +336,7 @@ impl Controller {
             }
         };
         if let Some(t) = stored.doc.rotation.last().cloned() {
-            self.metrics
-                .rotation_transitions
-                .with_label_values(&[t.to.as_str(), t.action.as_str()])
-                .inc();
-            tracing::warn!(from = %t.from, to = %t.to, action = %t.action, forced = t.forced, "root rotation: phase changed");
+            self.metrics.count_transition(&t);
             let _ = self.transitions.send(t);
         }
         self.apply(applied, stored)
@@ -379,28 +369,19 @@ impl Controller {
 }
 
 fn summary(k: &KeyedCert, role: &'static str, trusted: bool, signing: bool) -> RootSummary {
-    let der = pki::parse_certs_pem(k.cert_pem.as_bytes())
+    match pki::parse_certs_pem(k.cert_pem.as_bytes())
         .ok()
-        .and_then(|v| v.into_iter().next());
-    let info = der.as_ref().and_then(|d| pki::cert_info(d).ok());
-    let cn = der.as_ref().and_then(|d| {
-        x509_parser::parse_x509_certificate(d)
-            .ok()
-            .and_then(|(_, c)| {
-                c.subject()
-                    .iter_common_name()
-                    .next()
-                    .and_then(|a| a.as_str().ok())
-                    .map(str::to_string)
-            })
-    });
-    RootSummary {
-        role,
-        common_name: cn,
-        serial: info.as_ref().map(|i| i.serial_hex.clone()),
-        not_after: info.map(|i| pki::rfc3339(i.not_after)),
-        trusted,
-        signing,
+        .and_then(|v| v.into_iter().next())
+    {
+        Some(der) => RootSummary::of(&der, role, trusted, signing),
+        None => RootSummary {
+            role,
+            common_name: None,
+            serial: None,
+            not_after: None,
+            trusted,
+            signing,
+        },
     }
 }
 
