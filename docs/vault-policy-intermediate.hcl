@@ -1,6 +1,6 @@
 # Least-privilege Vault/OpenBao policy for istio-ca-bridge in intermediate mode
-# (backend.mode: intermediate). Replace <mount> and <issuerRef>; tests/intermediate.rs
-# loads this very file (with pki_int and default).
+# (backend.mode: intermediate). Replace <mount>; tests/intermediate.rs loads this very
+# file (with pki_int).
 #
 # The bridge only asks the mount to sign its own intermediate CA, once per intermediate
 # lifetime per replica; it signs workload and serving certificates itself. No sign/<role>,
@@ -9,16 +9,21 @@ path "<mount>/root/sign-intermediate" {
   capabilities = ["update"]
 }
 
-# Only when backend.issuerRef is set: sign with that issuer.
-path "<mount>/issuer/<issuerRef>/sign-intermediate" {
+# With backend.issuerRef set, and during a rotation of the mount's root
+# (docs/root-rotation.md): sign with the issuer under the phase's root.
+path "<mount>/issuer/+/sign-intermediate" {
   capabilities = ["update"]
 }
 
-# The CA chain the trust bundle is read from.
+# The CA chain the trust bundle is read from, and the mount's issuers (a new root issuer
+# starts a rotation). Reading an issuer shows no key.
 path "<mount>/ca_chain" {
   capabilities = ["read"]
 }
-path "<mount>/issuer/<issuerRef>/json" {
+path "<mount>/issuers" {
+  capabilities = ["list"]
+}
+path "<mount>/issuer/+" {
   capabilities = ["read"]
 }
 

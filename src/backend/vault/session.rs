@@ -98,6 +98,10 @@ pub(super) struct Shared {
     /// or a fresh failure and return it. Holds the last failure and when it happened.
     login_lock: tokio::sync::Mutex<Option<(Instant, LoginError)>>,
     bundle: watch::Sender<SharedBundle>,
+    /// The issuers of the mount that can sign, by the root their chain ends in (the
+    /// default issuer first for its root): how a sign call is pinned to a root during a
+    /// rotation of Vault's root.
+    pub(super) issuers: ArcSwap<Vec<(CertificateDer<'static>, String)>>,
     health: Mutex<HealthState>,
     pub(super) metrics: Arc<Metrics>,
     /// Wakes the token task (a login happened or was asked for).
@@ -115,7 +119,7 @@ impl Shared {
         let login = conn.login().await;
         count(&metrics.backend_logins, login.is_ok());
         let session = login?;
-        let roots = fetch_roots(&conn, session.token())
+        let (roots, issuers) = fetch_roots(&conn, session.token())
             .await
             .map_err(VaultError::Bundle)?;
         let bundle = TrustBundle::new(roots).map_err(|e| VaultError::Bundle(e.to_string()))?;
@@ -137,6 +141,7 @@ impl Shared {
             }),
             login_lock: tokio::sync::Mutex::new(None),
             bundle: watch::channel(Arc::new(bundle)).0,
+            issuers: ArcSwap::from_pointee(issuers),
             health: Mutex::new(HealthState::default()),
             metrics,
             token_event: Notify::new(),
@@ -307,8 +312,9 @@ impl Shared {
     /// Re-reads the roots now and publishes them if they changed; true if they did.
     pub(super) async fn refresh_bundle(&self) -> Result<bool, String> {
         let token = self.session.load().token().to_string();
-        let roots = fetch_roots(&self.conn, &token).await?;
+        let (roots, issuers) = fetch_roots(&self.conn, &token).await?;
         self.mark_reachable();
+        self.issuers.store(Arc::new(issuers));
         if roots.as_slice() == self.bundle.borrow().roots() {
             return Ok(false);
         }
@@ -329,48 +335,77 @@ fn count(which: &prometheus::IntCounterVec, ok: bool) {
         .inc();
 }
 
-/// The roots to trust: self-signed certificates of the mount's (or issuer's) CA chain
-/// and/or the configured bundle file.
-async fn fetch_roots(conn: &Conn, token: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+/// An issuer of the mount that can sign under the root its chain ends in.
+pub(super) type RootIssuer = (CertificateDer<'static>, String);
+
+/// The roots to trust, the default issuer's first: the self-signed certificates of the
+/// mount's (or issuer's) CA chain, those of every other issuer of the mount (a new root
+/// issuer is how Vault rotates its root, and the bridge follows it; see
+/// `backend::follow`), and/or the configured bundle file. Also which issuer signs under
+/// each root.
+async fn fetch_roots(
+    conn: &Conn,
+    token: &str,
+) -> Result<(Vec<CertificateDer<'static>>, Vec<RootIssuer>), String> {
     let cfg = &conn.cfg;
     let mut roots = Vec::new();
+    let mut issuers = Vec::new();
     let mount = &cfg.mount;
-    if cfg.roots_from_mount {
-        let pem = match &cfg.issuer_ref {
-            None => conn
-                .call(
-                    Some(token),
-                    reqwest::Method::GET,
-                    &format!("{mount}/ca_chain"),
-                    None,
-                )
-                .await
-                .map_err(|e| format!("{mount}/ca_chain: {e}"))?
-                .to_vec(),
-            Some(r) => {
-                #[derive(Deserialize)]
-                struct Issuer {
-                    certificate: String,
-                    #[serde(default)]
-                    ca_chain: Vec<String>,
-                }
-                let path = format!("{mount}/issuer/{r}/json");
-                let i: Issuer = conn
-                    .call_data(Some(token), reqwest::Method::GET, &path, None)
-                    .await
-                    .map_err(|e| format!("{path}: {e}"))?;
-                let mut pem = i.certificate;
-                pem.push('\n');
-                pem.push_str(&i.ca_chain.join("\n"));
-                pem.into_bytes()
-            }
-        };
-        let certs = pki::parse_certs_pem(&pem)
-            .map_err(|e| format!("the CA chain of mount {mount}: {e}"))?;
+    let add_roots = |pem: &[u8], roots: &mut Vec<CertificateDer<'static>>| {
+        let certs =
+            pki::parse_certs_pem(pem).map_err(|e| format!("the CA chain of mount {mount}: {e}"))?;
+        let mut found = None;
         for c in certs {
             let info = pki::cert_info(&c).map_err(|e| e.to_string())?;
-            if info.self_signed && !roots.contains(&c) {
-                roots.push(c);
+            if info.self_signed {
+                if !roots.contains(&c) {
+                    roots.push(c.clone());
+                }
+                found.get_or_insert(c);
+            }
+        }
+        Ok::<_, String>(found)
+    };
+    if cfg.roots_from_mount {
+        match &cfg.issuer_ref {
+            None => {
+                let pem = conn
+                    .call(
+                        Some(token),
+                        reqwest::Method::GET,
+                        &format!("{mount}/ca_chain"),
+                        None,
+                    )
+                    .await
+                    .map_err(|e| format!("{mount}/ca_chain: {e}"))?;
+                add_roots(&pem, &mut roots)?;
+                match list_issuers(conn, token).await {
+                    Ok(list) => {
+                        // The default issuer first: it signs when nothing is pinned.
+                        let default_cert = pki::parse_certs_pem(&pem)
+                            .ok()
+                            .and_then(|v| v.into_iter().next());
+                        let mut list = list;
+                        list.sort_by_key(|i| {
+                            Some(i.certificate.as_ref())
+                                != default_cert.as_ref().map(|c| c.as_ref())
+                        });
+                        for i in list {
+                            if let Some(root) = add_roots(i.chain_pem.as_bytes(), &mut roots)?
+                                && i.can_sign
+                            {
+                                issuers.push((root, i.id));
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(backend = KIND, mount = %mount, error = %e, "cannot list the mount's issuers; following the default issuer's chain only");
+                    }
+                }
+            }
+            Some(r) => {
+                let i = read_issuer(conn, token, r).await?;
+                add_roots(i.chain_pem.as_bytes(), &mut roots)?;
             }
         }
         if roots.is_empty() && cfg.root_bundle_file.is_none() {
@@ -388,7 +423,71 @@ async fn fetch_roots(conn: &Conn, token: &str) -> Result<Vec<CertificateDer<'sta
             }
         }
     }
-    Ok(roots)
+    Ok((roots, issuers))
+}
+
+/// One issuer of the mount as the bridge needs it.
+struct IssuerInfo {
+    id: String,
+    certificate: CertificateDer<'static>,
+    /// Its certificate and CA chain, PEM.
+    chain_pem: String,
+    /// It has a key and may issue certificates.
+    can_sign: bool,
+}
+
+/// `GET <mount>/issuer/<ref>`.
+async fn read_issuer(conn: &Conn, token: &str, r: &str) -> Result<IssuerInfo, String> {
+    #[derive(Deserialize)]
+    struct Issuer {
+        certificate: String,
+        #[serde(default)]
+        ca_chain: Vec<String>,
+        #[serde(default)]
+        key_id: String,
+        #[serde(default)]
+        usage: String,
+    }
+    let path = format!("{}/issuer/{r}", conn.cfg.mount);
+    let i: Issuer = conn
+        .call_data(Some(token), reqwest::Method::GET, &path, None)
+        .await
+        .map_err(|e| format!("{path}: {e}"))?;
+    let certificate = pki::parse_certs_pem(i.certificate.as_bytes())
+        .map_err(|e| format!("{path}: {e}"))?
+        .into_iter()
+        .next()
+        .ok_or_else(|| format!("{path}: no certificate"))?;
+    let mut chain_pem = i.certificate;
+    chain_pem.push('\n');
+    chain_pem.push_str(&i.ca_chain.join("\n"));
+    Ok(IssuerInfo {
+        id: r.to_string(),
+        certificate,
+        chain_pem,
+        can_sign: !i.key_id.is_empty()
+            && (i.usage.is_empty() || i.usage.contains("issuing-certificates")),
+    })
+}
+
+/// `LIST <mount>/issuers`, each read.
+async fn list_issuers(conn: &Conn, token: &str) -> Result<Vec<IssuerInfo>, String> {
+    #[derive(Deserialize)]
+    struct Keys {
+        #[serde(default)]
+        keys: Vec<String>,
+    }
+    let path = format!("{}/issuers", conn.cfg.mount);
+    let list = reqwest::Method::from_bytes(b"LIST").expect("a method name");
+    let keys: Keys = conn
+        .call_data(Some(token), list, &path, None)
+        .await
+        .map_err(|e| format!("{path}: {e}"))?;
+    let mut out = Vec::with_capacity(keys.keys.len());
+    for id in keys.keys {
+        out.push(read_issuer(conn, token, &id).await?);
+    }
+    Ok(out)
 }
 
 /// Keeps a valid token: renews at 2/3 of each lease, logs in again when renewal stops

@@ -71,6 +71,10 @@ pub struct VaultSigner {
     issuing_ca_not_after: AtomicI64,
     /// Whether the TTL cap was logged at WARN already.
     capped_warned: AtomicBool,
+    /// The root to sign under during and after a rotation of the mount's root.
+    choice: std::sync::OnceLock<tokio::sync::watch::Receiver<crate::backend::RootChoice>>,
+    /// When the issuers were last re-read for a root not found among them.
+    issuers_read: tokio::sync::Mutex<Option<Instant>>,
     _stop: DropGuard,
 }
 
@@ -82,8 +86,48 @@ impl VaultSigner {
             shared,
             issuing_ca_not_after: AtomicI64::new(0),
             capped_warned: AtomicBool::new(false),
+            choice: std::sync::OnceLock::new(),
+            issuers_read: tokio::sync::Mutex::new(None),
             _stop: stop,
         })
+    }
+
+    /// The issuer that signs under `root` (the rotation's choice), if the mount has one;
+    /// `None`: the mount's default issuer (or `issuerRef`). Another replica may have moved
+    /// the shared rotation state on before this one last read the mount's issuers, so an
+    /// unknown root makes it read them again (at most once a second) before giving up.
+    async fn issuer_under(
+        &self,
+        root: Option<&rustls_pki_types::CertificateDer<'_>>,
+    ) -> Option<String> {
+        let root = root?;
+        let find = || {
+            self.shared
+                .issuers
+                .load()
+                .iter()
+                .find(|(r, _)| r.as_ref() == root.as_ref())
+                .map(|(_, id)| id.clone())
+        };
+        if let Some(id) = find() {
+            return Some(id);
+        }
+        {
+            let mut last = self.issuers_read.lock().await;
+            if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                *last = Some(Instant::now());
+                if let Err(e) = self.shared.refresh_bundle().await {
+                    tracing::warn!(backend = KIND, error = %e, "reading the mount's issuers failed");
+                }
+            }
+        }
+        find()
+    }
+
+    fn chosen_root(&self) -> Option<rustls_pki_types::CertificateDer<'static>> {
+        self.choice
+            .get()
+            .and_then(|rx| rx.borrow().sign_under.clone())
     }
 
     /// POSTs `body` to `path` with the current token, retried as the module docs say
@@ -333,7 +377,11 @@ fn role_for<'a>(cfg: &'a VaultConfig, subject: &Subject) -> &'a str {
 /// The path and body of the sign call for `req`: `<mount>/sign/<role>` (or
 /// `<mount>/issuer/<ref>/sign/<role>`) with exactly the names of `req.subject`. Never
 /// `sign-verbatim`, which would copy whatever the CSR asks for.
-fn sign_call(cfg: &VaultConfig, req: &SignRequest) -> (String, serde_json::Value) {
+fn sign_call(
+    cfg: &VaultConfig,
+    req: &SignRequest,
+    issuer: Option<&str>,
+) -> (String, serde_json::Value) {
     let mut body = serde_json::json!({
         "csr": pki::pem_encode("CERTIFICATE REQUEST", &req.csr_der),
         "ttl": format!("{}s", req.ttl.as_secs().max(1)),
@@ -364,7 +412,7 @@ fn sign_call(cfg: &VaultConfig, req: &SignRequest) -> (String, serde_json::Value
         }
     }
     let (mount, role) = (&cfg.mount, role_for(cfg, &req.subject));
-    let path = match &cfg.issuer_ref {
+    let path = match cfg.issuer_ref.as_deref().or(issuer) {
         Some(r) => format!("{mount}/issuer/{r}/sign/{role}"),
         None => format!("{mount}/sign/{role}"),
     };
@@ -378,7 +426,17 @@ crate::backend::forward_authority!(VaultSigner, shared);
 impl Signer for VaultSigner {
     async fn sign(&self, req: &SignRequest) -> Result<IssuedChain, SignError> {
         let cfg = &self.shared.conn.cfg;
-        let (path, body) = sign_call(cfg, req);
+        let chosen = self.chosen_root().filter(|_| cfg.issuer_ref.is_none());
+        let issuer = self.issuer_under(chosen.as_ref()).await;
+        if chosen.is_some() && issuer.is_none() {
+            // Availability first: the mount's default issuer signs, and the rotation
+            // notices (and waits) if that is under the other root.
+            tracing::warn!(
+                backend = KIND,
+                "no issuer of the mount signs under the root the rotation chose; the mount's default issuer signs"
+            );
+        }
+        let (path, body) = sign_call(cfg, req, issuer.as_deref());
         let asked_at = SystemTime::now();
         let data = self.post(&path, role_for(cfg, &req.subject), &body).await?;
         let issued = remote::issued_chain(&data.certificate, data.chain_pems()).map_err(|e| {
@@ -406,6 +464,14 @@ impl Signer for VaultSigner {
             not_after: (t != 0).then_some(t),
         }
     }
+
+    fn follow_root_choice(
+        &self,
+        choice: tokio::sync::watch::Receiver<crate::backend::RootChoice>,
+    ) -> bool {
+        let _ = self.choice.set(choice);
+        self.can_choose_root()
+    }
 }
 
 /// Intermediate mode: the mount's issuer (or `issuerRef`) signs the bridge's intermediate
@@ -417,7 +483,28 @@ impl Signer for VaultSigner {
 impl UpstreamAuthority for VaultSigner {
     async fn sign_intermediate(&self, req: &IntermediateRequest) -> Result<IssuedChain, SignError> {
         let mount = &self.shared.conn.cfg.mount;
-        let path = match &self.shared.conn.cfg.issuer_ref {
+        let under = req
+            .under_root
+            .as_ref()
+            .filter(|_| self.shared.conn.cfg.issuer_ref.is_none());
+        let chosen = self.issuer_under(under).await;
+        if let Some(root) = under
+            && chosen.is_none()
+        {
+            // The current intermediate keeps signing; the preparation is retried.
+            return Err(SignError::Unavailable(format!(
+                "no issuer of {mount} signs under the root the rotation chose ({}); retrying once it has one",
+                pki::cert_info(root).map(|i| i.subject).unwrap_or_default()
+            )));
+        }
+        let path = match self
+            .shared
+            .conn
+            .cfg
+            .issuer_ref
+            .as_deref()
+            .or(chosen.as_deref())
+        {
             Some(r) => format!("{mount}/issuer/{r}/sign-intermediate"),
             None => format!("{mount}/root/sign-intermediate"),
         };
@@ -435,6 +522,11 @@ impl UpstreamAuthority for VaultSigner {
         let data = self.post(&path, &path, &body).await?;
         remote::issued_chain(&data.certificate, data.chain_pems())
             .map_err(|e| SignError::Internal(format!("{path}: {e}")))
+    }
+
+    /// Without `issuerRef`, every issuer of the mount can be named per call.
+    fn can_choose_root(&self) -> bool {
+        self.shared.conn.cfg.issuer_ref.is_none() && self.shared.conn.cfg.roots_from_mount
     }
 }
 
@@ -539,7 +631,7 @@ mod tests {
     fn workloads_are_signed_by_the_role_with_only_their_spiffe_id() {
         let id = SpiffeId::parse("spiffe://cluster.local/ns/default/sa/app").unwrap();
         let req = request(Subject::Workload(id));
-        let (path, body) = sign_call(&config(None, Some("serving")), &req);
+        let (path, body) = sign_call(&config(None, Some("serving")), &req, None);
         assert_eq!(path, "pki_int/sign/spiffe");
         assert_eq!(
             body,
@@ -551,7 +643,7 @@ mod tests {
                 "exclude_cn_from_sans": true,
             })
         );
-        let (path, _) = sign_call(&config(Some("default"), None), &req);
+        let (path, _) = sign_call(&config(Some("default"), None), &req, None);
         assert_eq!(path, "pki_int/issuer/default/sign/spiffe");
     }
 
@@ -565,7 +657,7 @@ mod tests {
                 "::1".into(),
             ],
         });
-        let (path, body) = sign_call(&config(None, Some("serving")), &req);
+        let (path, body) = sign_call(&config(None, Some("serving")), &req, None);
         assert_eq!(path, "pki_int/sign/serving");
         assert_eq!(body["common_name"], "bridge.istio-system.svc");
         assert_eq!(body["alt_names"], "bridge");
@@ -573,7 +665,7 @@ mod tests {
         assert_eq!(body["exclude_cn_from_sans"], false);
         assert!(body.get("uri_sans").is_none());
         // Without a serverRole, the workload role signs (and must allow the names).
-        let (path, _) = sign_call(&config(None, None), &req);
+        let (path, _) = sign_call(&config(None, None), &req, None);
         assert_eq!(path, "pki_int/sign/spiffe");
     }
 }
