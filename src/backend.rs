@@ -18,6 +18,7 @@
 pub mod aws_pca;
 pub mod checked;
 pub mod digicert;
+pub mod follow;
 pub mod instrumented;
 pub mod intermediate;
 pub mod local;
@@ -186,6 +187,12 @@ macro_rules! forward_signer_facts {
         fn root_rotation(&self) -> Option<std::sync::Arc<dyn $crate::backend::RootRotation>> {
             self.$field.root_rotation()
         }
+        fn follow_root_choice(
+            &self,
+            choice: tokio::sync::watch::Receiver<$crate::backend::RootChoice>,
+        ) -> bool {
+            self.$field.follow_root_choice(choice)
+        }
     };
 }
 pub(crate) use forward_signer_facts;
@@ -231,6 +238,25 @@ pub trait Signer: Authority {
     fn root_rotation(&self) -> Option<Arc<dyn RootRotation>> {
         None
     }
+
+    /// Signs under the root `choice` names from now on, following its changes (the upstream
+    /// root rotation of [`follow`]). False if this backend cannot choose: the CA signs under
+    /// whichever root it has (AWS Private CA, DigiCert), or the operator pinned one
+    /// (`issuerRef`).
+    fn follow_root_choice(&self, _choice: watch::Receiver<RootChoice>) -> bool {
+        false
+    }
+}
+
+/// Which of its roots an upstream CA should sign under, during and after a rotation of its
+/// root ([`follow`]). `None`: the CA's default.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RootChoice {
+    /// Leaves (direct mode) and the bridge's intermediates are signed under this root.
+    pub sign_under: Option<CertificateDer<'static>>,
+    /// Intermediate mode prepares its next intermediate under this root now, so that the
+    /// switch to it is instant (publishing: the new root).
+    pub prepare_under: Option<CertificateDer<'static>>,
 }
 
 /// Why a rotation request did not happen.

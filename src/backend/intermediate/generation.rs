@@ -27,6 +27,8 @@ pub(super) struct Generation {
     /// The certificate and its chain as PEM, and the key, for the state directory.
     pub(super) chain_pem: String,
     pub(super) key_pem: String,
+    /// The root of the bundle its chain ends in, when it was checked.
+    pub(super) root: Option<rustls_pki_types::CertificateDer<'static>>,
 }
 
 impl Generation {
@@ -41,6 +43,12 @@ impl Generation {
     }
     pub(super) fn remaining(&self, now: i64) -> i64 {
         self.not_after() - now
+    }
+    /// Whether its chain ends in `root`.
+    pub(super) fn under(&self, root: &rustls_pki_types::CertificateDer<'_>) -> bool {
+        self.root
+            .as_ref()
+            .is_some_and(|r| r.as_ref() == root.as_ref())
     }
 }
 
@@ -61,15 +69,17 @@ fn common_name() -> String {
     cn
 }
 
-/// Generates a key, has the backend sign it as a CA and checks the answer; counted in
+/// Generates a key, has the backend sign it as a CA (under `under_root`, if the backend can
+/// choose) and checks the answer; counted in
 /// `istio_ca_bridge_intermediate_preparations_total{backend, result}`.
 pub(super) async fn prepare(
     upstream: &dyn UpstreamAuthority,
     cfg: &IntermediateConfig,
     trust_domain: &str,
     metrics: &Metrics,
+    under_root: Option<rustls_pki_types::CertificateDer<'static>>,
 ) -> Result<Generation, IntermediateError> {
-    let r = prepare_uncounted(upstream, cfg, trust_domain).await;
+    let r = prepare_uncounted(upstream, cfg, trust_domain, under_root).await;
     metrics
         .intermediate_preparations
         .with_label_values(&[
@@ -84,6 +94,7 @@ async fn prepare_uncounted(
     upstream: &dyn UpstreamAuthority,
     cfg: &IntermediateConfig,
     trust_domain: &str,
+    under_root: Option<rustls_pki_types::CertificateDer<'static>>,
 ) -> Result<Generation, IntermediateError> {
     let key = pki::generate_key(cfg.key_type)
         .map_err(|e| IntermediateError::Unusable(format!("key generation: {e}")))?;
@@ -102,6 +113,7 @@ async fn prepare_uncounted(
         common_name: cn,
         ttl: cfg.ttl,
         path_len_zero: cfg.path_len_zero,
+        under_root,
     };
     let issued = match tokio::time::timeout(PREPARE_TIMEOUT, upstream.sign_intermediate(&req)).await
     {
@@ -180,10 +192,13 @@ pub(super) fn check_and_build(
     let (ca, _roots) = SigningCa::new(issued.leaf.clone(), key, issued.intermediates.clone())
         .map_err(|e| bad(e.to_string()))?;
     probe(&ca, trust_domain, bundle)?;
+    let top = issued.intermediates.last().unwrap_or(&issued.leaf);
+    let root = pki::signing_root(top, bundle.roots()).cloned();
     Ok(Generation {
         ca,
         chain_pem,
         key_pem,
+        root,
     })
 }
 

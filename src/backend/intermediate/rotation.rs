@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::generation::{Generation, prepare, probe};
 use super::{IntermediateConfig, IntermediateError, UpstreamAuthority, now_secs, state};
-use crate::backend::remote;
+use crate::backend::{RootChoice, remote};
 use crate::metrics::Metrics;
 use crate::trust::SharedBundle;
 
@@ -30,14 +30,54 @@ pub(super) struct Rotation {
     pub(super) metrics: Arc<Metrics>,
     pub(super) current: ArcSwap<Generation>,
     pub(super) next: Mutex<Option<Arc<Generation>>>,
+    /// A generation under the root an upstream rotation is publishing (see `choice`).
+    pub(super) staged: Mutex<Option<Arc<Generation>>>,
     /// The last failed preparation, for `/readyz` and logs.
     pub(super) last_error: Mutex<Option<String>>,
+    /// Which upstream root to sign under, during and after a rotation of the upstream's root
+    /// (set once by [`crate::backend::follow`]); the task re-plans when it changes.
+    pub(super) choice: std::sync::OnceLock<watch::Receiver<RootChoice>>,
+    pub(super) choice_set: tokio::sync::Notify,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Step {
     Prepare,
     Activate,
+    /// Prepare a generation under the root a rotation moves to, held apart from `next`.
+    Stage,
+    /// Switch to the staged generation.
+    ActivateStaged,
+}
+
+/// What a root choice asks of the generations now, if anything. The generation that signs
+/// must be under `sign_under`: the staged one takes over if it is under it (prepared while
+/// the new root was being published), else a next one under it, else one is prepared at
+/// once. And while `prepare_under` names another root, a generation under it is staged,
+/// ready for that switch, without disturbing the regular successor.
+fn choice_step(
+    choice: &RootChoice,
+    current: &Generation,
+    next: Option<&Generation>,
+    staged: Option<&Generation>,
+    fresh: impl Fn(&Generation) -> bool,
+) -> Option<(Step, Option<rustls_pki_types::CertificateDer<'static>>)> {
+    if let Some(r) = &choice.sign_under
+        && !current.under(r)
+    {
+        return Some(match (staged, next) {
+            (Some(s), _) if s.under(r) && fresh(s) => (Step::ActivateStaged, None),
+            (_, Some(n)) if n.under(r) => (Step::Activate, None),
+            _ => (Step::Prepare, Some(r.clone())),
+        });
+    }
+    if let Some(r) = &choice.prepare_under
+        && !current.under(r)
+        && !staged.is_some_and(|s| s.under(r) && fresh(s))
+    {
+        return Some((Step::Stage, Some(r.clone())));
+    }
+    None
 }
 
 /// When to prepare and when to activate, for a generation valid from `nb` to `na`.
@@ -128,21 +168,38 @@ impl Rotation {
         }
     }
 
-    async fn prepare_next(&self) -> Result<(), IntermediateError> {
+    /// The root choice now (the upstream's default until one is set).
+    pub(super) fn choice(&self) -> RootChoice {
+        self.choice
+            .get()
+            .map(|rx| rx.borrow().clone())
+            .unwrap_or_default()
+    }
+
+    /// Prepares the successor, or (`stage`) a generation under the root a rotation moves to.
+    async fn prepare_next(
+        &self,
+        under: Option<rustls_pki_types::CertificateDer<'static>>,
+        stage: bool,
+    ) -> Result<(), IntermediateError> {
+        let under = under.or_else(|| self.choice().sign_under);
         let g = prepare(
             self.upstream.as_ref(),
             &self.cfg,
             &self.trust_domain,
             &self.metrics,
+            under,
         )
         .await?;
         tracing::info!(
             backend = self.kind(),
             serial = %g.serial(),
             not_after = g.not_after(),
+            staged = stage,
             "prepared the next intermediate CA"
         );
-        *self.next.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(g));
+        let slot = if stage { &self.staged } else { &self.next };
+        *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(g));
         *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.observe();
         Ok(())
@@ -161,6 +218,7 @@ pub(super) async fn run(
     // The bundle may have changed between the first intermediate's check and this task.
     let mut urgent = inner.current_untrusted();
     let mut last_prepare: Option<std::time::Instant> = None;
+    let mut choice_rx: Option<watch::Receiver<RootChoice>> = None;
     loop {
         let now = now_secs();
         let cur = inner.current.load_full();
@@ -176,7 +234,49 @@ pub(super) async fn run(
             inner.max_leaf_ttl,
         );
         let until = |at: i64| Duration::from_secs((at - now).max(0) as u64);
+        if choice_rx.is_none()
+            && let Some(rx) = inner.choice.get()
+        {
+            let mut rx = rx.clone();
+            rx.borrow_and_update();
+            choice_rx = Some(rx);
+        }
+        let chosen = {
+            let next = inner.next.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let staged = inner
+                .staged
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            let fresh = |g: &Generation| {
+                now < schedule(
+                    g.not_before(),
+                    g.not_after(),
+                    &inner.cfg,
+                    inner.max_leaf_ttl,
+                )
+                .0
+            };
+            choice_step(
+                &inner.choice(),
+                &cur,
+                next.as_deref(),
+                staged.as_deref(),
+                fresh,
+            )
+        };
+        let mut under = None;
         let (step, wait) = match (has_next, urgent) {
+            _ if chosen.is_some() => {
+                let (step, root) = chosen.expect("some");
+                under = root;
+                let wait = if failures > 0 && matches!(step, Step::Prepare | Step::Stage) {
+                    retry_delay(&inner.cfg, failures, cur.remaining(now))
+                } else {
+                    Duration::ZERO
+                };
+                (step, wait)
+            }
             (true, true) => (Step::Activate, Duration::ZERO),
             (true, false) => (Step::Activate, until(activate_at)),
             (false, _) if failures > 0 => (
@@ -189,12 +289,29 @@ pub(super) async fn run(
         // Never two preparations closer than a second: a backend that grants far less
         // than asked must not be asked in a tight loop.
         let wait = match (step, last_prepare) {
-            (Step::Prepare, Some(t)) => wait.max(MIN_PREPARE_INTERVAL.saturating_sub(t.elapsed())),
+            (Step::Prepare | Step::Stage, Some(t)) => {
+                wait.max(MIN_PREPARE_INTERVAL.saturating_sub(t.elapsed()))
+            }
             _ => wait,
+        };
+        let choice_changed = async {
+            match choice_rx.as_mut() {
+                Some(rx) => {
+                    if rx.changed().await.is_err() {
+                        std::future::pending::<()>().await
+                    }
+                    rx.borrow_and_update();
+                }
+                None => inner.choice_set.notified().await,
+            }
         };
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
+            _ = choice_changed => {
+                tracing::info!(backend = inner.kind(), "the root to sign under changed; re-planning the intermediate CA");
+                continue;
+            }
             r = bundle_rx.changed() => {
                 if r.is_err() { return; }
                 bundle_rx.borrow_and_update();
@@ -210,9 +327,19 @@ pub(super) async fn run(
                 inner.activate();
                 urgent = false;
             }
-            Step::Prepare => {
+            Step::ActivateStaged => {
+                let staged = inner
+                    .staged
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take();
+                *inner.next.lock().unwrap_or_else(|e| e.into_inner()) = staged;
+                inner.activate();
+                urgent = false;
+            }
+            Step::Prepare | Step::Stage => {
                 last_prepare = Some(std::time::Instant::now());
-                match inner.prepare_next().await {
+                match inner.prepare_next(under, step == Step::Stage).await {
                     Ok(()) => failures = 0,
                     Err(e) => {
                         failures += 1;

@@ -52,7 +52,7 @@ impl IntermediateSigner {
                 g
             }
             None => {
-                let g = prepare(upstream.as_ref(), cfg, trust_domain, &metrics).await?;
+                let g = prepare(upstream.as_ref(), cfg, trust_domain, &metrics, None).await?;
                 if let Some(dir) = &cfg.state_dir {
                     state::save(dir, &g, &upstream.trust_bundle().borrow())?;
                 }
@@ -74,7 +74,10 @@ impl IntermediateSigner {
             metrics,
             current: ArcSwap::from_pointee(first),
             next: Mutex::new(None),
+            staged: Mutex::new(None),
             last_error: Mutex::new(None),
+            choice: std::sync::OnceLock::new(),
+            choice_set: tokio::sync::Notify::new(),
         });
         inner.observe();
         let stop = CancellationToken::new();
@@ -136,6 +139,13 @@ impl Signer for IntermediateSigner {
         SigningCaInfo {
             not_after: Some(self.inner.current.load().not_after()),
         }
+    }
+
+    fn follow_root_choice(&self, choice: watch::Receiver<crate::backend::RootChoice>) -> bool {
+        if self.inner.choice.set(choice).is_ok() {
+            self.inner.choice_set.notify_one();
+        }
+        self.inner.upstream.can_choose_root()
     }
 
     fn issued_under(&self, issuer: &crate::backend::IssuerRef<'_>) -> bool {

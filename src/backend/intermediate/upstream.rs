@@ -23,6 +23,8 @@ pub struct IntermediateRequest {
     pub ttl: Duration,
     /// Ask for pathLenConstraint 0.
     pub path_len_zero: bool,
+    /// Have it signed under this root, if the upstream can choose ([`UpstreamAuthority::can_choose_root`]).
+    pub under_root: Option<rustls_pki_types::CertificateDer<'static>>,
 }
 
 /// A backend that can sign the bridge's intermediate CA.
@@ -31,6 +33,11 @@ pub trait UpstreamAuthority: Authority {
     /// Signs a CA certificate for `req`. `leaf` of the answer is the intermediate;
     /// `intermediates` link it to a root of the trust bundle (roots excluded).
     async fn sign_intermediate(&self, req: &IntermediateRequest) -> Result<IssuedChain, SignError>;
+
+    /// Whether [`IntermediateRequest::under_root`] is honoured (Vault without `issuerRef`).
+    fn can_choose_root(&self) -> bool {
+        false
+    }
 }
 
 /// An upstream that is not connected yet: a replica restarted during a backend outage
@@ -140,6 +147,10 @@ impl UpstreamAuthority for LazyUpstream {
             ))),
         }
     }
+
+    fn can_choose_root(&self) -> bool {
+        self.inner.get().is_some_and(|up| up.can_choose_root())
+    }
 }
 
 /// Connects to the upstream of intermediate mode (again, if the first try fails).
@@ -165,6 +176,7 @@ mod tests {
             common_name: "istio-ca-bridge test".into(),
             ttl: Duration::from_secs(3600),
             path_len_zero: true,
+            under_root: None,
         }
     }
 
