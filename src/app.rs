@@ -72,10 +72,16 @@ impl App {
                         name,
                     )));
                 }
-                cfg.backend
+                let built = cfg
+                    .backend
                     .build(&ctx)
                     .await
-                    .context("building the backend")?
+                    .context("building the backend")?;
+                if cfg.follows_upstream() {
+                    follow_upstream(&cfg, built, clusters.as_deref(), metrics.clone()).await?
+                } else {
+                    built
+                }
             }
         };
         // Every signer, built or handed in, is checked the same way: what it issues is
@@ -443,6 +449,43 @@ fn spawn_bundle_watch(signer: Arc<dyn Signer>, metrics: Arc<Metrics>, stop: Canc
             tracing::info!(roots = b.roots().len(), "trust bundle changed");
         }
     });
+}
+
+/// Wraps a remote backend in the follower of its roots (`backend::follow`), with the state
+/// in the CA Secret (Kubernetes), `rotation.stateDir`, or memory.
+async fn follow_upstream(
+    cfg: &Config,
+    built: Arc<dyn Signer>,
+    clusters: Option<&k8s::Clusters>,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<Arc<dyn Signer>> {
+    use crate::backend::follow::{FileRootsStore, Follower, MemoryRootsStore, RootsStore};
+    let store: Arc<dyn RootsStore> = match (cfg.upstream_rotation_secret(), clusters) {
+        (Some((ns, name)), Some(c)) => Arc::new(k8s::ca_secret::UpstreamRootsSecret::new(
+            c.all()[0].client(),
+            ns,
+            name,
+        )),
+        _ => match &cfg.rotation.state_dir {
+            Some(dir) => Arc::new(FileRootsStore::new(dir)),
+            None => {
+                tracing::warn!(
+                    "rotation.stateDir is not set and there is no Kubernetes API: a rotation of the backend's root is kept in memory only, and a restart forgets its phase"
+                );
+                Arc::new(MemoryRootsStore::default())
+            }
+        },
+    };
+    let f = Follower::open(
+        built,
+        store,
+        cfg.rotation.clone(),
+        cfg.policy.max_ttl,
+        metrics,
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("root rotation state: {e}"))?;
+    Ok(f)
 }
 
 /// Writes an audit record for every rotation transition this replica makes.

@@ -253,6 +253,24 @@ impl Config {
         })
     }
 
+    /// Whether the backend's roots are followed through rotations (`backend::follow`): a
+    /// remote backend with `rotation.followUpstream`.
+    pub fn follows_upstream(&self) -> bool {
+        !matches!(self.backend, BackendConfig::Local(_)) && self.rotation.follow_upstream
+    }
+
+    /// The Secret a remote backend's rotation state is shared through: when it is
+    /// followed and `authn.kubernetes` names a cluster (the first one).
+    pub fn upstream_rotation_secret(&self) -> Option<(&str, &str)> {
+        let cs = &self.kubernetes.ca_secret;
+        (self.follows_upstream() && cs.enabled && self.authn.kubernetes.is_some()).then(|| {
+            (
+                cs.effective_namespace(&self.kubernetes.leader_election),
+                cs.name.as_str(),
+            )
+        })
+    }
+
     /// Trust domains this bridge certifies: the top-level one plus each issuer's.
     pub fn trust_domains(&self) -> Vec<String> {
         let mut tds = vec![self.trust_domain.clone()];

@@ -451,7 +451,7 @@ fn generate_root(
     })
 }
 
-fn create_private_dir(dir: &Path) -> Result<(), LocalError> {
+pub(crate) fn create_private_dir(dir: &Path) -> Result<(), LocalError> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)

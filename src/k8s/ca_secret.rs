@@ -14,6 +14,7 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, PostParams};
 
+use crate::backend::follow::{RootsDocument, RootsStore, StoredRoots};
 use crate::backend::local::{CaDocument, CaStore, KeyedCert, StoreError, Stored};
 use crate::rotation::RotationState;
 
@@ -172,5 +173,131 @@ impl CaStore for SecretStore {
         )
         .await?;
         self.parse_secret(s)
+    }
+}
+
+/// A remote backend's root rotation state ([`crate::backend::follow`]) as the key
+/// `upstream-roots.json` of the same Secret. Other keys of the Secret are kept as they are:
+/// every write reads it, merges, and names the `resourceVersion` it read.
+pub struct UpstreamRootsSecret {
+    api: Api<Secret>,
+    namespace: String,
+    name: String,
+}
+
+const UPSTREAM_ROOTS: &str = "upstream-roots.json";
+
+impl UpstreamRootsSecret {
+    pub fn new(client: kube::Client, namespace: &str, name: &str) -> Self {
+        Self {
+            api: Api::namespaced(client, namespace),
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        }
+    }
+
+    fn parse(&self, s: &Secret) -> Result<Option<StoredRoots>, StoreError> {
+        let corrupt = |m: String| StoreError::Corrupt(format!("{}: {m}", self.describe()));
+        let Some(bytes) = s.data.as_ref().and_then(|d| d.get(UPSTREAM_ROOTS)) else {
+            return Ok(None);
+        };
+        let version = s
+            .metadata
+            .resource_version
+            .clone()
+            .ok_or_else(|| corrupt("no resourceVersion".into()))?;
+        let doc: RootsDocument = serde_json::from_slice(&bytes.0)
+            .map_err(|e| corrupt(format!("{UPSTREAM_ROOTS}: {e}")))?;
+        Ok(Some(StoredRoots { doc, version }))
+    }
+
+    fn with_doc(&self, mut s: Secret, doc: &RootsDocument) -> Secret {
+        let json = serde_json::to_vec(doc).expect("serializable");
+        s.data
+            .get_or_insert_with(BTreeMap::new)
+            .insert(UPSTREAM_ROOTS.to_string(), ByteString(json));
+        s
+    }
+
+    fn stored(&self, s: Secret) -> Result<StoredRoots, StoreError> {
+        self.parse(&s)?.ok_or_else(|| {
+            StoreError::Corrupt(format!(
+                "{}: written without {UPSTREAM_ROOTS}",
+                self.describe()
+            ))
+        })
+    }
+}
+
+#[async_trait]
+impl RootsStore for UpstreamRootsSecret {
+    fn describe(&self) -> String {
+        format!("Secret {}/{} ({UPSTREAM_ROOTS})", self.namespace, self.name)
+    }
+
+    async fn load(&self) -> Result<Option<StoredRoots>, StoreError> {
+        let what = format!("reading {}", self.describe());
+        match bounded(&what, self.api.get_opt(&self.name)).await? {
+            Some(s) => self.parse(&s),
+            None => Ok(None),
+        }
+    }
+
+    async fn create(&self, doc: &RootsDocument) -> Result<StoredRoots, StoreError> {
+        let what = format!("creating {}", self.describe());
+        match bounded(&what, self.api.get_opt(&self.name)).await? {
+            // The Secret exists (it holds other keys): add ours, unless another replica did.
+            Some(s) => {
+                if self.parse(&s)?.is_some() {
+                    return Err(StoreError::Conflict);
+                }
+                let s = self.with_doc(s, doc);
+                let s = bounded(
+                    &what,
+                    self.api.replace(&self.name, &PostParams::default(), &s),
+                )
+                .await?;
+                self.stored(s)
+            }
+            None => {
+                let empty = Secret {
+                    metadata: ObjectMeta {
+                        name: Some(self.name.clone()),
+                        namespace: Some(self.namespace.clone()),
+                        labels: Some(BTreeMap::from([(
+                            "app.kubernetes.io/managed-by".to_string(),
+                            "istio-ca-bridge".to_string(),
+                        )])),
+                        ..Default::default()
+                    },
+                    type_: Some("Opaque".into()),
+                    ..Default::default()
+                };
+                let s = bounded(
+                    &what,
+                    self.api
+                        .create(&PostParams::default(), &self.with_doc(empty, doc)),
+                )
+                .await?;
+                self.stored(s)
+            }
+        }
+    }
+
+    async fn replace(&self, doc: &RootsDocument, version: &str) -> Result<StoredRoots, StoreError> {
+        let what = format!("updating {}", self.describe());
+        let Some(s) = bounded(&what, self.api.get_opt(&self.name)).await? else {
+            return Err(StoreError::Conflict);
+        };
+        if s.metadata.resource_version.as_deref() != Some(version) {
+            return Err(StoreError::Conflict);
+        }
+        let s = self.with_doc(s, doc);
+        let s = bounded(
+            &what,
+            self.api.replace(&self.name, &PostParams::default(), &s),
+        )
+        .await?;
+        self.stored(s)
     }
 }

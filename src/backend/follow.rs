@@ -1,0 +1,818 @@
+//! Rotation of a remote backend's root: when the enterprise CA offers a new root (Vault: a
+//! new root issuer on the mount; AWS Private CA: a new root at the top of the CA's chain; a
+//! root added to `backend.rootBundleFile` or to DigiCert's trust bundle), [`Follower`] takes
+//! the mesh to it through the phases of [`crate::rotation`], as the local CA does with a
+//! root it generates:
+//! - **publishing**: the bundle is old + new; leaves are still signed under the old root
+//!   (Vault: each sign call names the issuer under it, whatever the mount's default is;
+//!   intermediate mode: the current intermediate keeps signing, and the next one, under
+//!   the new root, is prepared now);
+//! - **signingNew**: signed under the new root (intermediate mode switches to the prepared
+//!   intermediate at once); both roots stay trusted;
+//! - **retiring**: the bundle drops the old root, even if the CA still offers it;
+//! - **done**: the new root is the current one; the old one is never followed again.
+//!
+//! A CA that decides itself which root signs (AWS Private CA, DigiCert) cannot be pinned:
+//! the bridge publishes the new root the moment it appears, and signingNew ends only once
+//! no leaf under the old root has been seen for its lifetime (so a CA that was not switched
+//! stalls the rotation, visibly, instead of breaking workloads). docs/root-rotation.md
+//! tells the operator to publish the new root first for such CAs.
+//!
+//! The state (current roots, the next one, the phase) is shared by the replicas through a
+//! [`RootsStore`]: a Kubernetes Secret (`k8s::ca_secret::UpstreamRootsSecret`), a file in
+//! `rotation.stateDir`, or memory. Every write names the version it was computed from, so of
+//! several replicas exactly one makes each transition.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use rustls_pki_types::CertificateDer;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Mutex, broadcast, watch};
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use super::local::StoreError;
+use super::{
+    Authority, Health, IssuedChain, RootChoice, RootRotation, RotationError, SignError,
+    SignRequest, Signer,
+};
+use crate::metrics::Metrics;
+use crate::pki;
+use crate::rotation::{
+    Phase, RootSummary, RotationConfig, RotationState, RotationStatus, Step, Timing, Transition,
+};
+use crate::trust::{SharedBundle, TrustBundle};
+
+/// Roots no longer followed by themselves (retired, or an aborted rotation's), kept so
+/// that a CA still offering them does not start a rotation again.
+const DECLINED: usize = 16;
+
+/// What the replicas share about the upstream's roots (PEM certificates).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RootsDocument {
+    /// The first signs outside a rotation (A during one); the others are further roots the
+    /// CA offers, published throughout.
+    pub current: Vec<String>,
+    /// The root a rotation moves to (B).
+    #[serde(default)]
+    pub next: Option<String>,
+    #[serde(default)]
+    pub declined: Vec<String>,
+    pub rotation: RotationState,
+}
+
+/// A document as read, with the version a write must name.
+#[derive(Debug, Clone)]
+pub struct StoredRoots {
+    pub doc: RootsDocument,
+    pub version: String,
+}
+
+/// Where the replicas keep a [`RootsDocument`].
+#[async_trait]
+pub trait RootsStore: Send + Sync {
+    fn describe(&self) -> String;
+    async fn load(&self) -> Result<Option<StoredRoots>, StoreError>;
+    /// Creates the state; [`StoreError::Conflict`] if it exists.
+    async fn create(&self, doc: &RootsDocument) -> Result<StoredRoots, StoreError>;
+    /// Replaces the state read at `version`; [`StoreError::Conflict`] if it changed since.
+    async fn replace(&self, doc: &RootsDocument, version: &str) -> Result<StoredRoots, StoreError>;
+}
+
+/// One process's memory: no replica shares it and a restart forgets the phase (the
+/// bridge warns at start). For a bridge without Kubernetes or `rotation.stateDir`.
+#[derive(Default)]
+pub struct MemoryRootsStore(std::sync::Mutex<Option<(RootsDocument, u64)>>);
+
+#[async_trait]
+impl RootsStore for MemoryRootsStore {
+    fn describe(&self) -> String {
+        "memory (set rotation.stateDir to keep it across restarts)".into()
+    }
+    async fn load(&self) -> Result<Option<StoredRoots>, StoreError> {
+        Ok(self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|(doc, g)| StoredRoots {
+                doc: doc.clone(),
+                version: g.to_string(),
+            }))
+    }
+    async fn create(&self, doc: &RootsDocument) -> Result<StoredRoots, StoreError> {
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if g.is_some() {
+            return Err(StoreError::Conflict);
+        }
+        *g = Some((doc.clone(), 0));
+        Ok(StoredRoots {
+            doc: doc.clone(),
+            version: "0".into(),
+        })
+    }
+    async fn replace(&self, doc: &RootsDocument, version: &str) -> Result<StoredRoots, StoreError> {
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let now = g.as_ref().map(|(_, v)| v.to_string());
+        if now.as_deref() != Some(version) {
+            return Err(StoreError::Conflict);
+        }
+        let next = version.parse::<u64>().unwrap_or(0) + 1;
+        *g = Some((doc.clone(), next));
+        Ok(StoredRoots {
+            doc: doc.clone(),
+            version: next.to_string(),
+        })
+    }
+}
+
+/// `upstream-roots.json` in `rotation.stateDir`, with a generation number, written under an
+/// exclusive lock (replicas on one machine share it).
+pub struct FileRootsStore {
+    dir: PathBuf,
+}
+
+#[derive(Serialize, Deserialize)]
+struct RootsFile {
+    generation: u64,
+    document: RootsDocument,
+}
+
+const ROOTS_FILE: &str = "upstream-roots.json";
+
+impl FileRootsStore {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    fn lock(&self) -> Result<std::fs::File, StoreError> {
+        let unavailable = |e: String| StoreError::Unavailable(format!("{}: {e}", self.describe()));
+        super::local::create_private_dir(&self.dir).map_err(|e| unavailable(e.to_string()))?;
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.dir.join(".upstream-roots.lock"))
+            .map_err(|e| unavailable(e.to_string()))?;
+        f.lock().map_err(|e| unavailable(format!("locking: {e}")))?;
+        Ok(f)
+    }
+
+    fn read(&self) -> Result<Option<RootsFile>, StoreError> {
+        let path = self.dir.join(ROOTS_FILE);
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt(format!("{}: {e}", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StoreError::Unavailable(format!("{}: {e}", path.display()))),
+        }
+    }
+
+    fn write(&self, doc: &RootsDocument, generation: u64) -> Result<StoredRoots, StoreError> {
+        let f = RootsFile {
+            generation,
+            document: doc.clone(),
+        };
+        let json = serde_json::to_vec_pretty(&f).expect("serializable");
+        super::local::write_file(&self.dir.join(ROOTS_FILE), &json, 0o600)
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        Ok(StoredRoots {
+            doc: doc.clone(),
+            version: generation.to_string(),
+        })
+    }
+}
+
+#[async_trait]
+impl RootsStore for FileRootsStore {
+    fn describe(&self) -> String {
+        format!("{}", self.dir.join(ROOTS_FILE).display())
+    }
+    async fn load(&self) -> Result<Option<StoredRoots>, StoreError> {
+        Ok(self.read()?.map(|f| StoredRoots {
+            doc: f.document,
+            version: f.generation.to_string(),
+        }))
+    }
+    async fn create(&self, doc: &RootsDocument) -> Result<StoredRoots, StoreError> {
+        let _lock = self.lock()?;
+        if self.read()?.is_some() {
+            return Err(StoreError::Conflict);
+        }
+        self.write(doc, 0)
+    }
+    async fn replace(&self, doc: &RootsDocument, version: &str) -> Result<StoredRoots, StoreError> {
+        let _lock = self.lock()?;
+        let now = self.read()?.map(|f| f.generation.to_string());
+        if now.as_deref() != Some(version) {
+            return Err(StoreError::Conflict);
+        }
+        self.write(doc, version.parse::<u64>().unwrap_or(0) + 1)
+    }
+}
+
+fn der_of(pem: &str) -> Option<CertificateDer<'static>> {
+    pki::parse_certs_pem(pem.as_bytes())
+        .ok()
+        .and_then(|v| v.into_iter().next())
+}
+
+/// The parsed document, as the sign path and the bundle need it.
+#[derive(Debug, Clone)]
+struct Material {
+    phase: Phase,
+    old: Option<CertificateDer<'static>>,
+    new: Option<CertificateDer<'static>>,
+    extras: Vec<CertificateDer<'static>>,
+}
+
+impl Material {
+    fn of(doc: &RootsDocument) -> Result<Self, String> {
+        let parse = |p: &str| der_of(p).ok_or_else(|| "a stored root does not parse".to_string());
+        let mut current = doc.current.iter().map(|p| parse(p));
+        let old = current.next().transpose()?;
+        let extras = current.collect::<Result<Vec<_>, _>>()?;
+        let new = doc.next.as_deref().map(parse).transpose()?;
+        let phase = doc.rotation.phase;
+        if phase.has_next() && new.is_none() {
+            return Err(format!(
+                "phase {phase} needs the next root, which the state does not hold"
+            ));
+        }
+        Ok(Self {
+            phase,
+            old,
+            new,
+            extras,
+        })
+    }
+
+    fn bundle(&self) -> Result<TrustBundle, String> {
+        let mut roots = Vec::new();
+        if self.phase.trusts_current()
+            && let Some(a) = &self.old
+        {
+            roots.push(a.clone());
+        }
+        if self.phase.has_next()
+            && let Some(b) = &self.new
+        {
+            roots.push(b.clone());
+        }
+        for e in &self.extras {
+            if !roots.contains(e) {
+                roots.push(e.clone());
+            }
+        }
+        TrustBundle::new(roots).map_err(|e| e.to_string())
+    }
+
+    fn choice(&self) -> RootChoice {
+        let signing = if self.phase.signs_with_next() {
+            self.new.clone()
+        } else {
+            self.old.clone()
+        };
+        RootChoice {
+            sign_under: signing,
+            prepare_under: (self.phase == Phase::Publishing)
+                .then(|| self.new.clone())
+                .flatten(),
+        }
+    }
+}
+
+/// A remote backend whose roots are followed through rotations (module docs).
+pub struct Follower {
+    inner: Arc<dyn Signer>,
+    /// The backend signs under the root it is told (Vault without `issuerRef`).
+    chooses: bool,
+    store: Arc<dyn RootsStore>,
+    settings: RotationConfig,
+    max_ttl: Duration,
+    me: String,
+    metrics: Arc<Metrics>,
+    published: watch::Sender<SharedBundle>,
+    choice: watch::Sender<RootChoice>,
+    material: ArcSwap<Material>,
+    applied: Mutex<StoredRoots>,
+    /// The latest NotAfter of a leaf seen under the old root since this process started.
+    old_signed_until: AtomicI64,
+    transitions: broadcast::Sender<Transition>,
+    /// Itself, for the admin port's handle ([`Signer::root_rotation`]).
+    this: std::sync::OnceLock<std::sync::Weak<Follower>>,
+    _stop: DropGuard,
+}
+
+fn now() -> i64 {
+    pki::unix_secs(SystemTime::now())
+}
+
+fn common_name(der: &[u8]) -> String {
+    x509_parser::parse_x509_certificate(der)
+        .ok()
+        .and_then(|(_, c)| {
+            c.subject()
+                .iter_common_name()
+                .next()
+                .and_then(|a| a.as_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| "(no common name)".into())
+}
+
+impl Follower {
+    /// Loads the shared state (or creates it from the roots the backend offers now),
+    /// applies it and starts following. The backend is told which root to sign under.
+    pub async fn open(
+        inner: Arc<dyn Signer>,
+        store: Arc<dyn RootsStore>,
+        settings: RotationConfig,
+        max_ttl: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>, String> {
+        let describe = store.describe();
+        let unavailable = |e: StoreError| format!("{describe}: {e}");
+        let stored = match store.load().await.map_err(unavailable)? {
+            Some(s) => s,
+            None => {
+                let doc = RootsDocument {
+                    current: inner
+                        .trust_bundle()
+                        .borrow()
+                        .roots()
+                        .iter()
+                        .map(|c| pki::cert_pem(c))
+                        .collect(),
+                    ..Default::default()
+                };
+                match store.create(&doc).await {
+                    Ok(s) => s,
+                    Err(StoreError::Conflict) => store
+                        .load()
+                        .await
+                        .map_err(unavailable)?
+                        .ok_or_else(|| format!("{describe}: created, then gone"))?,
+                    Err(e) => return Err(unavailable(e)),
+                }
+            }
+        };
+        let material = Material::of(&stored.doc).map_err(|e| format!("{describe}: {e}"))?;
+        let bundle = material.bundle().map_err(|e| format!("{describe}: {e}"))?;
+        let (choice, choice_rx) = watch::channel(material.choice());
+        let chooses = inner.follow_root_choice(choice_rx);
+        tracing::info!(backend = inner.kind(), store = %describe, phase = %stored.doc.rotation.phase, pinned = chooses, "following the backend's roots through rotations");
+        let stop = CancellationToken::new();
+        let me = Arc::new(Self {
+            inner,
+            chooses,
+            store,
+            settings,
+            max_ttl,
+            me: crate::rotation::replica_name(),
+            metrics,
+            published: watch::channel(Arc::new(bundle)).0,
+            choice,
+            material: ArcSwap::from_pointee(material),
+            applied: Mutex::new(stored),
+            old_signed_until: AtomicI64::new(0),
+            transitions: broadcast::channel(64).0,
+            this: std::sync::OnceLock::new(),
+            _stop: stop.clone().drop_guard(),
+        });
+        let _ = me.this.set(Arc::downgrade(&me));
+        me.observe(&me.applied.lock().await.doc.rotation);
+        if let Err(e) = me.reconcile().await {
+            tracing::warn!(error = %e, "root rotation: the first look at the backend's roots failed");
+        }
+        let weak = Arc::downgrade(&me);
+        let mut upstream = me.inner.trust_bundle();
+        let poll = me.settings.poll_interval;
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(poll) => {}
+                    r = upstream.changed() => if r.is_err() { return },
+                }
+                upstream.borrow_and_update();
+                let Some(me) = weak.upgrade() else { return };
+                if let Err(e) = me.tick().await {
+                    tracing::warn!(error = %e, "root rotation: reading or advancing the shared state failed; keeping the last good state");
+                }
+            }
+        });
+        Ok(me)
+    }
+
+    fn timing(&self, phase: Phase) -> Timing {
+        let seen = self.old_signed_until.load(Ordering::Relaxed);
+        Timing {
+            max_ttl: self.max_ttl,
+            skew: self.settings.skew,
+            seen_until: (phase == Phase::SigningNew && seen > 0).then_some(seen),
+        }
+    }
+
+    async fn tick(&self) -> Result<(), RotationError> {
+        self.reconcile().await?;
+        let mut applied = self.applied.lock().await;
+        let timing = self.timing(applied.doc.rotation.phase);
+        if self.settings.auto_advance && applied.doc.rotation.due(now(), &timing) {
+            let step = Step::Advance {
+                force: false,
+                auto: true,
+            };
+            match self.write_step(&mut applied, step).await {
+                Ok(()) | Err(RotationError::Conflict) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Re-reads the shared state, then compares it with the roots the backend offers: a
+    /// new one starts a rotation; a further root the backend dropped is dropped.
+    async fn reconcile(&self) -> Result<(), RotationError> {
+        let mut applied = self.applied.lock().await;
+        self.refresh(&mut applied).await?;
+        let offered: Vec<CertificateDer<'static>> =
+            self.inner.trust_bundle().borrow().roots().to_vec();
+        let doc = &applied.doc;
+        let known = |c: &CertificateDer<'_>| {
+            let pem = pki::cert_pem(c);
+            doc.current.contains(&pem) || doc.next.as_ref() == Some(&pem)
+        };
+        let declined = |c: &CertificateDer<'_>| doc.declined.contains(&pki::cert_pem(c));
+        if doc.rotation.in_progress() {
+            return Ok(());
+        }
+        if let Some(b) = offered.iter().find(|c| !known(c) && !declined(c)) {
+            let reason = format!(
+                "{} offers a new root: {}",
+                self.inner.kind(),
+                common_name(b)
+            );
+            return self.begin(&mut applied, b.clone(), &reason).await;
+        }
+        // A further root the backend no longer offers is no longer published.
+        let mut next = doc.clone();
+        let offered_pem: Vec<String> = offered.iter().map(|c| pki::cert_pem(c)).collect();
+        let first = next.current.first().cloned();
+        next.current
+            .retain(|p| Some(p) == first.as_ref() || offered_pem.contains(p));
+        if next.current != doc.current {
+            tracing::warn!(
+                backend = self.inner.kind(),
+                "the backend no longer offers a root besides the signing one; it is no longer published"
+            );
+            return self.write(&mut applied, next).await;
+        }
+        if first.is_some_and(|f| !offered_pem.contains(&f)) {
+            tracing::error!(
+                backend = self.inner.kind(),
+                "the backend no longer offers the root the bridge signs under; still publishing it. Give the CA a new root (docs/root-rotation.md)"
+            );
+        }
+        Ok(())
+    }
+
+    async fn begin(
+        &self,
+        applied: &mut StoredRoots,
+        root: CertificateDer<'static>,
+        reason: &str,
+    ) -> Result<(), RotationError> {
+        let timing = self.timing(Phase::Publishing);
+        let rotation = applied
+            .doc
+            .rotation
+            .start(now(), &timing, reason, &self.me)
+            .map_err(|r| RotationError::Refused(r.0))?;
+        let pem = pki::cert_pem(&root);
+        let mut next = applied.doc.clone();
+        next.rotation = rotation;
+        next.declined.retain(|p| *p != pem);
+        next.current.retain(|p| *p != pem);
+        next.next = Some(pem);
+        tracing::warn!(backend = self.inner.kind(), root = %common_name(&root), "root rotation: the backend offers a new root; publishing it");
+        self.write(applied, next).await
+    }
+
+    /// Loads the state and applies it if another replica changed it; restores it from
+    /// memory if it was deleted.
+    async fn refresh(&self, applied: &mut StoredRoots) -> Result<(), RotationError> {
+        let stored = match self.store.load().await {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                self.count_error("read");
+                tracing::error!(store = %self.store.describe(), "the root rotation state was deleted; restoring it from this replica's memory");
+                match self.store.create(&applied.doc).await {
+                    Ok(s) => s,
+                    Err(StoreError::Conflict) => return Ok(()),
+                    Err(e) => {
+                        self.count_error("write");
+                        return Err(e.into());
+                    }
+                }
+            }
+            Err(e) => {
+                self.count_error("read");
+                return Err(e.into());
+            }
+        };
+        if stored.version != applied.version {
+            self.apply(applied, stored)?;
+        }
+        Ok(())
+    }
+
+    fn count_error(&self, op: &str) {
+        self.metrics
+            .rotation_state_errors
+            .with_label_values(&[op])
+            .inc();
+    }
+
+    fn apply(&self, applied: &mut StoredRoots, stored: StoredRoots) -> Result<(), RotationError> {
+        let material = Material::of(&stored.doc).map_err(|e| {
+            self.count_error("read");
+            RotationError::Unavailable(format!("{}: {e}", self.store.describe()))
+        })?;
+        let bundle = material
+            .bundle()
+            .map_err(|e| RotationError::Unavailable(e.to_string()))?;
+        let phase_changed = applied.doc.rotation.phase != stored.doc.rotation.phase;
+        if phase_changed {
+            tracing::info!(from = %applied.doc.rotation.phase, to = %stored.doc.rotation.phase, roots = bundle.roots().len(), "root rotation: applying phase");
+        }
+        self.choice.send_if_modified(|c| {
+            let new = material.choice();
+            let changed = *c != new;
+            *c = new;
+            changed
+        });
+        // Every phase change is announced, even with the same roots: what the bridge
+        // serves with (its serving certificate) is re-issued under the phase's root.
+        self.published.send_if_modified(|b| {
+            let changed = b.roots() != bundle.roots();
+            if changed {
+                *b = Arc::new(bundle);
+            }
+            changed || phase_changed
+        });
+        self.material.store(Arc::new(material));
+        self.observe(&stored.doc.rotation);
+        *applied = stored;
+        Ok(())
+    }
+
+    fn observe(&self, r: &RotationState) {
+        self.metrics.observe_rotation(r);
+    }
+
+    async fn write_step(&self, applied: &mut StoredRoots, step: Step) -> Result<(), RotationError> {
+        let doc = &applied.doc;
+        let rotation = doc
+            .rotation
+            .step(step, now(), &self.timing(doc.rotation.phase), &self.me)
+            .map_err(|r| RotationError::Refused(r.0))?;
+        let mut next = doc.clone();
+        next.rotation = rotation;
+        match next.rotation.phase {
+            Phase::Done => {
+                let b = next.next.take().expect("retiring has a next root");
+                let mut current = vec![b];
+                if let Some(a) = next.current.first().cloned() {
+                    next.declined.push(a);
+                }
+                current.extend(next.current.iter().skip(1).cloned());
+                next.current = current;
+            }
+            Phase::Idle => {
+                if let Some(b) = next.next.take() {
+                    next.declined.push(b);
+                }
+            }
+            _ => {}
+        }
+        let extra = next.declined.len().saturating_sub(DECLINED);
+        next.declined.drain(..extra);
+        self.write(applied, next).await
+    }
+
+    async fn write(
+        &self,
+        applied: &mut StoredRoots,
+        next: RootsDocument,
+    ) -> Result<(), RotationError> {
+        Material::of(&next)
+            .and_then(|m| m.bundle().map(|_| ()))
+            .map_err(RotationError::Unavailable)?;
+        let stored = match self.store.replace(&next, &applied.version).await {
+            Ok(s) => s,
+            Err(e) => {
+                if !matches!(e, StoreError::Conflict) {
+                    self.count_error("write");
+                }
+                return Err(e.into());
+            }
+        };
+        if stored.doc.rotation.history != applied.doc.rotation.history
+            && let Some(t) = stored.doc.rotation.last().cloned()
+        {
+            self.metrics.count_transition(&t);
+            let _ = self.transitions.send(t);
+        }
+        self.apply(applied, stored)
+    }
+
+    fn status_of(&self, applied: &StoredRoots) -> RotationStatus {
+        let m = self.material.load();
+        let phase = m.phase;
+        let mut roots = Vec::new();
+        if let Some(a) = &m.old {
+            roots.push(RootSummary::of(
+                a,
+                "current",
+                phase.trusts_current(),
+                !phase.signs_with_next(),
+            ));
+        }
+        if let Some(b) = m.new.as_ref().filter(|_| phase.has_next()) {
+            roots.push(RootSummary::of(b, "next", true, phase.signs_with_next()));
+        }
+        for e in &m.extras {
+            roots.push(RootSummary::of(e, "other", true, false));
+        }
+        RotationStatus::new(
+            &applied.doc.rotation,
+            &self.timing(phase),
+            now(),
+            self.settings.auto_advance,
+            roots,
+            self.store.describe(),
+            &self.me,
+        )
+    }
+
+    /// Notes which root a leaf came under while a rotation is in progress: a CA that
+    /// chooses itself keeps signingNew waiting for as long as leaves under the old root
+    /// come back, and one that switched before the new root was published is reported.
+    fn note(&self, req: &SignRequest, issued: &IssuedChain) {
+        let m = self.material.load();
+        if !m.phase.has_next() {
+            return;
+        }
+        // Only workloads' leaves (at most maxTtl) are what signingNew waits out; the
+        // bridge's own serving certificate is re-issued at every phase change.
+        let workload = req.caller.is_some();
+        let top = issued.intermediates.last().unwrap_or(&issued.leaf);
+        let (Some(old), Some(new)) = (&m.old, &m.new) else {
+            return;
+        };
+        let roots = [old.clone(), new.clone()];
+        let under = pki::signing_root(top, &roots);
+        match under {
+            // Leaves issued before signingNew expire within its own wait.
+            Some(r) if r == old && m.phase.signs_with_next() && workload => {
+                if let Ok(info) = pki::cert_info(&issued.leaf) {
+                    self.old_signed_until
+                        .fetch_max(info.not_after, Ordering::Relaxed);
+                }
+                if !self.chooses {
+                    tracing::warn!(backend = self.inner.kind(), phase = %m.phase, "the backend still signs under the old root; the rotation waits until it has switched (docs/root-rotation.md)");
+                }
+            }
+            Some(r) if r == new && m.phase == Phase::Publishing => {
+                tracing::error!(
+                    backend = self.inner.kind(),
+                    "the backend signs under the new root while it is still being published: workloads that have not renewed yet do not trust it (docs/root-rotation.md: publish the new root before switching the CA)"
+                );
+            }
+            _ => {}
+        }
+    }
+}
+
+impl From<StoreError> for RotationError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict => RotationError::Conflict,
+            StoreError::Unavailable(m) | StoreError::Corrupt(m) => RotationError::Unavailable(m),
+        }
+    }
+}
+
+impl Authority for Follower {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+    fn trust_bundle(&self) -> watch::Receiver<SharedBundle> {
+        self.published.subscribe()
+    }
+    fn health(&self) -> Health {
+        self.inner.health()
+    }
+}
+
+#[async_trait]
+impl Signer for Follower {
+    fn mode(&self) -> &'static str {
+        self.inner.mode()
+    }
+
+    async fn sign(&self, req: &SignRequest) -> Result<IssuedChain, SignError> {
+        let issued = self.inner.sign(req).await?;
+        self.note(req, &issued);
+        Ok(issued)
+    }
+
+    /// Re-reads the backend's roots, and follows a change at once.
+    async fn refresh_trust_bundle(&self) -> bool {
+        if !self.inner.refresh_trust_bundle().await {
+            return false;
+        }
+        let before = self.published.borrow().roots().to_vec();
+        if let Err(e) = self.reconcile().await {
+            tracing::warn!(error = %e, "root rotation: following the backend's new roots failed");
+        }
+        self.published.borrow().roots() != before.as_slice()
+    }
+
+    fn signing_ca(&self) -> super::SigningCaInfo {
+        self.inner.signing_ca()
+    }
+    fn issued_under(&self, issuer: &super::IssuerRef<'_>) -> bool {
+        self.inner.issued_under(issuer)
+    }
+    fn asked_lifetime(&self, ttl: Duration) -> Duration {
+        self.inner.asked_lifetime(ttl)
+    }
+    fn root_rotation(&self) -> Option<Arc<dyn RootRotation>> {
+        let me = self.this.get()?.upgrade()?;
+        Some(Arc::new(FollowerRotation(me)))
+    }
+}
+
+/// The admin port's view: a [`Follower`] behind an `Arc`.
+pub struct FollowerRotation(pub Arc<Follower>);
+
+#[async_trait]
+impl RootRotation for FollowerRotation {
+    async fn status(&self) -> Result<RotationStatus, RotationError> {
+        let f = &self.0;
+        let mut applied = f.applied.lock().await;
+        if let Err(e) = f.refresh(&mut applied).await {
+            tracing::warn!(error = %e, "root rotation status: the shared state could not be read; showing the last applied");
+        }
+        Ok(f.status_of(&applied))
+    }
+
+    /// Starts with a root the backend offers besides the current ones (one declined
+    /// before, after an abort, if there is no other).
+    async fn start(&self, reason: &str) -> Result<RotationStatus, RotationError> {
+        let f = &self.0;
+        let mut applied = f.applied.lock().await;
+        f.refresh(&mut applied).await?;
+        let offered: Vec<CertificateDer<'static>> =
+            f.inner.trust_bundle().borrow().roots().to_vec();
+        let doc = &applied.doc;
+        let candidate = offered
+            .iter()
+            .filter(|c| !doc.current.contains(&pki::cert_pem(c)))
+            .min_by_key(|c| doc.declined.contains(&pki::cert_pem(c)))
+            .cloned();
+        let Some(root) = candidate else {
+            return Err(RotationError::Refused(format!(
+                "{} offers no root besides the current one: a rotation of its root starts by itself once the CA offers a new one (Vault: a new root issuer on the mount; AWS Private CA: the CA's new chain; or add the new root to backend.rootBundleFile). See docs/root-rotation.md",
+                f.inner.kind()
+            )));
+        };
+        let reason = if reason.is_empty() {
+            format!("started by the operator: {}", common_name(&root))
+        } else {
+            reason.to_string()
+        };
+        f.begin(&mut applied, root, &reason).await?;
+        Ok(f.status_of(&applied))
+    }
+
+    async fn step(&self, step: Step) -> Result<RotationStatus, RotationError> {
+        let f = &self.0;
+        let mut applied = f.applied.lock().await;
+        f.refresh(&mut applied).await?;
+        f.write_step(&mut applied, step).await?;
+        Ok(f.status_of(&applied))
+    }
+
+    fn transitions(&self) -> broadcast::Receiver<Transition> {
+        self.0.transitions.subscribe()
+    }
+}
