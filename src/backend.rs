@@ -146,6 +146,14 @@ pub trait Authority: Send + Sync + 'static {
 
     /// Whether the CA can be used right now (drives /readyz).
     fn health(&self) -> Health;
+
+    /// Which roots of [`Self::trust_bundle`] this CA can sign under; the others are only
+    /// trusted (a federated root, or one added to a bundle file). A new root among these
+    /// starts a rotation of the upstream root ([`follow`]); a new one among the others is
+    /// just published. `None`: it cannot tell, so every root is.
+    fn signing_roots(&self) -> Option<Vec<CertificateDer<'static>>> {
+        None
+    }
 }
 
 /// Implements [`Authority`] for a decorator by forwarding to the signer in `self.$field`.
@@ -160,6 +168,9 @@ macro_rules! forward_authority {
             }
             fn health(&self) -> $crate::backend::Health {
                 self.$field.health()
+            }
+            fn signing_roots(&self) -> Option<Vec<rustls_pki_types::CertificateDer<'static>>> {
+                self.$field.signing_roots()
             }
         }
     };

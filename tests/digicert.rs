@@ -580,3 +580,84 @@ async fn fixed_seat_days_api_key_from_env_and_configured_intermediates() {
     assert!(msg.contains("does not verify"), "{msg}");
     fake.assert_no_drift();
 }
+
+/// DigiCert decides itself which root signs, so a root added to `trustBundleFile` is
+/// published at once (a rotation starts by itself, re-read every
+/// `trustBundleRefreshInterval`), and signingNew waits for as long as leaves under the old
+/// root still come back: a CA not yet switched stalls the rotation instead of breaking
+/// workloads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_root_added_to_the_trust_bundle_is_published_and_rotated_to_only_once_digicert_signs_under_it()
+ {
+    let fake = FakeDigicert::start().await;
+    let files = Files::new(&fake);
+    let state = tempfile::tempdir().unwrap();
+    let b = Bridge::start_with(|c| {
+        files.configure(c, &fake, |d| {
+            d.trust_bundle_refresh_interval = Duration::from_secs(1);
+        });
+        c.rotation.poll_interval = Duration::from_millis(200);
+        c.rotation.state_dir = Some(state.path().to_path_buf());
+        // One validity unit (an hour): a leaf issued now outlives signingNew's own wait.
+        c.policy.max_ttl = Duration::from_secs(3600);
+        c.policy.default_ttl = Duration::from_secs(3600);
+    })
+    .await;
+    let status = || async {
+        let (code, body) = b.admin_get("/rotation").await;
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()
+    };
+    assert_eq!(status().await["phase"], "idle");
+    let roots = |pem: &str| pki::parse_certs_pem(pem.as_bytes()).unwrap();
+    let root_a = roots(&fake.root_pem).remove(0);
+    assert_eq!(roots(&b.root_pem()), std::slice::from_ref(&root_a));
+
+    let new_root = istio_ca_bridge::testing::aws::other_root("DigiCert Test Root B");
+    let root_b = roots(&new_root).remove(0);
+    write(
+        files.dir.path(),
+        "roots.pem",
+        &format!("{}{new_root}", fake.root_pem),
+    );
+    let start = Instant::now();
+    while status().await["phase"] != "publishing" {
+        assert!(start.elapsed() < Duration::from_secs(10), "not followed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        status().await["reason"]
+            .as_str()
+            .unwrap()
+            .contains("digicert offers a new root: DigiCert Test Root B")
+    );
+    // Published everywhere the roots go, while DigiCert still signs under A.
+    assert_eq!(roots(&b.root_pem()), [root_a.clone(), root_b.clone()]);
+    let chain = issue(&b, "app", KeyType::EcdsaP256, CsrShape::IstioAgent)
+        .await
+        .unwrap();
+    assert_eq!(roots(chain.last().unwrap()), [root_a.clone(), root_b]);
+
+    // The operator skips publishing's wait; DigiCert has not been switched.
+    let (code, body) = b.admin_post("/rotation/advance?force=true").await;
+    assert_eq!(code, 200, "{body}");
+    let next_phase_at = |st: &serde_json::Value| {
+        pki::unix_secs(std::time::SystemTime::now()) + st["nextPhaseInSeconds"].as_i64().unwrap()
+    };
+    let before = next_phase_at(&status().await);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let chain = issue(&b, "app", KeyType::EcdsaP256, CsrShape::IstioAgent)
+        .await
+        .unwrap();
+    let leaf = pki::parse_certs_pem(chain[0].as_bytes()).unwrap().remove(0);
+    let not_after = pki::cert_info(&leaf).unwrap().not_after;
+    // That leaf is still under A: signingNew now waits until it has expired.
+    let st = status().await;
+    assert_eq!(st["phase"], "signingNew");
+    let after = next_phase_at(&st);
+    assert!(after > before + 1, "{before} -> {after}");
+    assert!(after >= not_after, "{st}");
+    let (code, body) = b.admin_post("/rotation/advance").await;
+    assert_eq!(code, 409, "{body}");
+    b.shutdown().await.unwrap();
+}

@@ -63,7 +63,13 @@ async fn istio_csrs_are_signed_by_the_openbao_role_and_verify_to_its_root() {
         "{msg}"
     );
 
-    let b = vault_bridge(backend).await;
+    // The bundle follows the CA as it changes, with no rotation phases (part 2 below;
+    // tests/upstream_rotation.rs runs the phases).
+    let b = Bridge::start_with(move |cfg| {
+        cfg.backend = BackendConfig::Vault(backend);
+        cfg.rotation.follow_upstream = false;
+    })
+    .await;
 
     // The trust bundle is the OpenBao root, read from pki_int's CA chain.
     let bundle = pki::parse_certs_pem(b.root_pem().as_bytes()).unwrap();
@@ -458,8 +464,8 @@ async fn istio_csrs_are_signed_by_the_openbao_role_and_verify_to_its_root() {
     }
     b4.shutdown().await.unwrap();
 
-    // 2: the root rotates in OpenBao (a new root in `pki`, a new intermediate in
-    // `pki_int` signed by it and made the default issuer). The first certificate from the
+    // 2 (rotation.followUpstream: false): the root rotates in OpenBao (a new root in `pki`,
+    // a new intermediate in `pki_int` signed by it and made the default issuer). The first certificate from the
     // new chain does not verify against the old bundle, so the bridge re-reads the roots
     // at once instead of waiting for the refresh interval (b refreshes every 5 minutes).
     let new_root = bao
@@ -514,7 +520,9 @@ async fn istio_csrs_are_signed_by_the_openbao_role_and_verify_to_its_root() {
     )
     .await
     .unwrap();
-    assert_eq!(roots(&b), vec![der(&new_root_pem)]);
+    // The default issuer's root first; A stays trusted while an issuer under it remains
+    // on the mount (every issuer's root is read).
+    assert_eq!(roots(&b), vec![der(&new_root_pem), der(&bao.root_pem)]);
     assert_eq!(chain[2], b.root_pem());
     b.shutdown().await.unwrap();
     eprintln!("signing test took {:?}", t0.elapsed());

@@ -63,6 +63,8 @@ impl Plugin for DigicertConfig {
     async fn build(&self, ctx: &BuildContext) -> Result<Arc<dyn Signer>, BuildError> {
         let d = Digicert::connect(self, ctx.metrics.clone())
             .map_err(|e| BuildError::new("DigiCert", e))?;
-        Ok(Arc::new(d))
+        let d = Arc::new(d);
+        signer::spawn_bundle_refresh(Arc::downgrade(&d), self.trust_bundle_refresh_interval);
+        Ok(d)
     }
 }

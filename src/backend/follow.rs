@@ -1,6 +1,6 @@
 //! Rotation of a remote backend's root: when the enterprise CA offers a new root (Vault: a
 //! new root issuer on the mount; AWS Private CA: a new root at the top of the CA's chain; a
-//! root added to `backend.rootBundleFile` or to DigiCert's trust bundle), [`Follower`] takes
+//! root added to AWS's `extraRootsFile` or to DigiCert's `trustBundleFile`), [`Follower`] takes
 //! the mesh to it through the phases of [`crate::rotation`], as the local CA does with a
 //! root it generates:
 //! - **publishing**: the bundle is old + new; leaves are still signed under the old root
@@ -23,7 +23,6 @@
 //! `rotation.stateDir`, or memory. Every write names the version it was computed from, so of
 //! several replicas exactly one makes each transition.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, SystemTime};
@@ -31,7 +30,6 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use rustls_pki_types::CertificateDer;
-use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, broadcast, watch};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
@@ -47,175 +45,12 @@ use crate::rotation::{
 };
 use crate::trust::{SharedBundle, TrustBundle};
 
+mod store;
+pub use store::{FileRootsStore, MemoryRootsStore, RootsDocument, RootsStore, StoredRoots};
+
 /// Roots no longer followed by themselves (retired, or an aborted rotation's), kept so
 /// that a CA still offering them does not start a rotation again.
 const DECLINED: usize = 16;
-
-/// What the replicas share about the upstream's roots (PEM certificates).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RootsDocument {
-    /// The first signs outside a rotation (A during one); the others are further roots the
-    /// CA offers, published throughout.
-    pub current: Vec<String>,
-    /// The root a rotation moves to (B).
-    #[serde(default)]
-    pub next: Option<String>,
-    #[serde(default)]
-    pub declined: Vec<String>,
-    pub rotation: RotationState,
-}
-
-/// A document as read, with the version a write must name.
-#[derive(Debug, Clone)]
-pub struct StoredRoots {
-    pub doc: RootsDocument,
-    pub version: String,
-}
-
-/// Where the replicas keep a [`RootsDocument`].
-#[async_trait]
-pub trait RootsStore: Send + Sync {
-    fn describe(&self) -> String;
-    async fn load(&self) -> Result<Option<StoredRoots>, StoreError>;
-    /// Creates the state; [`StoreError::Conflict`] if it exists.
-    async fn create(&self, doc: &RootsDocument) -> Result<StoredRoots, StoreError>;
-    /// Replaces the state read at `version`; [`StoreError::Conflict`] if it changed since.
-    async fn replace(&self, doc: &RootsDocument, version: &str) -> Result<StoredRoots, StoreError>;
-}
-
-/// One process's memory: no replica shares it and a restart forgets the phase (the
-/// bridge warns at start). For a bridge without Kubernetes or `rotation.stateDir`.
-#[derive(Default)]
-pub struct MemoryRootsStore(std::sync::Mutex<Option<(RootsDocument, u64)>>);
-
-#[async_trait]
-impl RootsStore for MemoryRootsStore {
-    fn describe(&self) -> String {
-        "memory (set rotation.stateDir to keep it across restarts)".into()
-    }
-    async fn load(&self) -> Result<Option<StoredRoots>, StoreError> {
-        Ok(self
-            .0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .map(|(doc, g)| StoredRoots {
-                doc: doc.clone(),
-                version: g.to_string(),
-            }))
-    }
-    async fn create(&self, doc: &RootsDocument) -> Result<StoredRoots, StoreError> {
-        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if g.is_some() {
-            return Err(StoreError::Conflict);
-        }
-        *g = Some((doc.clone(), 0));
-        Ok(StoredRoots {
-            doc: doc.clone(),
-            version: "0".into(),
-        })
-    }
-    async fn replace(&self, doc: &RootsDocument, version: &str) -> Result<StoredRoots, StoreError> {
-        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let now = g.as_ref().map(|(_, v)| v.to_string());
-        if now.as_deref() != Some(version) {
-            return Err(StoreError::Conflict);
-        }
-        let next = version.parse::<u64>().unwrap_or(0) + 1;
-        *g = Some((doc.clone(), next));
-        Ok(StoredRoots {
-            doc: doc.clone(),
-            version: next.to_string(),
-        })
-    }
-}
-
-/// `upstream-roots.json` in `rotation.stateDir`, with a generation number, written under an
-/// exclusive lock (replicas on one machine share it).
-pub struct FileRootsStore {
-    dir: PathBuf,
-}
-
-#[derive(Serialize, Deserialize)]
-struct RootsFile {
-    generation: u64,
-    document: RootsDocument,
-}
-
-const ROOTS_FILE: &str = "upstream-roots.json";
-
-impl FileRootsStore {
-    pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into() }
-    }
-
-    fn lock(&self) -> Result<std::fs::File, StoreError> {
-        let unavailable = |e: String| StoreError::Unavailable(format!("{}: {e}", self.describe()));
-        super::local::create_private_dir(&self.dir).map_err(|e| unavailable(e.to_string()))?;
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(self.dir.join(".upstream-roots.lock"))
-            .map_err(|e| unavailable(e.to_string()))?;
-        f.lock().map_err(|e| unavailable(format!("locking: {e}")))?;
-        Ok(f)
-    }
-
-    fn read(&self) -> Result<Option<RootsFile>, StoreError> {
-        let path = self.dir.join(ROOTS_FILE);
-        match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b)
-                .map(Some)
-                .map_err(|e| StoreError::Corrupt(format!("{}: {e}", path.display()))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(StoreError::Unavailable(format!("{}: {e}", path.display()))),
-        }
-    }
-
-    fn write(&self, doc: &RootsDocument, generation: u64) -> Result<StoredRoots, StoreError> {
-        let f = RootsFile {
-            generation,
-            document: doc.clone(),
-        };
-        let json = serde_json::to_vec_pretty(&f).expect("serializable");
-        super::local::write_file(&self.dir.join(ROOTS_FILE), &json, 0o600)
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        Ok(StoredRoots {
-            doc: doc.clone(),
-            version: generation.to_string(),
-        })
-    }
-}
-
-#[async_trait]
-impl RootsStore for FileRootsStore {
-    fn describe(&self) -> String {
-        format!("{}", self.dir.join(ROOTS_FILE).display())
-    }
-    async fn load(&self) -> Result<Option<StoredRoots>, StoreError> {
-        Ok(self.read()?.map(|f| StoredRoots {
-            doc: f.document,
-            version: f.generation.to_string(),
-        }))
-    }
-    async fn create(&self, doc: &RootsDocument) -> Result<StoredRoots, StoreError> {
-        let _lock = self.lock()?;
-        if self.read()?.is_some() {
-            return Err(StoreError::Conflict);
-        }
-        self.write(doc, 0)
-    }
-    async fn replace(&self, doc: &RootsDocument, version: &str) -> Result<StoredRoots, StoreError> {
-        let _lock = self.lock()?;
-        let now = self.read()?.map(|f| f.generation.to_string());
-        if now.as_deref() != Some(version) {
-            return Err(StoreError::Conflict);
-        }
-        self.write(doc, version.parse::<u64>().unwrap_or(0) + 1)
-    }
-}
 
 fn der_of(pem: &str) -> Option<CertificateDer<'static>> {
     pki::parse_certs_pem(pem.as_bytes())
@@ -342,14 +177,13 @@ impl Follower {
         let stored = match store.load().await.map_err(unavailable)? {
             Some(s) => s,
             None => {
+                // The root the backend signs under first: it is the current one.
+                let mut roots = inner.trust_bundle().borrow().roots().to_vec();
+                if let Some(signing) = inner.signing_roots() {
+                    roots.sort_by_key(|r| !signing.contains(r));
+                }
                 let doc = RootsDocument {
-                    current: inner
-                        .trust_bundle()
-                        .borrow()
-                        .roots()
-                        .iter()
-                        .map(|c| pki::cert_pem(c))
-                        .collect(),
+                    current: roots.iter().map(|c| pki::cert_pem(c)).collect(),
                     ..Default::default()
                 };
                 match store.create(&doc).await {
@@ -453,25 +287,33 @@ impl Follower {
         if doc.rotation.in_progress() {
             return Ok(());
         }
-        if let Some(b) = offered.iter().find(|c| !known(c) && !declined(c)) {
+        let signing = self.inner.signing_roots();
+        let can_sign =
+            |c: &CertificateDer<'_>| signing.as_ref().is_none_or(|s| s.iter().any(|r| r == c));
+        let fresh: Vec<&CertificateDer<'static>> = offered
+            .iter()
+            .filter(|c| !known(c) && !declined(c))
+            .collect();
+        if let Some(b) = fresh.iter().find(|c| can_sign(c)) {
             let reason = format!(
                 "{} offers a new root: {}",
                 self.inner.kind(),
                 common_name(b)
             );
-            return self.begin(&mut applied, b.clone(), &reason).await;
+            return self.begin(&mut applied, (*b).clone(), &reason).await;
         }
-        // A further root the backend no longer offers is no longer published.
+        // A root the backend only trusts (one it cannot sign under) is published at once,
+        // and one it no longer offers is no longer published.
         let mut next = doc.clone();
         let offered_pem: Vec<String> = offered.iter().map(|c| pki::cert_pem(c)).collect();
         let first = next.current.first().cloned();
         next.current
             .retain(|p| Some(p) == first.as_ref() || offered_pem.contains(p));
+        for c in &fresh {
+            tracing::info!(backend = self.inner.kind(), root = %common_name(c), "the backend offers a further root it does not sign under; publishing it alongside");
+            next.current.push(pki::cert_pem(c));
+        }
         if next.current != doc.current {
-            tracing::warn!(
-                backend = self.inner.kind(),
-                "the backend no longer offers a root besides the signing one; it is no longer published"
-            );
             return self.write(&mut applied, next).await;
         }
         if first.is_some_and(|f| !offered_pem.contains(&f)) {
@@ -791,7 +633,7 @@ impl RootRotation for FollowerRotation {
             .cloned();
         let Some(root) = candidate else {
             return Err(RotationError::Refused(format!(
-                "{} offers no root besides the current one: a rotation of its root starts by itself once the CA offers a new one (Vault: a new root issuer on the mount; AWS Private CA: the CA's new chain; or add the new root to backend.rootBundleFile). See docs/root-rotation.md",
+                "{} offers no root besides the current one: a rotation of its root starts by itself once the CA offers a new one (Vault: a new root issuer on the mount; AWS Private CA: the CA's new chain or extraRootsFile; DigiCert: trustBundleFile). See docs/root-rotation.md",
                 f.inner.kind()
             )));
         };

@@ -164,6 +164,13 @@ impl Bridge {
         (resp.status().as_u16(), resp.text().await.unwrap())
     }
 
+    /// POST on the admin port (a rotation step, from loopback): (status, body).
+    pub async fn admin_post(&self, path: &str) -> (u16, String) {
+        let url = format!("http://{}{}", self.admin, path);
+        let resp = reqwest::Client::new().post(&url).send().await.unwrap();
+        (resp.status().as_u16(), resp.text().await.unwrap())
+    }
+
     /// Signals shutdown and waits for `App::run` to return its result.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
         self.begin_shutdown();

@@ -605,7 +605,8 @@ def expected_grants(eff):
     server-side apply of the root ConfigMap (PATCH, authorized as `create` too, with the name,
     when it creates the object); the Lease get / create (POST: no name to restrict) / replace;
     istiod-tls get + server-side apply; the shared local CA's Secret (Config::shared_local_ca:
-    local backend without CA files, authn.kubernetes, caSecret.enabled) get / create (POST: no
+    local backend without CA files, authn.kubernetes, caSecret.enabled; or a remote backend whose
+    roots are followed, Config::upstream_rotation_secret) get / create (POST: no
     name) / replace (PUT: `update`), in caSecret.namespace or else leaderElection.namespace; the
     ClusterTrustBundle get / create (not restricted by name) / server-side apply, plus `attest`
     on its signer, which the API server requires to write a bundle naming that signer."""
@@ -624,7 +625,10 @@ def expected_grants(eff):
     if ic["enabled"]:
         want |= {(ic["namespace"], "", "secrets", ic["secretName"], v) for v in ("get", "create", "patch")}
     cs, ctb, be = k["caSecret"], k["clusterTrustBundle"], eff["backend"]
-    if be["type"] == "local" and be["caCertFile"] is None and cs["enabled"]:
+    shared_local = be["type"] == "local" and be["caCertFile"] is None
+    # Config::upstream_rotation_secret: a remote backend's rotation state (upstream-roots.json).
+    follows_upstream = be["type"] != "local" and eff["rotation"]["followUpstream"]
+    if (shared_local or follows_upstream) and cs["enabled"]:
         ns = cs["namespace"] or le["namespace"]
         want.add((ns, "", "secrets", None, "create"))
         want |= {(ns, "", "secrets", cs["name"], v) for v in ("get", "update")}
@@ -753,8 +757,12 @@ def check_rbac(chart):
         ("own CA files (config.backend.caCertFile): no CA Secret grants",
          cfg(backend={"type": "local", "caCertFile": "/etc/extra/ca.pem", "caKeyFile": "/etc/extra/ca.key"}),
          tr | pods | roots() | istiod() | lease()),
-        ("a remote backend (Vault): no CA Secret grants",
+        ("a remote backend (Vault): the CA Secret holds its rotation state",
          {**on, "backends": {"vault": {"authSecret": {"name": "vault-token"}}}, "config": {"backend": {**VAULT_TOKEN}}},
+         tr | pods | roots() | istiod() | lease() | ca()),
+        ("a remote backend not followed through rotations: no CA Secret grants",
+         {**on, "backends": {"vault": {"authSecret": {"name": "vault-token"}}},
+          "config": {"backend": {**VAULT_TOKEN}, "rotation": {"followUpstream": False}}},
          tr | pods | roots() | istiod() | lease()),
         ("renamed objects, istiod and the Lease elsewhere (the CA Secret follows the Lease)",
          cfg(kubernetes={"rootConfigMap": {"name": "mesh-roots"}, "istiodCert": {"namespace": "istiod-ns", "secretName": "istiod-cert"},

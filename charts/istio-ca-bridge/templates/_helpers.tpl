@@ -539,8 +539,11 @@ owns (mounted Secrets, the state dir) and the default serving-cert names.
 {{- /* A generated local root is kept in one Secret every replica shares (unless switched off):
      its namespace (the Lease's, as the bridge defaults it) and name (<fullname>-ca, so two
      releases never share a root by accident; istio-ca-bridge-ca, the bridge's own default,
-     for the default release name) written out. */}}
-{{- if and (eq (include "istio-ca-bridge.backendType" .) "local") (not $backend.caCertFile) }}
+     for the default release name) written out. A remote backend followed through root
+     rotations (rotation.followUpstream, default true) keeps its rotation state there. */}}
+{{- $isLocal := eq (include "istio-ca-bridge.backendType" .) "local" }}
+{{- $followsUpstream := and (not $isLocal) (ne (toString (dig "rotation" "followUpstream" true $cfg)) "false") }}
+{{- if or (and $isLocal (not $backend.caCertFile)) $followsUpstream }}
 {{- $cs := $k.caSecret | default dict }}
 {{- if or (not (hasKey $cs "enabled")) $cs.enabled }}
 {{- $_ := set $k "caSecret" $cs }}
@@ -578,7 +581,11 @@ and names; RBAC is derived from it (templates/rbac.yaml), so the two cannot disa
 {{- $bundle := and $on ($ctb.enabled | default false) }}
 {{- /* The bridge's Config::shared_local_ca: local backend without CA files, authn.kubernetes
      set, kubernetes.caSecret.enabled (default true). */}}
-{{- $caSecret := and $on (eq (toString $be.type) "local") (not $be.caCertFile) (ne (toString (dig "enabled" true $cs)) "false") }}
+{{- $csOn := ne (toString (dig "enabled" true $cs)) "false" }}
+{{- /* Config::upstream_rotation_secret: a remote backend whose roots are followed through
+     rotations (rotation.followUpstream, default true) keeps that state in the same Secret. */}}
+{{- $follows := and (ne (toString $be.type) "local") (ne (toString (dig "rotation" "followUpstream" true $cfg)) "false") }}
+{{- $caSecret := and $on $csOn (or (and (eq (toString $be.type) "local") (not $be.caCertFile)) $follows) }}
 {{- toYaml (dict
   "tokenReview" $on
   "pods" (and $on (not (empty $nodeAccounts)))

@@ -58,6 +58,8 @@ const IN_PROGRESS: Polling = Polling {
 /// The CA's own certificate facts, from the last bundle refresh.
 struct CaState {
     bundle: watch::Sender<SharedBundle>,
+    /// The self-signed roots of the CA's own chain (`extraRootsFile`'s are only trusted).
+    chain_roots: arc_swap::ArcSwap<Vec<CertificateDer<'static>>>,
     not_after: Mutex<Option<i64>>,
 }
 
@@ -95,7 +97,7 @@ impl AwsPca {
                 .await
                 .map_err(AwsPcaError::Api)?,
         };
-        let (bundle, not_after) = fetch_bundle(client.as_ref(), cfg).await?;
+        let (bundle, chain_roots, not_after) = fetch_bundle(client.as_ref(), cfg).await?;
         tracing::info!(
             ca = %cfg.ca_arn,
             signing_algorithm,
@@ -110,6 +112,7 @@ impl AwsPca {
             signing_algorithm,
             ca: CaState {
                 bundle: tx,
+                chain_roots: arc_swap::ArcSwap::from_pointee(chain_roots),
                 not_after: Mutex::new(Some(not_after)),
             },
             metrics,
@@ -180,8 +183,10 @@ impl AwsPca {
     }
 
     async fn refresh_bundle(&self) -> Result<(), AwsPcaError> {
-        let (bundle, not_after) = fetch_bundle(self.client.as_ref(), &self.cfg).await?;
+        let (bundle, chain_roots, not_after) =
+            fetch_bundle(self.client.as_ref(), &self.cfg).await?;
         *self.ca.not_after.lock().expect("lock") = Some(not_after);
+        self.ca.chain_roots.store(Arc::new(chain_roots));
         let changed = {
             let cur = self.ca.bundle.borrow();
             cur.roots() != bundle.roots()
@@ -194,11 +199,12 @@ impl AwsPca {
 }
 
 /// Reads the CA certificate and its chain; roots (self-signed) plus the extra roots file
-/// form the bundle. Returns the bundle and the CA certificate's NotAfter.
+/// form the bundle. Returns the bundle, the chain's own roots and the CA certificate's
+/// NotAfter.
 async fn fetch_bundle(
     client: &dyn PcaClient,
     cfg: &AwsPcaConfig,
-) -> Result<(TrustBundle, i64), AwsPcaError> {
+) -> Result<(TrustBundle, Vec<CertificateDer<'static>>, i64), AwsPcaError> {
     let out = client
         .ca_certificate(&cfg.ca_arn)
         .await
@@ -218,6 +224,7 @@ async fn fetch_bundle(
             roots.push(c);
         }
     }
+    let chain_roots = roots.clone();
     if let Some(path) = &cfg.extra_roots_file {
         let extra_roots = |message: String| AwsPcaError::ExtraRoots {
             path: path.clone(),
@@ -232,7 +239,7 @@ async fn fetch_bundle(
         ));
     }
     let bundle = TrustBundle::new(roots).map_err(bad)?;
-    Ok((bundle, ca_info.not_after))
+    Ok((bundle, chain_roots, ca_info.not_after))
 }
 
 fn spawn_refresh(me: Weak<AwsPca>, every: Duration) {
@@ -253,6 +260,9 @@ impl Authority for AwsPca {
     }
     fn trust_bundle(&self) -> watch::Receiver<SharedBundle> {
         self.ca.bundle.subscribe()
+    }
+    fn signing_roots(&self) -> Option<Vec<CertificateDer<'static>>> {
+        Some(self.ca.chain_roots.load().to_vec())
     }
     fn health(&self) -> Health {
         match *self.ca.not_after.lock().expect("lock") {

@@ -42,6 +42,10 @@ pub struct DigicertConfig {
     /// Roots (PEM) the issued chains must chain to: the trust bundle handed to workloads.
     #[serde(deserialize_with = "empty_as_none")]
     pub trust_bundle_file: Option<PathBuf>,
+    /// How often `trustBundleFile` is re-read: a root added there is published (and, with
+    /// `rotation.followUpstream`, starts a root rotation; docs/root-rotation.md).
+    #[serde(with = "humantime_serde")]
+    pub trust_bundle_refresh_interval: Duration,
     /// Intermediates (PEM) appended when DigiCert's answer lacks the ones linking the leaf
     /// to a root of `trustBundleFile`.
     #[serde(deserialize_with = "empty_as_none")]
@@ -63,6 +67,7 @@ impl Default for DigicertConfig {
             rate_limit: 10.0,
             rate_burst: 20,
             trust_bundle_file: None,
+            trust_bundle_refresh_interval: Duration::from_secs(60),
             intermediates_file: None,
         }
     }
@@ -218,6 +223,12 @@ impl DigicertConfig {
                 "required: the root(s) DigiCert's chains must chain to",
             );
         }
+        p.at_least(
+            "trustBundleRefreshInterval",
+            self.trust_bundle_refresh_interval,
+            Duration::from_secs(1),
+            "1s",
+        );
         p.below_request_timeout("requestTimeout", self.request_timeout, shared);
         p.into_vec()
     }

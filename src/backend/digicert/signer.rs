@@ -32,7 +32,7 @@ pub struct Digicert {
     bucket: TokenBucket,
     bundle: watch::Sender<SharedBundle>,
     /// Raw subjects of the trust bundle's roots (chain layout stops at one of them).
-    root_subjects: Vec<Vec<u8>>,
+    root_subjects: arc_swap::ArcSwap<Vec<Vec<u8>>>,
     intermediates: Vec<CertificateDer<'static>>,
     issuing_ca_not_after: AtomicI64,
     metrics: Arc<Metrics>,
@@ -48,13 +48,7 @@ impl Digicert {
             .trust_bundle_file
             .as_deref()
             .ok_or_else(|| DigicertError::Config("backend.trustBundleFile is required".into()))?;
-        let text = std::fs::read(bundle_path).map_err(|e| file_err(bundle_path, e))?;
-        let bundle = TrustBundle::from_pem(&text).map_err(|e| file_err(bundle_path, e))?;
-        let mut root_subjects = Vec::new();
-        for r in bundle.roots() {
-            let (_, c) = parse_x509_certificate(r).map_err(|e| file_err(bundle_path, e))?;
-            root_subjects.push(c.subject().as_raw().to_vec());
-        }
+        let (bundle, root_subjects) = read_bundle(bundle_path)?;
         let intermediates = match &cfg.intermediates_file {
             Some(p) => {
                 let text = std::fs::read(p).map_err(|e| file_err(p, e))?;
@@ -68,7 +62,7 @@ impl Digicert {
             bucket: TokenBucket::new(cfg.rate_limit, cfg.rate_burst),
             cfg: cfg.clone(),
             bundle: watch::channel(Arc::new(bundle)).0,
-            root_subjects,
+            root_subjects: arc_swap::ArcSwap::from_pointee(root_subjects),
             intermediates,
             issuing_ca_not_after: AtomicI64::new(0),
             metrics,
@@ -180,7 +174,7 @@ impl Digicert {
         let mut issuer = leaf.issuer().as_raw().to_vec();
         // Bounded: a chain longer than this is not a chain.
         for _ in 0..8 {
-            if self.root_subjects.contains(&issuer) {
+            if self.root_subjects.load().contains(&issuer) {
                 break;
             }
             let next = candidates.iter().find_map(|c| {
@@ -206,6 +200,52 @@ impl Digicert {
         }
         Ok(IssuedChain::new(answer.leaf.clone(), links))
     }
+}
+
+/// The trust bundle file's roots, and their raw subjects.
+fn read_bundle(path: &std::path::Path) -> Result<(TrustBundle, Vec<Vec<u8>>), DigicertError> {
+    let text = std::fs::read(path).map_err(|e| file_err(path, e))?;
+    let bundle = TrustBundle::from_pem(&text).map_err(|e| file_err(path, e))?;
+    let mut subjects = Vec::new();
+    for r in bundle.roots() {
+        let (_, c) = parse_x509_certificate(r).map_err(|e| file_err(path, e))?;
+        subjects.push(c.subject().as_raw().to_vec());
+    }
+    Ok((bundle, subjects))
+}
+
+impl Digicert {
+    /// Re-reads `trustBundleFile`; publishes its roots if they changed (true). A file that
+    /// does not parse changes nothing.
+    fn reload_bundle(&self) -> Result<bool, DigicertError> {
+        let path = self
+            .cfg
+            .trust_bundle_file
+            .as_deref()
+            .expect("checked at connect");
+        let (bundle, subjects) = read_bundle(path)?;
+        if bundle.roots() == self.bundle.borrow().roots() {
+            return Ok(false);
+        }
+        tracing::info!(backend = KIND, roots = bundle.roots().len(), file = %path.display(), "trust bundle changed");
+        self.root_subjects.store(Arc::new(subjects));
+        self.bundle.send_replace(Arc::new(bundle));
+        Ok(true)
+    }
+}
+
+/// Re-reads the trust bundle file every `trustBundleRefreshInterval`, for as long as the
+/// backend lives.
+pub(super) fn spawn_bundle_refresh(me: Weak<Digicert>, every: Duration) {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            let Some(d) = me.upgrade() else { return };
+            if let Err(e) = d.reload_bundle() {
+                tracing::warn!(backend = KIND, error = %e, "re-reading the trust bundle failed; keeping the current roots");
+            }
+        }
+    });
 }
 
 fn spawn_denied_probe(client: Weak<Client>, timeout: Duration) {
@@ -247,6 +287,16 @@ impl Signer for Digicert {
         self.client.set_denied(None);
         let issued = self.chain(&pem)?;
         Ok(issued)
+    }
+
+    async fn refresh_trust_bundle(&self) -> bool {
+        match self.reload_bundle() {
+            Ok(changed) => changed,
+            Err(e) => {
+                tracing::warn!(backend = KIND, error = %e, "re-reading the trust bundle failed; keeping the current roots");
+                false
+            }
+        }
     }
 
     /// Whole validity units, rounded down, at least one: a TTL under one unit is asked

@@ -102,6 +102,9 @@ impl Authority for IntermediateSigner {
     fn trust_bundle(&self) -> watch::Receiver<SharedBundle> {
         self.inner.upstream.trust_bundle()
     }
+    fn signing_roots(&self) -> Option<Vec<rustls_pki_types::CertificateDer<'static>>> {
+        self.inner.upstream.signing_roots()
+    }
     fn health(&self) -> Health {
         let g = self.inner.current.load();
         let left = g.remaining(now_secs());

@@ -128,6 +128,9 @@ impl Authority for LazyUpstream {
     fn trust_bundle(&self) -> watch::Receiver<SharedBundle> {
         self.bundle.subscribe()
     }
+    fn signing_roots(&self) -> Option<Vec<rustls_pki_types::CertificateDer<'static>>> {
+        self.inner.get().and_then(|up| up.signing_roots())
+    }
     fn health(&self) -> Health {
         match self.inner.get() {
             Some(up) => up.health(),

@@ -162,6 +162,14 @@ impl Shared {
         self.bundle.subscribe()
     }
 
+    /// The roots an issuer of the mount (or `issuerRef`) signs under; `rootBundleFile`'s
+    /// other roots are only trusted.
+    pub(super) fn signing_roots(&self) -> Option<Vec<CertificateDer<'static>>> {
+        let issuers = self.issuers.load();
+        (self.conn.cfg.roots_from_mount && !issuers.is_empty())
+            .then(|| issuers.iter().map(|(r, _)| r.clone()).collect())
+    }
+
     pub(super) fn health(&self) -> Health {
         let h = self.health.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(m) = &h.login {
@@ -405,7 +413,9 @@ async fn fetch_roots(
             }
             Some(r) => {
                 let i = read_issuer(conn, token, r).await?;
-                add_roots(i.chain_pem.as_bytes(), &mut roots)?;
+                if let Some(root) = add_roots(i.chain_pem.as_bytes(), &mut roots)? {
+                    issuers.push((root, r.clone()));
+                }
             }
         }
         if roots.is_empty() && cfg.root_bundle_file.is_none() {

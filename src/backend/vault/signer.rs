@@ -469,8 +469,11 @@ impl Signer for VaultSigner {
         &self,
         choice: tokio::sync::watch::Receiver<crate::backend::RootChoice>,
     ) -> bool {
+        if !self.can_choose_root() {
+            return false;
+        }
         let _ = self.choice.set(choice);
-        self.can_choose_root()
+        true
     }
 }
 
