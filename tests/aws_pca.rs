@@ -361,3 +361,65 @@ async fn token_bucket_holds_the_configured_rate_under_a_burst() {
     );
     b.shutdown().await.unwrap();
 }
+
+/// Rotating an AWS Private CA's root means a new CA: the operator publishes the new CA's
+/// root first (`extraRootsFile`: trusted only, no phases), then points `caArn` at the new
+/// CA. The bridge, restarted on the same `rotation.stateDir`, sees the CA sign under a
+/// root already published and rotates to it through the phases, A staying trusted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_ca_whose_root_was_published_first_is_rotated_to() {
+    aws_test_env();
+    let moto = Moto::start().await;
+    let (arn_a, root_a) = create_root_ca(&moto.url).await;
+    let (arn_b, root_b) = create_root_ca(&moto.url).await;
+    let dir = tempfile::tempdir().unwrap();
+    let extra = dir.path().join("extra-roots.pem");
+    std::fs::write(&extra, &root_b).unwrap();
+    let state = dir.path().join("state");
+    let start = |arn: String| {
+        let (extra, state, url) = (extra.clone(), state.clone(), moto.url.clone());
+        Bridge::start_with(move |c| {
+            aws_backend(c, &arn, &url, |a| a.extra_roots_file = Some(extra));
+            c.rotation.state_dir = Some(state);
+        })
+    };
+    let der = |pem: &str| pki::parse_certs_pem(pem.as_bytes()).unwrap().remove(0);
+    let roots = |b: &Bridge| pki::parse_certs_pem(b.root_pem().as_bytes()).unwrap();
+    let status = async |b: &Bridge| {
+        let (code, body) = b.admin_get("/rotation").await;
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()
+    };
+
+    // B is only trusted: published at once, no rotation.
+    let b = start(arn_a).await;
+    assert_eq!(roots(&b), [der(&root_a), der(&root_b)]);
+    assert_eq!(status(&b).await["phase"], "idle");
+    b.shutdown().await.unwrap();
+
+    // caArn now names B's CA.
+    let b = start(arn_b).await;
+    let st = status(&b).await;
+    assert_eq!(st["phase"], "publishing", "{st}");
+    assert!(
+        st["reason"].as_str().unwrap().contains("now signs under"),
+        "{st}"
+    );
+    assert_eq!(roots(&b), [der(&root_a), der(&root_b)], "A stays trusted");
+    let mut client = b.client().await;
+    let token = b.issuer.token("default", "app");
+    let (_, csr) = csr_for(
+        &spiffe("default", "app"),
+        KeyType::EcdsaP256,
+        CsrShape::Ztunnel,
+    );
+    let chain = call(&mut client, request(csr, Some(&token), 3600))
+        .await
+        .unwrap()
+        .cert_chain;
+    assert_eq!(
+        pki::parse_certs_pem(chain.last().unwrap().as_bytes()).unwrap(),
+        [der(&root_a), der(&root_b)]
+    );
+    b.shutdown().await.unwrap();
+}

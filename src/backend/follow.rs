@@ -294,6 +294,21 @@ impl Follower {
             .iter()
             .filter(|c| !known(c) && !declined(c))
             .collect();
+        // The CA was switched (AWS: a new caArn; Vault: a new issuerRef) to a root already
+        // published beside the current one: rotate to it.
+        let current: Vec<CertificateDer<'static>> =
+            doc.current.iter().filter_map(|p| der_of(p)).collect();
+        if signing.is_some()
+            && current.first().is_some_and(|a| !can_sign(a))
+            && let Some(b) = current.iter().skip(1).find(|c| can_sign(c))
+        {
+            let reason = format!(
+                "{} now signs under {}, a root published beside the current one",
+                self.inner.kind(),
+                common_name(b)
+            );
+            return self.begin(&mut applied, b.clone(), &reason).await;
+        }
         if let Some(b) = fresh.iter().find(|c| can_sign(c)) {
             let reason = format!(
                 "{} offers a new root: {}",
