@@ -482,3 +482,77 @@ async fn a_restarted_bridge_resumes_and_waits_are_not_skipped_unless_forced() {
     assert_eq!(root_names(&b.root_pem()), [ROOT_B]);
     b.shutdown().await.unwrap();
 }
+
+/// With `authn.kubernetes`, the replicas share the upstream rotation in the CA Secret
+/// (key `upstream-roots.json`, on the fake Kubernetes API): one document, one writer per
+/// transition, and a replica started later joins the phase.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_the_upstream_rotation_in_the_ca_secret() {
+    use istio_ca_bridge::testing::fake_kube::*;
+    let (bao, _secrets, backend) = openbao(false).await;
+    let fake = FakeKube::start_new().await;
+    fake.put_namespace("istio-system");
+    let kdir = tempfile::tempdir().unwrap();
+    let kc = cluster(&fake, kdir.path(), "Kubernetes", None);
+    let edit = |c: &mut Config| {
+        c.backend = BackendConfig::Vault(backend.clone());
+        kube_config(c, vec![kc.clone()]);
+        c.rotation.poll_interval = Duration::from_millis(200);
+    };
+    let a = Bridge::start_with(edit).await;
+    let stored = || {
+        let s = fake
+            .secret("istio-system", "istio-ca-bridge-ca")
+            .expect("the CA Secret");
+        let raw = base64::Engine::decode(
+            &base64::engine::general_purpose::STANDARD,
+            s["data"]["upstream-roots.json"].as_str().expect("the key"),
+        )
+        .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&raw).unwrap()
+    };
+    let doc = stored();
+    assert_eq!(doc["current"].as_array().unwrap().len(), 1, "{doc}");
+    assert_eq!(root_names(doc["current"][0].as_str().unwrap()), [ROOT_A]);
+    assert!(
+        status(&a).await["store"]
+            .as_str()
+            .unwrap()
+            .contains("istio-ca-bridge-ca"),
+    );
+
+    add_root_b(&bao).await;
+    eventually(
+        "the new root is followed",
+        Duration::from_secs(10),
+        || async { phase_of(&status(&a).await) == Phase::Publishing },
+    )
+    .await;
+    let b = Bridge::start_with(edit).await;
+    let st = status(&b).await;
+    assert_eq!(phase_of(&st), Phase::Publishing, "{st}");
+    assert_eq!(root_names(&b.root_pem()), [ROOT_A, ROOT_B]);
+    assert_eq!(
+        new_chain(&b).await.0,
+        [INT_A],
+        "b is pinned to A's issuer too"
+    );
+    let doc = stored();
+    assert_eq!(root_names(doc["next"].as_str().unwrap()), [ROOT_B]);
+    assert_eq!(doc["rotation"]["history"].as_array().unwrap().len(), 1);
+
+    let (ok, out, err) = rotate(b.admin, &["advance", "--force"]);
+    assert!(ok, "{out}{err}");
+    eventually(
+        "a applies b's transition",
+        Duration::from_secs(3),
+        || async { phase_of(&status(&a).await) == Phase::SigningNew },
+    )
+    .await;
+    assert_eq!(new_chain(&a).await.0, [INT_B]);
+    let history = stored()["rotation"]["history"].as_array().unwrap().clone();
+    assert_eq!(history.len(), 2);
+    assert_ne!(history[0]["by"], history[1]["by"], "a started, b advanced");
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
