@@ -142,9 +142,12 @@ async fn a_fleet_rotates_from_a_to_b_across_two_replicas_with_no_failed_handshak
             .unwrap_or_default()
     };
     eventually(
-        "the ClusterTrustBundle holds A",
+        "the ConfigMaps and the ClusterTrustBundle follow publishing (A + B)",
         Duration::from_secs(5),
-        || async { ctb_roots() == root_a },
+        || async {
+            let names = root_names(&a.root_pem());
+            names.len() == 2 && names[0] == root_a[0] && cm_roots() == names && ctb_roots() == names
+        },
     )
     .await;
     let mut seen = vec![Phase::Publishing];
