@@ -20,6 +20,7 @@
 
 pub mod aws;
 pub mod bridge;
+pub mod cm_issuer;
 pub mod conformance;
 pub mod fake_digicert;
 pub mod fake_kube;

@@ -31,6 +31,8 @@
 //! - Secrets: GET, and server-side apply like ConfigMaps.
 //! - `coordination.k8s.io/v1` Leases: GET, POST (409 AlreadyExists), PUT with optimistic
 //!   concurrency (409 Conflict unless `metadata.resourceVersion` is the current one).
+//! - `cert-manager.io/v1` CertificateRequests: create, get, delete, list, watch (with a
+//!   `metadata.name` field selector) and the status subresource (`cert_requests.rs`).
 //!
 //! Every request is counted per endpoint. `stop()` drops the listener and every open
 //! connection (watches included), like an API server going away; `start()` serves again
@@ -41,6 +43,7 @@
 //! `objects.rs` (ConfigMaps, Secrets and Leases: what the bridge writes), `client.rs` (a
 //! test bridge's config pointing at the fake); the TLS server is
 //! [`super::tls_server::TlsServer`].
+mod cert_requests;
 mod client;
 mod handlers;
 mod objects;
@@ -102,6 +105,10 @@ struct Inner {
     pod_queries: Mutex<Vec<String>>,
     /// `spec.audiences` of each review received.
     review_audiences: Mutex<Vec<Vec<String>>>,
+    /// When set, every CertificateRequest call gets this HTTP status.
+    cr_failure: Mutex<Option<u16>>,
+    /// When each CertificateRequest call came, and which.
+    cr_calls: Mutex<Vec<(std::time::Instant, &'static str)>>,
 }
 
 /// A running (or stopped) fake Kubernetes API server.
@@ -148,10 +155,12 @@ impl FakeKube {
                 jwks: Mutex::new(vec![SigningKey::cluster().jwk()]),
                 jwks_failure: Mutex::new(None),
                 store: Mutex::new(Store::new(1000)),
-                events: broadcast::channel(1024).0,
+                events: broadcast::channel(16384).0,
                 counts: Mutex::new(HashMap::new()),
                 pod_queries: Mutex::new(Vec::new()),
                 review_audiences: Mutex::new(Vec::new()),
+                cr_failure: Mutex::new(None),
+                cr_calls: Mutex::new(Vec::new()),
             }),
             tls: cert.server_config(None),
             ca_pem: cert.ca_pem,
@@ -340,6 +349,35 @@ impl FakeKube {
     /// The stored Lease (who holds leadership).
     pub fn lease(&self, ns: &str, name: &str) -> Option<Value> {
         self.inner.store.lock().unwrap().get("leases", ns, name)
+    }
+
+    /// Every stored CertificateRequest.
+    pub fn certificate_requests(&self) -> Vec<Value> {
+        let mut store = self.inner.store.lock().unwrap();
+        store
+            .coll(cert_requests::COLL)
+            .current
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Writes the status of a CertificateRequest, as an issuer does (MODIFIED event);
+    /// false if it does not exist (any more).
+    pub fn set_certificate_request_status(&self, ns: &str, name: &str, status: Value) -> bool {
+        cert_requests::put_status(&self.inner, ns, name, status).is_some()
+    }
+
+    /// Makes every CertificateRequest call fail with this HTTP status (429: with
+    /// `Retry-After: 1`), or serves them again.
+    pub fn set_certificate_request_failure(&self, code: Option<u16>) {
+        *self.inner.cr_failure.lock().unwrap() = code;
+    }
+
+    /// When each CertificateRequest call arrived, and which (`certificaterequests.create`,
+    /// `.get`, `.list`, `.watch`, `.delete`).
+    pub fn certificate_request_calls(&self) -> Vec<(std::time::Instant, &'static str)> {
+        self.inner.cr_calls.lock().unwrap().clone()
     }
 
     /// Sends a BOOKMARK (current resourceVersion) to every open watch.

@@ -52,6 +52,19 @@ pub(super) fn router(inner: Arc<Inner>) -> Router {
             "/apis/coordination.k8s.io/v1/namespaces/{ns}/leases/{name}",
             get(get_lease).put(replace_lease),
         )
+        .route(
+            "/apis/cert-manager.io/v1/namespaces/{ns}/certificaterequests",
+            get(super::cert_requests::list_or_watch).post(super::cert_requests::create),
+        )
+        .route(
+            "/apis/cert-manager.io/v1/namespaces/{ns}/certificaterequests/{name}",
+            get(super::cert_requests::get).delete(super::cert_requests::delete),
+        )
+        .route(
+            "/apis/cert-manager.io/v1/namespaces/{ns}/certificaterequests/{name}/status",
+            axum::routing::put(super::cert_requests::update_status)
+                .patch(super::cert_requests::update_status),
+        )
         .fallback(not_found)
         .with_state(inner)
 }
