@@ -16,6 +16,7 @@
 //! docs/architecture.md, "Adding a backend".
 
 pub mod aws_pca;
+pub mod cert_manager;
 pub mod checked;
 pub mod digicert;
 pub mod follow;

@@ -139,6 +139,9 @@ backends! {
     /// DigiCert Trust Lifecycle Manager: every certificate is one REST enrollment
     /// (docs/digicert.md).
     Digicert(backend::digicert::DigicertConfig),
+    /// cert-manager: every certificate is one CertificateRequest, signed by whichever
+    /// cert-manager issuer `issuerRef` names (docs/cert-manager.md).
+    CertManager(backend::cert_manager::CertManagerConfig),
 }
 
 impl Default for BackendConfig {

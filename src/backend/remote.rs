@@ -317,12 +317,18 @@ impl TokenBucket {
     /// Reserves one call. Returns how long the caller must wait before making it, or, when
     /// that would exceed `max_wait`, the wait it would have needed (nothing is reserved).
     pub fn reserve(&self, max_wait: Duration) -> Result<Duration, Duration> {
+        self.reserve_n(1, max_wait)
+    }
+
+    /// Reserves `n` calls at once (one operation that makes several), all or nothing: the
+    /// wait is until the last of them may be made.
+    pub fn reserve_n(&self, n: u32, max_wait: Duration) -> Result<Duration, Duration> {
         let mut st = self.state.lock().expect("token bucket lock");
         let now = Instant::now();
         let refill = now.duration_since(st.1).as_secs_f64() * self.rate;
         st.0 = (st.0 + refill).min(self.burst);
         st.1 = now;
-        let after = st.0 - 1.0;
+        let after = st.0 - f64::from(n.max(1));
         let wait = if after >= 0.0 {
             Duration::ZERO
         } else {
@@ -347,8 +353,20 @@ impl TokenBucket {
         kind: &'static str,
         metrics: &Metrics,
     ) -> Result<(), SignError> {
+        self.acquire_n(1, deadline, keep, kind, metrics).await
+    }
+
+    /// [`Self::acquire`] for `n` calls at once ([`Self::reserve_n`]).
+    pub async fn acquire_n(
+        &self,
+        n: u32,
+        deadline: Instant,
+        keep: Duration,
+        kind: &'static str,
+        metrics: &Metrics,
+    ) -> Result<(), SignError> {
         let left = deadline.saturating_duration_since(Instant::now());
-        match self.reserve(left.saturating_sub(keep)) {
+        match self.reserve_n(n, left.saturating_sub(keep)) {
             Ok(wait) => {
                 metrics
                     .backend_rate_limit_wait
