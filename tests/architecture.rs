@@ -28,7 +28,7 @@ const LAYERS: &[&[&str]] = &[
     &["testing"],
 ];
 
-const BACKENDS: &[&str] = &["local", "vault", "aws_pca", "digicert"];
+const BACKENDS: &[&str] = &["local", "vault", "aws_pca", "digicert", "cert_manager"];
 
 fn rank(module: &str) -> Option<usize> {
     LAYERS.iter().position(|l| l.contains(&module))

@@ -1,7 +1,7 @@
 //! The backend conformance suite (`istio_ca_bridge::testing::conformance`) run against every
 //! backend, each behind its real server or, for DigiCert, its documented in-process fake:
 //! the local CA, OpenBao (direct mode), moto's acm-pca behind the fault proxy, the DigiCert
-//! fake, and intermediate mode over OpenBao. Each gets the same checks: a P-256 and an RSA
+//! fake, cert-manager over the fake Kubernetes API, and intermediate mode over OpenBao. Each gets the same checks: a P-256 and an RSA
 //! leaf with the exact profile, answers for another key or identity refused, and, where the
 //! backend can be made so, throttling RESOURCE_EXHAUSTED and an outage UNAVAILABLE.
 
@@ -257,6 +257,65 @@ async fn digicert_conforms() {
         fake: Mutex::new(Some(fake)),
         files,
         base_url,
+    })
+    .await;
+    assert!(r.checked_outage && r.checked_throttle);
+}
+
+/// cert-manager over the fake Kubernetes API (nothing real runs offline), a test-side loop
+/// playing the issuer; an outage is the API server failing (503), throttling its 429.
+struct CertManager {
+    fake: Arc<istio_ca_bridge::testing::fake_kube::FakeKube>,
+    _issuer: istio_ca_bridge::testing::cm_issuer::CmIssuer,
+    files: tempfile::TempDir,
+}
+
+#[async_trait]
+impl BackendUnderTest for CertManager {
+    fn name(&self) -> &'static str {
+        "cert-manager (fake API)"
+    }
+    async fn signer(&self) -> Arc<dyn Signer> {
+        let p = |n: &str| Some(self.files.path().join(n));
+        build(BackendConfig::CertManager(
+            istio_ca_bridge::backend::cert_manager::CertManagerConfig {
+                kubeconfig: p("kubeconfig"),
+                issuer_ref: istio_ca_bridge::backend::cert_manager::IssuerRefConfig {
+                    name: "istio-ca".into(),
+                    ..Default::default()
+                },
+                root_bundle_file: p("roots.pem"),
+                request_timeout: Duration::from_secs(2),
+                ..Default::default()
+            },
+        ))
+        .await
+    }
+    async fn throttle(&self) -> bool {
+        self.fake.set_certificate_request_failure(Some(429));
+        true
+    }
+    async fn outage(&self) -> bool {
+        self.fake.set_certificate_request_failure(Some(503));
+        true
+    }
+    async fn recover(&self) {
+        self.fake.set_certificate_request_failure(None);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cert_manager_conforms() {
+    let fake = Arc::new(istio_ca_bridge::testing::fake_kube::FakeKube::start_new().await);
+    fake.put_namespace("istio-system");
+    let issuer = istio_ca_bridge::testing::cm_issuer::CmIssuer::start(fake.clone());
+    let files = tempfile::tempdir().unwrap();
+    fake.write_kubeconfig(&files.path().join("kubeconfig"), "cm");
+    std::fs::write(files.path().join("roots.pem"), &issuer.root_pem).unwrap();
+    let r = conformance::run(&CertManager {
+        fake,
+        _issuer: issuer,
+        files,
     })
     .await;
     assert!(r.checked_outage && r.checked_throttle);
