@@ -353,6 +353,8 @@ def backend_files(be):
     if be["type"] == "digicert":
         return [be["auth"].get(k) for k in ("apiKeyFile", "clientCertFile", "clientKeyFile")] + \
             [be.get(k) for k in ("caFile", "trustBundleFile", "intermediatesFile")]
+    if be["type"] == "certManager":
+        return [be.get("kubeconfig"), be.get("rootBundleFile")]
     raise CheckFailed(f"backend type {be['type']} unknown to this test: add its files to backend_files")
 
 
@@ -632,6 +634,13 @@ def expected_grants(eff):
         ns = cs["namespace"] or le["namespace"]
         want.add((ns, "", "secrets", None, "create"))
         want |= {(ns, "", "secrets", cs["name"], v) for v in ("get", "update")}
+    if be["type"] == "certManager" and be["kubeconfig"] is None:
+        # backend/cert_manager/client.rs: create, watch by name, get (an expired watch),
+        # delete; signer.rs: get on the roots' ConfigMap or Secret.
+        want |= {(be["namespace"], "cert-manager.io", "certificaterequests", None, v) for v in ("create", "get", "watch", "delete")}
+        for res, src in (("configmaps", be["rootBundleConfigMap"]), ("secrets", be["rootBundleSecret"])):
+            if src:
+                want.add((src["namespace"] or be["namespace"], "", res, src["name"], "get"))
     if ctb["enabled"]:
         name = ctb["name"] or ctb["signerName"].replace("/", ":") + ":root-cert"
         want.add(("cluster", "certificates.k8s.io", "clustertrustbundles", None, "create"))
@@ -780,6 +789,17 @@ def check_rbac(chart):
          cfg(kubernetes={"rootConfigMap": {"enabled": False}, "istiodCert": {"enabled": False},
                          "clusterTrustBundle": {"enabled": True, "signerName": "mesh.example.com/roots"}}),
          tr | pods | lease() | ca() | bundle("mesh.example.com:roots:root-cert", "mesh.example.com/roots")),
+        ("cert-manager backend: its CertificateRequests and the roots' ConfigMap, nothing else of it",
+         {**on, "config": {"backend": {"type": "certManager", "namespace": "mesh-pki", "issuerRef": {"name": "mesh-ca"},
+                                       "rootBundleConfigMap": {"name": "mesh-roots"}}}},
+         tr | pods | roots() | istiod() | lease()
+         | {("mesh-pki", "cert-manager.io", "certificaterequests", None, v) for v in ("create", "get", "watch", "delete")}
+         | {("mesh-pki", "", "configmaps", "mesh-roots", "get")}
+         | ca()),
+        ("cert-manager backend in another cluster (its kubeconfig): no grants for it here",
+         {**on, "config": {"backend": {"type": "certManager", "kubeconfig": "/etc/cm/kubeconfig", "issuerRef": {"name": "mesh-ca"},
+                                       "rootBundleSecret": {"namespace": "pki", "name": "mesh-roots"}}}},
+         tr | pods | roots() | istiod() | lease() | ca()),
         ("ClusterTrustBundle with its own name",
          cfg(kubernetes={"clusterTrustBundle": {"enabled": True, "name": "istio.io:istiod-ca:root-cert:mesh"}}),
          tr | pods | roots() | istiod() | lease() | ca() | bundle("istio.io:istiod-ca:root-cert:mesh")),
@@ -976,6 +996,15 @@ BACKEND_CONFIGS = {
         {"type": "digicert", "baseUrl": "https://clientauth.one.digicert.com", "auth": {"clientCertFile": "/c.pem", "clientKeyFile": "/c.key"},
          "profileId": "p-1", "seat": {"strategy": "fixed", "id": "mesh"}, "validityUnit": "days", "trustBundleFile": "/roots.pem"},
         {"type": "digicert", "auth": {"apiKeyEnv": "DIGICERT_API_KEY"}, "profileId": "p-1", "trustBundleFile": "/roots.pem"},
+    ],
+    "certManager": [
+        {"type": "certManager", "namespace": "istio-system", "issuerRef": {"name": "mesh-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"},
+         "labels": {}, "annotations": {}, "preserveRequests": False, "requestTimeout": "8s", "qps": 20, "burst": 40,
+         "rootBundleConfigMap": {"name": "mesh-roots", "key": "ca.crt"}, "rootRefreshInterval": "1m"},
+        {"type": "certManager", "issuerRef": {"name": "mesh-ca"}, "rootBundleFile": "/roots.pem", "mode": "intermediate",
+         "intermediate": INTERMEDIATE},
+        {"type": "certManager", "issuerRef": {"name": "ext", "kind": "StepIssuer", "group": "certmanager.step.sm"},
+         "rootBundleSecret": {"namespace": "pki", "name": "mesh-roots"}},
     ],
 }
 
@@ -1551,6 +1580,8 @@ def live_unrunnable(cfg):
         return f"the AWS Private CA {cfg['backend']['caArn']} and IRSA credentials"
     if cfg["backend"]["type"] == "digicert":
         return f"DigiCert ONE at {cfg['backend'].get('baseUrl', 'https://one.digicert.com')}, its profile and API key"
+    if cfg["backend"]["type"] == "certManager":
+        return f"cert-manager and the issuer {cfg['backend']['issuerRef']['name']} in the cluster (tests/cert_manager.rs plays them on the fake API)"
     kube = cfg["authn"].get("kubernetes")
     if kube and not all(c.get("inCluster") for c in kube["clusters"]):
         return "the remote clusters' kubeconfigs"

@@ -395,6 +395,9 @@ replicas or Secrets). Rendered (as nothing) from the Deployment, so every instal
 {{- $why := ternary "config.kubernetes.caSecret.enabled is false" "kubernetes.enabled is false" .Values.kubernetes.enabled }}
 {{- fail (printf "replicaCount is %d but the local backend's generated root is not shared (%s): each replica would generate its own root and clients would trust only one of them. Either share one generated root through the Kubernetes Secret config.kubernetes.caSecret (kubernetes.enabled: true, the default, and leave config.kubernetes.caSecret.enabled unset or true), give every replica the same CA with backends.local.caSecret.name (an existing Secret with the CA certificate and key), or set replicaCount: 1 (a root generated in backend.stateDir)." (int .Values.replicaCount) $why) }}
 {{- end }}
+{{- if and (eq $backend "certManager") (not $b.kubeconfig) (not .Values.kubernetes.enabled) }}
+{{- fail "config.backend.type is certManager without a kubeconfig: it creates CertificateRequests with the pod's service-account token, so set kubernetes.enabled: true (the chart then grants exactly those calls), or give config.backend.kubeconfig for another cluster" }}
+{{- end }}
 {{- if and (eq $mode "secret") (or $b.caCertFile $b.caKeyFile $b.chainFile $b.rootBundleFile) }}
 {{- fail "backends.local.caSecret.name is set: leave config.backend.caCertFile/caKeyFile/chainFile/rootBundleFile unset, the chart points them into the mounted Secret" }}
 {{- end }}
@@ -586,6 +589,12 @@ and names; RBAC is derived from it (templates/rbac.yaml), so the two cannot disa
      rotations (rotation.followUpstream, default true) keeps that state in the same Secret. */}}
 {{- $follows := and (ne (toString $be.type) "local") (ne (toString (dig "rotation" "followUpstream" true $cfg)) "false") }}
 {{- $caSecret := and $on $csOn (or (and (eq (toString $be.type) "local") (not $be.caCertFile)) $follows) }}
+{{- /* The cert-manager backend in this cluster (no kubeconfig of its own): its
+     CertificateRequests, and the ConfigMap or Secret its roots are read from. */}}
+{{- $cm := and (eq (toString $be.type) "certManager") (not $be.kubeconfig) }}
+{{- $cmNs := $be.namespace | default "istio-system" }}
+{{- $cmRootsCm := and $cm $be.rootBundleConfigMap }}
+{{- $cmRootsSecret := and $cm $be.rootBundleSecret }}
 {{- toYaml (dict
   "tokenReview" $on
   "pods" (and $on (not (empty $nodeAccounts)))
@@ -597,6 +606,10 @@ and names; RBAC is derived from it (templates/rbac.yaml), so the two cannot disa
   "caSecret" $caSecret
   "caSecretNamespace" ($cs.namespace | default $le.namespace | default "")
   "caSecretName" ($cs.name | default "")
+  "certRequests" $cm
+  "certRequestsNamespace" $cmNs
+  "rootsConfigMap" (ternary (dict "namespace" ((dig "namespace" "" ($be.rootBundleConfigMap | default dict)) | default $cmNs) "name" (dig "name" "" ($be.rootBundleConfigMap | default dict))) dict (not (empty $cmRootsCm)))
+  "rootsSecret" (ternary (dict "namespace" ((dig "namespace" "" ($be.rootBundleSecret | default dict)) | default $cmNs) "name" (dig "name" "" ($be.rootBundleSecret | default dict))) dict (not (empty $cmRootsSecret)))
   "clusterTrustBundle" $bundle
   "clusterTrustBundleName" ($ctb.name | default "")
   "clusterTrustBundleSigner" ($ctb.signerName | default "")
