@@ -404,3 +404,80 @@ async fn a_restart_storm_of_1000_identities_stays_within_the_api_qps_and_leaves_
     );
     Arc::try_unwrap(b).ok().unwrap().shutdown().await.unwrap();
 }
+
+/// The roots from a ConfigMap or a Secret, read through the API and followed when they
+/// change; or, with `trustFirstAnswer`, from the first answer's `status.ca`, said loudly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roots_from_a_configmap_or_secret_are_followed_and_trust_on_first_use_is_loud() {
+    use istio_ca_bridge::backend::cert_manager::ObjectKeyConfig;
+    logs();
+    let s = Setup::new().await;
+    s.fake.put_namespace("pki");
+    s.fake.put_configmap(
+        "istio-system",
+        "mesh-roots",
+        serde_json::json!({"ca.crt": s.issuer.root_pem}),
+    );
+    let b = s
+        .bridge(|be, _| {
+            be.root_bundle_file = None;
+            be.root_bundle_config_map = Some(ObjectKeyConfig {
+                name: "mesh-roots".into(),
+                ..Default::default()
+            });
+            be.root_refresh_interval = Duration::from_secs(1);
+        })
+        .await;
+    assert_eq!(b.root_pem(), s.issuer.root_pem);
+    issue(&b, "app").await.unwrap();
+    // A second root joins the ConfigMap: published within the refresh interval.
+    let other = istio_ca_bridge::testing::aws::other_root("Next Mesh Root");
+    s.fake.put_configmap(
+        "istio-system",
+        "mesh-roots",
+        serde_json::json!({"ca.crt": format!("{}{other}", s.issuer.root_pem)}),
+    );
+    eventually(
+        "the new root is published",
+        Duration::from_secs(5),
+        || async { pki::parse_certs_pem(b.root_pem().as_bytes()).unwrap().len() == 2 },
+    )
+    .await;
+    issue(&b, "app").await.unwrap();
+    b.shutdown().await.unwrap();
+
+    s.fake
+        .put_secret("pki", "mesh-roots", &[("roots.pem", &s.issuer.root_pem)]);
+    let b = s
+        .bridge(|be, _| {
+            be.root_bundle_file = None;
+            be.root_bundle_secret = Some(ObjectKeyConfig {
+                namespace: Some("pki".into()),
+                name: "mesh-roots".into(),
+                key: "roots.pem".into(),
+            });
+        })
+        .await;
+    assert_eq!(b.root_pem(), s.issuer.root_pem);
+    issue(&b, "app").await.unwrap();
+    b.shutdown().await.unwrap();
+
+    let b = s
+        .bridge(|be, _| {
+            be.root_bundle_file = None;
+            be.trust_first_answer = true;
+        })
+        .await;
+    assert_eq!(
+        b.root_pem(),
+        s.issuer.root_pem,
+        "status.ca of the first answer"
+    );
+    assert!(
+        logs().contains("TRUST ON FIRST USE"),
+        "trust on first use is logged loudly"
+    );
+    issue(&b, "app").await.unwrap();
+    s.all_deleted().await;
+    b.shutdown().await.unwrap();
+}

@@ -351,6 +351,32 @@ impl FakeKube {
         self.inner.store.lock().unwrap().get("leases", ns, name)
     }
 
+    /// Creates or replaces a ConfigMap with `data` (what another controller, trust-manager
+    /// say, wrote).
+    pub fn put_configmap(&self, ns: &str, name: &str, data: Value) {
+        self.put(
+            "configmaps",
+            json!({"metadata": {"namespace": ns, "name": name}, "data": data}),
+        );
+    }
+
+    /// Creates or replaces a Secret with `data` (values base64-encoded here).
+    pub fn put_secret(&self, ns: &str, name: &str, data: &[(&str, &str)]) {
+        let data: serde_json::Map<String, Value> = data
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    json!(base64::engine::general_purpose::STANDARD.encode(v)),
+                )
+            })
+            .collect();
+        self.put(
+            "secrets",
+            json!({"metadata": {"namespace": ns, "name": name}, "type": "Opaque", "data": data}),
+        );
+    }
+
     /// Every stored CertificateRequest.
     pub fn certificate_requests(&self) -> Vec<Value> {
         let mut store = self.inner.store.lock().unwrap();

@@ -33,7 +33,7 @@ pub(super) fn router(inner: Arc<Inner>) -> Router {
         .route("/api/v1/namespaces/{ns}/pods/{name}", get(get_pod))
         .route(
             "/api/v1/namespaces/{ns}/configmaps/{name}",
-            axum::routing::patch(apply_configmap),
+            axum::routing::patch(apply_configmap).get(super::objects::get_configmap),
         )
         .route("/api/v1/namespaces/{ns}/secrets", post(create_secret))
         .route(

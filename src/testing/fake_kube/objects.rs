@@ -146,6 +146,22 @@ const LEASES: Typed = Typed {
     counts: ["leases.get", "leases.create", "leases.replace"],
 };
 
+const CONFIGMAPS: Typed = Typed {
+    coll: "configmaps",
+    kind: "ConfigMap",
+    api_version: "v1",
+    resource: "configmaps",
+    counts: ["configmaps.get", "configmaps.create", "configmaps.replace"],
+};
+
+pub(super) async fn get_configmap(
+    State(inner): State<Arc<Inner>>,
+    headers: HeaderMap,
+    UrlPath((ns, name)): UrlPath<(String, String)>,
+) -> Response {
+    get_object(&inner, &headers, &CONFIGMAPS, &ns, &name)
+}
+
 const SECRETS: Typed = Typed {
     coll: "secrets",
     kind: "Secret",
