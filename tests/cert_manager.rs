@@ -269,6 +269,14 @@ async fn every_outcome_maps_to_its_code_nothing_is_issued_and_every_request_is_d
                 503,
                 "not ready while refused"
             );
+            // RBAC fixed: ready again without traffic (a probe notices).
+            s.fake.set_certificate_request_failure(None);
+            eventually(
+                "ready again once the API accepts the bridge",
+                Duration::from_secs(10),
+                || async { b.admin_get("/readyz").await.0 == 200 },
+            )
+            .await;
         }
         s.fake.set_certificate_request_failure(None);
     }

@@ -291,6 +291,20 @@ impl Requests {
         }
     }
 
+    /// Whether the API lets the bridge read its requests again: a GET of a name that does
+    /// not exist answers 404 when it may, 401/403 when not.
+    pub async fn probe(&self) -> bool {
+        if self.bucket.reserve(Duration::ZERO).is_err() {
+            return false;
+        }
+        let call = self.api.get("istio-ca-bridge-access-probe");
+        match tokio::time::timeout(Duration::from_secs(5), call).await {
+            Ok(Ok(_)) => true,
+            Ok(Err(kube::Error::Api(s))) => s.code == 404,
+            _ => false,
+        }
+    }
+
     /// Deletes `name` now, once the bucket has a call to spare; a request already gone is
     /// fine.
     pub async fn delete_now(&self, name: &str) -> Result<(), SignError> {

@@ -19,6 +19,9 @@ use crate::metrics::Metrics;
 use crate::pki;
 use crate::trust::{SharedBundle, TrustBundle};
 
+/// How often a refused bridge checks whether the API accepts it again.
+const DENIED_PROBE_INTERVAL: Duration = Duration::from_secs(2);
+
 pub struct CertManager {
     cfg: CertManagerConfig,
     client: kube::Client,
@@ -148,6 +151,33 @@ impl CertManager {
             denied: Mutex::new(None),
             _stop: stop.clone().drop_guard(),
         });
+        // While the API refuses the bridge (not ready), a probe every few seconds notices
+        // fixed RBAC without traffic (a pod that is not ready gets none).
+        {
+            let weak = Arc::downgrade(&me);
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(DENIED_PROBE_INTERVAL) => {}
+                    }
+                    let Some(me) = weak.upgrade() else { return };
+                    let denied = me
+                        .denied
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .is_some();
+                    if denied && me.requests.probe().await {
+                        tracing::info!(
+                            backend = KIND,
+                            "the Kubernetes API accepts the bridge's calls again"
+                        );
+                        *me.denied.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    }
+                }
+            });
+        }
         if !cfg.trust_first_answer {
             let weak = Arc::downgrade(&me);
             let every = cfg.root_refresh_interval;
