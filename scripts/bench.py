@@ -170,6 +170,12 @@ def main():
         with open(os.path.join(ROOT, "bench-results-attacks.json"), "w") as f:
             json.dump({"machine": machine(), "attacks": attacks}, f, indent=2)
         return
+    # The crypto floor in the same run, with the same aws-lc: one verify + one sign per core.
+    floor = json.loads(subprocess.run([os.path.join(ROOT, "target", "release", "crypto-floor")],
+                                      cwd=ROOT, check=True, capture_output=True, text=True).stdout)
+    print(f"crypto floor per certificate, one core: P-256 {floor['p256_floor_ms']:.4f} ms "
+          f"(verify {floor['p256_verify_per_s']:.0f}/s, sign {floor['p256_sign_per_s']:.0f}/s), "
+          f"RSA 2048 {floor['rsa2048_floor_ms']:.4f} ms", file=sys.stderr)
     results = []
     common = ["--warmup", "2000", "--identities", "1000"]
     results.append(scenario("a: local CA, ECDSA P-256, 64 in flight", "ecdsaP256",
@@ -186,6 +192,12 @@ def main():
         results.extend(vault_scenarios(common))
 
     by = {r["name"][0]: r for r in results}
+    # CPU s per 1000 certificates = CPU ms per certificate.
+    for key, f in (("a", "p256_floor_ms"), ("b", "rsa2048_floor_ms")):
+        if key in by:
+            by[key]["floor_multiple"] = by[key]["cpu_s_per_1000"] / floor[f]
+            print(f"{key}: CPU per certificate {by[key]['cpu_s_per_1000']:.3f} ms = "
+                  f"{by[key]['floor_multiple']:.2f}x the crypto floor ({floor[f]:.4f} ms)", file=sys.stderr)
     if "a" in by and "c" in by:
         print(f"a/c = {by['a']['rps'] / by['c']['rps']:.2f}", file=sys.stderr)
     if "d" in by and "c" in by:
@@ -205,7 +217,7 @@ def main():
               f"{r['max_ms']:.2f} | {r['failed']} | {r['peak_rss_mib']:.1f} | {r['cpu_s_per_1000']:.3f} | {r['ready_ms']:.0f} | {calls} |")
     attacks = bench_attacks.run_all(sys.modules[__name__]) + bench_tokens.scenarios()
     with open(os.path.join(ROOT, "bench-results.json"), "w") as f:
-        json.dump({"machine": machine(), "results": results, "attacks": attacks}, f, indent=2)
+        json.dump({"machine": machine(), "crypto_floor": floor, "results": results, "attacks": attacks}, f, indent=2)
 
 
 def vault_api(addr, method, path, body=None):
