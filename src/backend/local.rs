@@ -67,6 +67,23 @@ pub struct SigningCa {
     /// The CA certificate's SubjectPublicKeyInfo: leaves it signed may renew with a client
     /// certificate.
     spki: Vec<u8>,
+    /// The key is RSA: a signature costs about a millisecond of CPU ([`sign_off_workers`]).
+    rsa: bool,
+}
+
+/// Runs `sign` on the blocking pool when the CA key is RSA (about a millisecond of CPU per
+/// signature, which would hold up the async workers that serve every other call), inline
+/// otherwise (an ECDSA signature costs less than handing it to another thread).
+pub async fn sign_off_workers<F>(rsa: bool, sign: F) -> Result<IssuedChain, SignError>
+where
+    F: FnOnce() -> Result<IssuedChain, SignError> + Send + 'static,
+{
+    if !rsa {
+        return sign();
+    }
+    tokio::task::spawn_blocking(sign)
+        .await
+        .map_err(|e| SignError::Internal(format!("the signing task failed: {e}")))?
 }
 
 impl SigningCa {
@@ -94,6 +111,12 @@ impl SigningCa {
             .map_err(|e| LocalError::Invalid(e.to_string()))?;
         let not_before = OffsetDateTime::from_unix_timestamp(info.not_before)
             .map_err(|e| LocalError::Invalid(e.to_string()))?;
+        let rsa = [
+            &rcgen::PKCS_RSA_SHA256,
+            &rcgen::PKCS_RSA_SHA384,
+            &rcgen::PKCS_RSA_SHA512,
+        ]
+        .contains(&key.algorithm());
         let issuer = Issuer::from_ca_cert_der(&ca_cert, key)?;
         // Roots found in the chain are trust anchors, not chain elements.
         let mut roots = Vec::new();
@@ -119,6 +142,7 @@ impl SigningCa {
                 serial_hex: info.serial_hex,
                 chain: links,
                 spki,
+                rsa,
             },
             roots,
         ))
@@ -134,6 +158,11 @@ impl SigningCa {
 
     pub fn serial_hex(&self) -> &str {
         &self.serial_hex
+    }
+
+    /// Whether the CA key is RSA.
+    pub fn is_rsa(&self) -> bool {
+        self.rsa
     }
 
     /// The CA certificate's SubjectPublicKeyInfo (DER).
@@ -360,8 +389,11 @@ impl Authority for LocalCa {
 #[async_trait]
 impl Signer for LocalCa {
     async fn sign(&self, req: &SignRequest) -> Result<IssuedChain, SignError> {
-        let ca = self.core.ca.load();
-        let issued = ca.sign(req)?;
+        let ca = self.core.ca.load_full();
+        let issued = {
+            let (ca, req) = (ca.clone(), req.clone());
+            sign_off_workers(ca.is_rsa(), move || ca.sign(&req)).await?
+        };
         // Workload certificates only: the serving and istiod certificates are re-issued
         // when a rotation's phase changes, so no phase waits for them.
         if !matches!(req.subject, Subject::Workload(_)) {
@@ -554,5 +586,49 @@ mod tests {
             .expect("basicConstraints present");
         assert!(bc.critical);
         assert_eq!(bc.value, &[0x30, 0x00]);
+    }
+
+    /// An RSA CA signs on the blocking pool, not on the async worker; a P-256 CA inline.
+    #[tokio::test(flavor = "current_thread")]
+    async fn rsa_signatures_leave_the_async_worker() {
+        for (key_type, rsa) in [(KeyType::Rsa, true), (KeyType::EcdsaP256, false)] {
+            let dir = tempfile::tempdir().unwrap();
+            let cfg = LocalConfig {
+                state_dir: dir.path().join("ca"),
+                generated_key_type: key_type,
+                ..Default::default()
+            };
+            let ca = LocalCa::open_standalone(&cfg, "cluster.local")
+                .await
+                .unwrap();
+            assert_eq!(ca.core.ca.load().is_rsa(), rsa, "{key_type:?}");
+            let worker = std::thread::current().id();
+            let ran_on = sign_off_workers(rsa, move || {
+                Err(SignError::Internal(format!(
+                    "{:?}",
+                    std::thread::current().id()
+                )))
+            })
+            .await
+            .unwrap_err()
+            .to_string();
+            assert_eq!(
+                ran_on.contains(&format!("{worker:?}")),
+                !rsa,
+                "{key_type:?}: {ran_on}"
+            );
+            // And it signs.
+            let key = crate::pki::generate_key(KeyType::EcdsaP256).unwrap();
+            let id = SpiffeId::parse("spiffe://cluster.local/ns/a/sa/b").unwrap();
+            ca.sign(&SignRequest {
+                subject: Subject::Workload(id),
+                public_key_der: rcgen::PublicKeyData::subject_public_key_info(&key),
+                csr_der: Vec::new(),
+                ttl: Duration::from_secs(3600),
+                caller: None,
+            })
+            .await
+            .unwrap();
+        }
     }
 }
