@@ -167,6 +167,17 @@ pub struct CertInfo {
     pub dns_sans: Vec<String>,
 }
 
+/// The first common name of a certificate's subject, if it has one.
+pub fn common_name(der: &[u8]) -> Option<String> {
+    parse_x509_certificate(der).ok().and_then(|(_, c)| {
+        c.subject()
+            .iter_common_name()
+            .next()
+            .and_then(|a| a.as_str().ok())
+            .map(str::to_string)
+    })
+}
+
 pub fn cert_info(der: &[u8]) -> Result<CertInfo, PkiError> {
     let (_, cert) =
         parse_x509_certificate(der).map_err(|e| PkiError::Certificate(e.to_string()))?;

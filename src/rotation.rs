@@ -367,15 +367,7 @@ impl RootSummary {
     /// The summary of the root certificate `der`.
     pub fn of(der: &[u8], role: &'static str, trusted: bool, signing: bool) -> Self {
         let info = crate::pki::cert_info(der).ok();
-        let common_name = x509_parser::parse_x509_certificate(der)
-            .ok()
-            .and_then(|(_, c)| {
-                c.subject()
-                    .iter_common_name()
-                    .next()
-                    .and_then(|a| a.as_str().ok())
-                    .map(str::to_string)
-            });
+        let common_name = crate::pki::common_name(der);
         Self {
             role,
             common_name,

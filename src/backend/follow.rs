@@ -65,6 +65,28 @@ struct Material {
     old: Option<CertificateDer<'static>>,
     new: Option<CertificateDer<'static>>,
     extras: Vec<CertificateDer<'static>>,
+    /// Old and new root, parsed once: (subject, subjectKeyIdentifier) for telling which one
+    /// a chain ends in without a signature check per call ([`Follower::note`]).
+    names: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+}
+
+/// A certificate's issuer name and authorityKeyIdentifier, or its own subject and
+/// subjectKeyIdentifier (`own`).
+fn name_and_key_id(der: &[u8], own: bool) -> Option<(Vec<u8>, Option<Vec<u8>>)> {
+    use x509_parser::extensions::ParsedExtension;
+    let (_, c) = x509_parser::parse_x509_certificate(der).ok()?;
+    let id = c
+        .extensions()
+        .iter()
+        .find_map(|e| match e.parsed_extension() {
+            ParsedExtension::SubjectKeyIdentifier(k) if own => Some(k.0.to_vec()),
+            ParsedExtension::AuthorityKeyIdentifier(a) if !own => {
+                a.key_identifier.as_ref().map(|k| k.0.to_vec())
+            }
+            _ => None,
+        });
+    let name = if own { c.subject() } else { c.issuer() };
+    Some((name.as_raw().to_vec(), id))
 }
 
 impl Material {
@@ -80,11 +102,17 @@ impl Material {
                 "phase {phase} needs the next root, which the state does not hold"
             ));
         }
+        let names = [&old, &new]
+            .into_iter()
+            .flatten()
+            .filter_map(|r| name_and_key_id(r, true))
+            .collect();
         Ok(Self {
             phase,
             old,
             new,
             extras,
+            names,
         })
     }
 
@@ -106,6 +134,38 @@ impl Material {
             }
         }
         TrustBundle::new(roots).map_err(|e| e.to_string())
+    }
+
+    /// Which of old and new root `top` (a chain's last certificate) is under: by issuer
+    /// name and key identifier, which the central check then verifies anyway; a signature
+    /// check only when those cannot tell (roots with the same name and no identifiers).
+    fn root_of(&self, top: &[u8]) -> Option<&CertificateDer<'static>> {
+        let roots: Vec<&CertificateDer<'static>> =
+            [&self.old, &self.new].into_iter().flatten().collect();
+        let (issuer, aki) = name_and_key_id(top, false)?;
+        let matching: Vec<usize> = self
+            .names
+            .iter()
+            .enumerate()
+            .filter(|(_, (subject, ski))| {
+                *subject == issuer
+                    && match (&aki, ski) {
+                        (Some(a), Some(s)) => a == s,
+                        _ => true,
+                    }
+            })
+            .map(|(i, _)| i)
+            .collect();
+        match matching.as_slice() {
+            [] => None,
+            [i] if roots.len() == self.names.len() => Some(roots[*i]),
+            _ => {
+                let owned: Vec<CertificateDer<'static>> =
+                    roots.iter().map(|r| (*r).clone()).collect();
+                let found = pki::signing_root(top, &owned)?;
+                roots.into_iter().find(|r| *r == found)
+            }
+        }
     }
 
     fn choice(&self) -> RootChoice {
@@ -150,16 +210,7 @@ fn now() -> i64 {
 }
 
 fn common_name(der: &[u8]) -> String {
-    x509_parser::parse_x509_certificate(der)
-        .ok()
-        .and_then(|(_, c)| {
-            c.subject()
-                .iter_common_name()
-                .next()
-                .and_then(|a| a.as_str().ok())
-                .map(str::to_string)
-        })
-        .unwrap_or_else(|| "(no common name)".into())
+    pki::common_name(der).unwrap_or_else(|| "(no common name)".into())
 }
 
 impl Follower {
@@ -530,12 +581,14 @@ impl Follower {
         // Only workloads' leaves (at most maxTtl) are what signingNew waits out; the
         // bridge's own serving certificate is re-issued at every phase change.
         let workload = req.caller.is_some();
+        if !(workload && m.phase.signs_with_next() || m.phase == Phase::Publishing) {
+            return;
+        }
         let top = issued.intermediates.last().unwrap_or(&issued.leaf);
         let (Some(old), Some(new)) = (&m.old, &m.new) else {
             return;
         };
-        let roots = [old.clone(), new.clone()];
-        let under = pki::signing_root(top, &roots);
+        let under = m.root_of(top);
         match under {
             // Leaves issued before signingNew expire within its own wait.
             Some(r) if r == old && m.phase.signs_with_next() && workload => {
