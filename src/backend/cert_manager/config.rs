@@ -224,3 +224,55 @@ impl CertManagerConfig {
         p.into_vec()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::validate::{backend_problems, section};
+
+    fn parse(yaml: &str) -> CertManagerConfig {
+        section::<CertManagerConfig>(yaml, "backend", "type").unwrap()
+    }
+
+    fn fields(cfg: &CertManagerConfig) -> Vec<String> {
+        match backend_problems(cfg.problems(&Shared::default())) {
+            Ok(()) => Vec::new(),
+            Err(e) => e.into_iter().map(|e| e.field).collect(),
+        }
+    }
+
+    #[test]
+    fn defaults_fit_under_the_server_timeout_and_validation_names_fields() {
+        let ok = "backend:\n  type: certManager\n  issuerRef: {name: istio-ca}\n  rootBundleFile: /r.pem\n";
+        let c = parse(ok);
+        assert_eq!(c.namespace, "istio-system");
+        assert_eq!(
+            (c.issuer_ref.kind.as_str(), c.issuer_ref.group.as_str()),
+            ("Issuer", "cert-manager.io")
+        );
+        assert_eq!(c.request_timeout, Duration::from_secs(8));
+        assert!(
+            !c.intermediate.path_len_zero,
+            "cert-manager issuers set no path length"
+        );
+        assert_eq!(fields(&c), Vec::<String>::new());
+
+        // No issuer, no roots; two root sources; a bad namespace.
+        let f = fields(&parse("backend:\n  type: certManager\n"));
+        assert!(f.contains(&"backend.issuerRef.name".to_string()), "{f:?}");
+        assert!(f.contains(&"backend.rootBundleFile".to_string()), "{f:?}");
+        let f = fields(&parse(&format!(
+            "{ok}  trustFirstAnswer: true\n  namespace: Istio_System\n  rootBundleSecret: {{name: \"\"}}\n"
+        )));
+        for want in [
+            "backend.rootBundleFile",
+            "backend.namespace",
+            "backend.rootBundleSecret.name",
+        ] {
+            assert!(f.contains(&want.to_string()), "{want} missing from {f:?}");
+        }
+        // requestTimeout must stay below server.requestTimeout (10s).
+        let f = fields(&parse(&format!("{ok}  requestTimeout: 10s\n")));
+        assert!(f.contains(&"backend.requestTimeout".to_string()), "{f:?}");
+    }
+}
