@@ -206,29 +206,31 @@ impl Audited {
     }
 
     fn record_for(&self, req: &SignRequest, issued: &IssuedChain) -> Option<Record> {
-        let (_, leaf) = x509_parser::parse_x509_certificate(&issued.leaf).ok()?;
+        // The central check read the leaf already; parsed here only for a signer composed
+        // without it (embedders' tests).
+        let parsed;
+        let facts = match &issued.leaf_facts {
+            Some(f) => f,
+            None => {
+                let (_, leaf) = x509_parser::parse_x509_certificate(&issued.leaf).ok()?;
+                parsed = crate::trust::verify::leaf_facts(&leaf);
+                &parsed
+            }
+        };
         // A root is named by the leaf's issuer name and authority key identifier (two roots
         // of a rotation may share a name).
-        let mut issuer_key = leaf.issuer().as_raw().to_vec();
-        if let Some(aki) = leaf
-            .extensions()
-            .iter()
-            .find(|e| e.oid == x509_parser::oid_registry::OID_X509_EXT_AUTHORITY_KEY_IDENTIFIER)
-        {
-            issuer_key.extend_from_slice(aki.value);
-        }
-        let issuer_serial = self.issuer_serial(issued, &issuer_key, leaf.issuer().as_raw());
+        let issuer_serial = self.issuer_serial(issued, &facts.issuer_key, &facts.issuer_name);
         let caller = req.caller.as_ref();
         Some(Record {
             time: rfc3339(pki::unix_secs(std::time::SystemTime::now())),
             event: "certificate_issued",
-            serial: leaf.raw_serial_as_string(),
+            serial: facts.serial_hex.clone(),
             identity: req.subject.to_string(),
             caller: caller.map(|c| c.identity.clone()),
             via: caller.map(|c| c.via),
             cluster_id: caller.and_then(|c| c.cluster_id.clone()),
-            not_before: rfc3339(leaf.validity().not_before.timestamp()),
-            not_after: rfc3339(leaf.validity().not_after.timestamp()),
+            not_before: rfc3339(facts.not_before),
+            not_after: rfc3339(facts.not_after),
             backend: self.inner.kind(),
             mode: self.inner.mode(),
             issuer_serial,

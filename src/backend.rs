@@ -69,6 +69,11 @@ pub struct IssuedChain {
     /// The bundle [`checked::Checked`] verified this chain against (so the answer ends in
     /// exactly the roots it was checked with); `None` until it has been checked.
     pub verified_with: Option<SharedBundle>,
+    /// What [`checked::Checked`] read off the leaf (set with `verified_with`).
+    pub leaf_facts: Option<crate::trust::LeafFacts>,
+    /// Set only by [`local::SigningCa::sign`]: the leaf was signed in this process by a CA
+    /// whose key was matched with its certificate when it was loaded.
+    own: Option<local::OwnIssuer>,
 }
 
 impl IssuedChain {
@@ -77,7 +82,14 @@ impl IssuedChain {
             leaf,
             intermediates,
             verified_with: None,
+            leaf_facts: None,
+            own: None,
         }
+    }
+
+    /// The in-process CA that signed this leaf, if one did.
+    pub fn own_issuer(&self) -> Option<&local::OwnIssuer> {
+        self.own.as_ref()
     }
 }
 

@@ -120,12 +120,46 @@ pub fn chain_links<'a>(
     let mut links: Vec<CertificateDer<'static>> = Vec::new();
     for pem in pems.into_iter().filter(|p| !p.trim().is_empty()) {
         for c in parse_certs_pem(pem.as_bytes())? {
-            if !cert_info(&c)?.self_signed && c.as_ref() != leaf.as_ref() && !links.contains(&c) {
+            if !is_self_signed(&c)? && c.as_ref() != leaf.as_ref() && !links.contains(&c) {
                 links.push(c);
             }
         }
     }
     Ok(links)
+}
+
+/// Whether `der` is self-signed (a root): its subject is its issuer, and its own key
+/// verifies its signature. The verdicts on self-issued certificates are remembered (a
+/// backend sends the same root with every answer), so that signature is checked once per
+/// certificate, not once per answer.
+pub fn is_self_signed(der: &[u8]) -> Result<bool, PkiError> {
+    let (_, cert) =
+        parse_x509_certificate(der).map_err(|e| PkiError::Certificate(e.to_string()))?;
+    Ok(self_signed(der, &cert))
+}
+
+fn self_signed(der: &[u8], cert: &x509_parser::certificate::X509Certificate<'_>) -> bool {
+    /// At most this many verdicts are kept (a backend's chain holds a root or two; a
+    /// rotation adds one more).
+    const KEEP: usize = 32;
+    static SEEN: std::sync::Mutex<Vec<(Vec<u8>, bool)>> = std::sync::Mutex::new(Vec::new());
+    if cert.subject().as_raw() != cert.issuer().as_raw() {
+        return false;
+    }
+    let seen = |d: &[u8]| {
+        let s = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+        s.iter().find(|(k, _)| k.as_slice() == d).map(|(_, v)| *v)
+    };
+    if let Some(v) = seen(der) {
+        return v;
+    }
+    let v = cert.verify_signature(None).is_ok();
+    let mut s = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    if s.len() >= KEEP {
+        s.clear();
+    }
+    s.push((der.to_vec(), v));
+    v
 }
 
 /// The root of `roots` that signed `top` (the last certificate of a chain below its root):
@@ -197,7 +231,7 @@ pub fn cert_info(der: &[u8]) -> Result<CertInfo, PkiError> {
         not_before: cert.validity().not_before.timestamp(),
         not_after: cert.validity().not_after.timestamp(),
         is_ca,
-        self_signed: cert.subject() == cert.issuer() && cert.verify_signature(None).is_ok(),
+        self_signed: self_signed(der, &cert),
         serial_hex: cert.raw_serial_as_string(),
         subject: cert.subject().to_string(),
         uri_sans,

@@ -7,7 +7,10 @@
 
 pub mod verify;
 
-pub use verify::{IssuedError, check_issued, verify_path};
+pub use verify::{
+    ChainFacts, IssuedError, LeafFacts, check_issued, check_issued_full, check_issued_known,
+    verify_path,
+};
 
 use std::sync::Arc;
 

@@ -69,16 +69,63 @@ pub struct SigningCa {
     spki: Vec<u8>,
     /// The key is RSA: a signature costs about a millisecond of CPU ([`sign_off_workers`]).
     rsa: bool,
+    own: OwnIssuer,
 }
 
-/// Runs `sign` on the blocking pool when the CA key is RSA (about a millisecond of CPU per
+/// Marks the leaves of one [`SigningCa`], whose key was matched with its certificate once,
+/// when it was built. [`super::checked`] verifies the chain of the first such leaf (per CA
+/// and trust bundle) as clients do and checks every later one's key, names, profile and
+/// lifetime without verifying its signature again: the key that made it is the one the
+/// verified chain certifies. Only [`SigningCa::new`] makes one; clones are the same CA.
+#[derive(Clone)]
+pub struct OwnIssuer(Arc<OwnInner>);
+
+struct OwnInner {
+    /// The chain a leaf is answered with, as PEM (encoded once).
+    chain_pem: Vec<String>,
+}
+
+impl OwnIssuer {
+    /// Whether both mark the leaves of the same CA.
+    pub fn same(&self, other: &OwnIssuer) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
+    /// The PEM of each certificate of [`SigningCa::chain`], in order.
+    pub fn chain_pem(&self) -> &[String] {
+        &self.0.chain_pem
+    }
+}
+
+impl std::fmt::Debug for OwnIssuer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OwnIssuer")
+            .field("chain", &self.0.chain_pem.len())
+            .finish()
+    }
+}
+
+/// Signs with `ca` on the blocking pool when its key is RSA (about a millisecond of CPU per
 /// signature, which would hold up the async workers that serve every other call), inline
-/// otherwise (an ECDSA signature costs less than handing it to another thread).
-pub async fn sign_off_workers<F>(rsa: bool, sign: F) -> Result<IssuedChain, SignError>
+/// otherwise (an ECDSA signature costs less than handing it to another thread, and the
+/// request is not copied).
+pub async fn sign_off_workers(
+    ca: &Arc<SigningCa>,
+    req: &SignRequest,
+) -> Result<IssuedChain, SignError> {
+    if !ca.rsa {
+        return ca.sign(req);
+    }
+    let (ca, req) = (ca.clone(), req.clone());
+    run_off_workers(true, move || ca.sign(&req)).await
+}
+
+/// Runs `sign` on the blocking pool when `off` is set, inline otherwise.
+async fn run_off_workers<F>(off: bool, sign: F) -> Result<IssuedChain, SignError>
 where
     F: FnOnce() -> Result<IssuedChain, SignError> + Send + 'static,
 {
-    if !rsa {
+    if !off {
         return sign();
     }
     tokio::task::spawn_blocking(sign)
@@ -134,6 +181,9 @@ impl SigningCa {
                 links.push(c);
             }
         }
+        let own = OwnIssuer(Arc::new(OwnInner {
+            chain_pem: links.iter().map(|c| pki::cert_pem(c)).collect(),
+        }));
         Ok((
             Self {
                 issuer,
@@ -143,6 +193,7 @@ impl SigningCa {
                 chain: links,
                 spki,
                 rsa,
+                own,
             },
             roots,
         ))
@@ -208,7 +259,9 @@ impl SigningCa {
         let cert = params
             .signed_by(&public_key, &self.issuer)
             .map_err(|e| SignError::Internal(format!("signing failed: {e}")))?;
-        Ok(IssuedChain::new(cert.der().clone(), self.chain.clone()))
+        let mut issued = IssuedChain::new(cert.der().clone(), self.chain.clone());
+        issued.own = Some(self.own.clone());
+        Ok(issued)
     }
 }
 
@@ -390,10 +443,7 @@ impl Authority for LocalCa {
 impl Signer for LocalCa {
     async fn sign(&self, req: &SignRequest) -> Result<IssuedChain, SignError> {
         let ca = self.core.ca.load_full();
-        let issued = {
-            let (ca, req) = (ca.clone(), req.clone());
-            sign_off_workers(ca.is_rsa(), move || ca.sign(&req)).await?
-        };
+        let issued = sign_off_workers(&ca, req).await?;
         // Workload certificates only: the serving and istiod certificates are re-issued
         // when a rotation's phase changes, so no phase waits for them.
         if !matches!(req.subject, Subject::Workload(_)) {
@@ -440,7 +490,7 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, LocalError> {
 
 /// A new self-signed root and its key. `rotated_at` names a rotation's next root apart from
 /// the one it replaces (some verifiers pick an issuer by name alone).
-fn generate_root_pair(
+pub(crate) fn generate_root_pair(
     cfg: &LocalConfig,
     trust_domain: &str,
     rotated_at: Option<i64>,
@@ -603,7 +653,7 @@ mod tests {
                 .unwrap();
             assert_eq!(ca.core.ca.load().is_rsa(), rsa, "{key_type:?}");
             let worker = std::thread::current().id();
-            let ran_on = sign_off_workers(rsa, move || {
+            let ran_on = run_off_workers(ca.core.ca.load().is_rsa(), move || {
                 Err(SignError::Internal(format!(
                     "{:?}",
                     std::thread::current().id()

@@ -10,8 +10,12 @@ use crate::trust::TrustBundle;
 pub fn layout(issued: &IssuedChain, bundle: &TrustBundle) -> Vec<String> {
     let mut out = Vec::with_capacity(issued.intermediates.len() + 2);
     out.push(pki::cert_pem(&issued.leaf));
-    for c in &issued.intermediates {
-        out.push(pki::cert_pem(c));
+    match issued.own_issuer() {
+        // An in-process CA encoded its chain once (`SigningCa::sign` copies both from it).
+        Some(own) if own.chain_pem().len() == issued.intermediates.len() => {
+            out.extend(own.chain_pem().iter().cloned())
+        }
+        _ => out.extend(issued.intermediates.iter().map(|c| pki::cert_pem(c))),
     }
     out.push(bundle.pem().to_string());
     out

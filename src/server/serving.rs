@@ -86,9 +86,14 @@ pub async fn issue_server_cert(
         .verified_with
         .clone()
         .ok_or_else(|| ServingError::Verify("bug: the signer's answer was not verified".into()))?;
-    let not_after = pki::cert_info(&issued.leaf)
-        .map_err(|e| ServingError::Verify(e.to_string()))?
-        .not_after;
+    let not_after = match &issued.leaf_facts {
+        Some(f) => f.not_after,
+        None => {
+            pki::cert_info(&issued.leaf)
+                .map_err(|e| ServingError::Verify(e.to_string()))?
+                .not_after
+        }
+    };
     Ok(IssuedServerCert {
         key,
         leaf: issued.leaf,

@@ -88,8 +88,42 @@ pub fn usage_for(subject: &Subject) -> webpki::KeyUsage {
     }
 }
 
+/// What the check found out about an accepted leaf, for those who handle it next (the
+/// audit record, the serving certificate's renewal), so nobody parses it again.
+#[derive(Debug, Clone)]
+pub struct LeafFacts {
+    pub serial_hex: String,
+    /// Unix seconds.
+    pub not_before: i64,
+    pub not_after: i64,
+    /// The issuer's name (DER).
+    pub issuer_name: Vec<u8>,
+    /// The issuer's name and the authority key identifier extension, if any (DER): tells
+    /// apart two roots of a rotation that share a name.
+    pub issuer_key: Vec<u8>,
+}
+
+/// What a full check ([`check_issued_full`]) established about everything above a leaf.
+/// A leaf of the same in-process CA (whose key was matched with its certificate once, when
+/// it was loaded) is then checked against it by [`check_issued_known`] without verifying a
+/// signature again.
+#[derive(Debug, Clone)]
+pub struct ChainFacts {
+    /// The leaf's issuer name and authority key identifier ([`LeafFacts::issuer_key`]).
+    issuer_key: Vec<u8>,
+    intermediates: Vec<CertificateDer<'static>>,
+    /// The usage the chain was verified for.
+    server_auth: bool,
+    /// The earliest NotAfter above the leaf (its intermediates, and the latest root of the
+    /// bundle it ends in), unix seconds: no leaf may outlive it.
+    until: i64,
+    /// Set when the latest root is what bounds `until` (reported as OutlivesRoot).
+    root_until: Option<i64>,
+}
+
 /// Checks an issued leaf and its intermediates (roots excluded) for `subject` and
-/// `public_key_der` (the SubjectPublicKeyInfo that was asked to be certified).
+/// `public_key_der` (the SubjectPublicKeyInfo that was asked to be certified); the leaf's
+/// NotAfter.
 pub fn check_issued(
     leaf_der: &CertificateDer<'_>,
     intermediates: &[CertificateDer<'_>],
@@ -98,15 +132,34 @@ pub fn check_issued(
     public_key_der: &[u8],
     now: SystemTime,
 ) -> Result<i64, IssuedError> {
+    check_issued_full(
+        leaf_der,
+        intermediates,
+        bundle,
+        subject,
+        public_key_der,
+        now,
+    )
+    .map(|(leaf, _)| leaf.not_after)
+}
+
+/// [`check_issued`], also returning what it found out about the leaf and the chain above it.
+pub fn check_issued_full(
+    leaf_der: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    bundle: &TrustBundle,
+    subject: &Subject,
+    public_key_der: &[u8],
+    now: SystemTime,
+) -> Result<(LeafFacts, ChainFacts), IssuedError> {
     let (_, leaf) =
         parse_x509_certificate(leaf_der).map_err(|e| IssuedError::Malformed(e.to_string()))?;
-    if leaf.public_key().raw != public_key_der {
-        return Err(IssuedError::WrongKey);
-    }
-    check_profile(&leaf, subject)?;
+    check_leaf(&leaf, subject, public_key_der)?;
     verify_path(leaf_der, intermediates, bundle, usage_for(subject), now)
         .map_err(IssuedError::Untrusted)?;
-    let leaf_not_after = leaf.validity().not_after.timestamp();
+    let facts = leaf_facts(&leaf);
+    let leaf_not_after = facts.not_after;
+    let mut until = i64::MAX;
     let mut top_issuer = leaf.issuer().as_raw().to_vec();
     for c in intermediates {
         let (_, ic) =
@@ -118,6 +171,7 @@ pub fn check_issued(
                 ic.subject()
             )));
         }
+        until = until.min(na);
         top_issuer = ic.issuer().as_raw().to_vec();
     }
     // The root the path ends in: the bundle's roots named as the top of the chain's issuer
@@ -129,15 +183,116 @@ pub fn check_issued(
         .filter(|r| r.subject == top_issuer)
         .map(|r| r.not_after)
         .max();
-    if let Some(latest) = latest_root
-        && latest < leaf_not_after
+    let mut root_until = None;
+    if let Some(latest) = latest_root {
+        if latest < leaf_not_after {
+            return Err(IssuedError::OutlivesRoot {
+                leaf_not_after,
+                root_not_after: latest,
+            });
+        }
+        if latest < until {
+            until = latest;
+            root_until = Some(latest);
+        }
+    }
+    let chain = ChainFacts {
+        issuer_key: facts.issuer_key.clone(),
+        intermediates: intermediates
+            .iter()
+            .map(|c| c.clone().into_owned())
+            .collect(),
+        server_auth: matches!(subject, Subject::Server { .. }),
+        until,
+        root_until,
+    };
+    Ok((facts, chain))
+}
+
+/// Checks a leaf that an in-process CA signed with a key known to match its certificate,
+/// against what the full check of an earlier leaf of that CA, with the same trust bundle,
+/// established ([`ChainFacts`]). Everything about the leaf itself is checked as in
+/// [`check_issued`] (key, names, profile, validity, lifetime within the chain); what is not
+/// repeated is the signature verification of a chain already verified.
+pub fn check_issued_known(
+    leaf_der: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    known: &ChainFacts,
+    subject: &Subject,
+    public_key_der: &[u8],
+    now: SystemTime,
+) -> Result<LeafFacts, IssuedError> {
+    let (_, leaf) =
+        parse_x509_certificate(leaf_der).map_err(|e| IssuedError::Malformed(e.to_string()))?;
+    check_leaf(&leaf, subject, public_key_der)?;
+    if known.server_auth != matches!(subject, Subject::Server { .. }) {
+        return Err(IssuedError::Untrusted(
+            "the chain was verified for another usage".into(),
+        ));
+    }
+    let facts = leaf_facts(&leaf);
+    if facts.issuer_key != known.issuer_key
+        || intermediates.len() != known.intermediates.len()
+        || intermediates
+            .iter()
+            .zip(&known.intermediates)
+            .any(|(a, b)| a.as_ref() != b.as_ref())
     {
-        return Err(IssuedError::OutlivesRoot {
-            leaf_not_after,
-            root_not_after: latest,
+        return Err(IssuedError::Untrusted(
+            "the leaf's issuer or chain is not the one verified for its CA".into(),
+        ));
+    }
+    let now = pki::unix_secs(now);
+    if now < facts.not_before || now > facts.not_after || now > known.until {
+        return Err(IssuedError::Untrusted(
+            "the leaf or its chain is not valid now".into(),
+        ));
+    }
+    if facts.not_after > known.until {
+        return Err(match known.root_until {
+            Some(root_not_after) => IssuedError::OutlivesRoot {
+                leaf_not_after: facts.not_after,
+                root_not_after,
+            },
+            None => IssuedError::Profile(format!(
+                "leaf outlives its issuer ({} > {})",
+                facts.not_after, known.until
+            )),
         });
     }
-    Ok(leaf_not_after)
+    Ok(facts)
+}
+
+/// The key and profile checks of a leaf, before anything about its chain.
+fn check_leaf(
+    leaf: &X509Certificate<'_>,
+    subject: &Subject,
+    public_key_der: &[u8],
+) -> Result<(), IssuedError> {
+    if leaf.public_key().raw != public_key_der {
+        return Err(IssuedError::WrongKey);
+    }
+    check_profile(leaf, subject)
+}
+
+/// The facts of a parsed leaf.
+pub fn leaf_facts(leaf: &X509Certificate<'_>) -> LeafFacts {
+    let issuer_name = leaf.issuer().as_raw().to_vec();
+    let mut issuer_key = issuer_name.clone();
+    if let Some(aki) = leaf
+        .extensions()
+        .iter()
+        .find(|e| e.oid == x509_parser::oid_registry::OID_X509_EXT_AUTHORITY_KEY_IDENTIFIER)
+    {
+        issuer_key.extend_from_slice(aki.value);
+    }
+    LeafFacts {
+        serial_hex: leaf.raw_serial_as_string(),
+        not_before: leaf.validity().not_before.timestamp(),
+        not_after: leaf.validity().not_after.timestamp(),
+        issuer_name,
+        issuer_key,
+    }
 }
 
 /// A workload leaf's subject is what the CSR check allowed: empty, or one empty `O`

@@ -23,7 +23,7 @@ const PREPARE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One intermediate CA, and what the state directory keeps of it.
 pub(super) struct Generation {
-    pub(super) ca: SigningCa,
+    pub(super) ca: std::sync::Arc<SigningCa>,
     /// The certificate and its chain as PEM, and the key, for the state directory.
     pub(super) chain_pem: String,
     pub(super) key_pem: String,
@@ -195,7 +195,7 @@ pub(super) fn check_and_build(
     let top = issued.intermediates.last().unwrap_or(&issued.leaf);
     let root = pki::signing_root(top, bundle.roots()).cloned();
     Ok(Generation {
-        ca,
+        ca: std::sync::Arc::new(ca),
         chain_pem,
         key_pem,
         root,

@@ -135,9 +135,7 @@ impl Signer for IntermediateSigner {
         // One generation per call: the leaf and its chain come from the same intermediate
         // even if a switch happens meanwhile.
         let g = self.inner.current.load_full();
-        let rsa = g.ca.is_rsa();
-        let req = req.clone();
-        crate::backend::local::sign_off_workers(rsa, move || g.ca.sign(&req)).await
+        crate::backend::local::sign_off_workers(&g.ca, req).await
     }
 
     fn signing_ca(&self) -> SigningCaInfo {
