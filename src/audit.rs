@@ -10,6 +10,12 @@
 //! Records are written by a dedicated thread so that a slow disk never blocks the async
 //! runtime; a call waits for room in a bounded queue, never drops a record. [`AuditLog::flush`]
 //! waits until everything queued so far is written (used at shutdown).
+//!
+//! The writer group-commits: after each write it rests [`LINGER`] before it looks at the
+//! queue again, so under load a batch of records costs one wake-up and one write instead
+//! of one of each per certificate (at 10,000 certificates/s that was a sixth of the
+//! bridge's CPU, almost all of it thread wake-ups). A record reaches the sink within about
+//! `LINGER` of the call that issued it.
 
 use std::io::Write;
 use std::path::Path;
@@ -26,6 +32,9 @@ use crate::pki;
 
 /// Records that may wait for the writer before callers are slowed down.
 const QUEUE: usize = 8192;
+
+/// How long the writer rests after a write before it takes the next batch.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// One issued certificate.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -310,6 +319,9 @@ fn writer(mut rx: mpsc::Receiver<Msg>, mut out: Box<dyn Write + Send>, metrics: 
         for w in waiting.drain(..) {
             let _ = w.send(());
         }
+        // While it rests, senders find no parked receiver to wake: what they queue in the
+        // meantime is the next batch.
+        std::thread::sleep(LINGER);
     }
 }
 
