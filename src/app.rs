@@ -369,6 +369,7 @@ fn spawn_cluster_writers(
 ) {
     for cluster in clusters.all() {
         let client = cluster.client();
+        let writes = cluster.writes();
         let leader_gauge = metrics
             .kubernetes_leader
             .with_label_values(&[cluster.id.as_str()]);
@@ -386,8 +387,13 @@ fn spawn_cluster_writers(
                 leader_gauge,
                 stop,
                 move |token| {
-                    let (client, id, cfg, signer) =
-                        (client.clone(), id.clone(), cfg.clone(), signer.clone());
+                    let (client, id, cfg, signer, writes) = (
+                        client.clone(),
+                        id.clone(),
+                        cfg.clone(),
+                        signer.clone(),
+                        writes.clone(),
+                    );
                     async move {
                         let roots = async {
                             if cfg.root_config_map.enabled {
@@ -396,6 +402,7 @@ fn spawn_cluster_writers(
                                     id.clone(),
                                     Arc::new(cfg.root_config_map.clone()),
                                     signer.trust_bundle(),
+                                    writes,
                                     token.clone(),
                                 )
                                 .await;

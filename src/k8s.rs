@@ -40,7 +40,7 @@ pub enum K8sError {
 
 /// Token bucket: `burst` slots, refilled at `qps` per second. Waiters sleep until a slot
 /// is due, but never past their deadline.
-struct RateLimiter {
+pub struct RateLimiter {
     qps: f64,
     burst: f64,
     state: Mutex<(f64, Instant)>,
@@ -54,6 +54,15 @@ impl RateLimiter {
             burst,
             state: Mutex::new((burst, Instant::now())),
         }
+    }
+
+    /// Takes a slot, waiting as long as it takes (for background writers, which have no
+    /// caller waiting; cancel by dropping the future).
+    pub async fn wait_slot(&self) {
+        while !self
+            .acquire(Instant::now() + Duration::from_secs(3600))
+            .await
+        {}
     }
 
     /// Takes a slot, waiting until `deadline` at most. Returns false if none came in time.
@@ -105,6 +114,10 @@ pub struct Cluster {
     limiter: RateLimiter,
     /// The extra bucket a [`Lane::Unverified`] review must also get a slot from.
     unverified: RateLimiter,
+    /// The bucket of the writes the Lease holder makes in bulk (the root ConfigMap in every
+    /// namespace): the same `qps` and `burst` as TokenReviews, but a bucket of its own, so
+    /// a bundle change in a big cluster never takes slots that authentication needs.
+    writes: Arc<RateLimiter>,
     timeout: Duration,
     /// The cluster's service-account issuer keys.
     pub keys: Arc<issuer_keys::IssuerKeys>,
@@ -157,6 +170,7 @@ impl Cluster {
                 c.qps / f64::from(UNVERIFIED_SHARE),
                 (c.burst / UNVERIFIED_SHARE).max(1),
             ),
+            writes: Arc::new(RateLimiter::new(c.qps, c.burst)),
             timeout: k.request_timeout,
             pods: watch_pods.then(|| Arc::new(pods::PodCache::new())),
         })
@@ -214,6 +228,11 @@ impl Cluster {
 
     pub fn client(&self) -> kube::Client {
         self.client.clone()
+    }
+
+    /// The rate limit of bulk writes (see the field).
+    pub fn writes(&self) -> Arc<RateLimiter> {
+        self.writes.clone()
     }
 }
 

@@ -115,6 +115,49 @@ async fn root_configmap_in_every_namespace_written_by_the_lease_holder_only() {
     b.shutdown().await.unwrap();
 }
 
+/// A bundle change in a cluster of many namespaces reaches the API server at the cluster's
+/// `qps` (after `burst`), not as one burst: counted applies, not timings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_configmap_writes_keep_to_the_clusters_rate_limit() {
+    let fake = FakeKube::start_new().await;
+    const N: usize = 40;
+    for i in 0..N {
+        fake.put_namespace(&format!("ns-{i}"));
+    }
+    let kdir = tempfile::tempdir().unwrap();
+    let mut kc = cluster(&fake, kdir.path(), "Kubernetes", None);
+    kc.qps = 10.0;
+    kc.burst = 5;
+    let b = Bridge::start_with(|c: &mut Config| {
+        kube_config(c, vec![kc.clone()]);
+        c.kubernetes.root_config_map.enabled = true;
+        c.kubernetes.ca_secret.enabled = false;
+    })
+    .await;
+    eventually("the first apply", Duration::from_secs(10), || async {
+        fake.count("configmaps.apply") > 0
+    })
+    .await;
+    let t0 = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // At most the burst and one second's refill (plus one for the slot taken at t0 and
+    // the time the sleep overran), far fewer than N.
+    let allowed = 5 + 10.0f64.mul_add(t0.elapsed().as_secs_f64(), 2.0) as u64;
+    let applies = fake.count("configmaps.apply");
+    assert!(
+        applies <= allowed,
+        "{applies} applies in ~1 s, allowed {allowed}"
+    );
+    assert!(applies < N as u64);
+    let root = b.root_pem();
+    eventually("every namespace", Duration::from_secs(15), || async {
+        fake.configmaps_holding("istio-ca-root-cert", root.trim()) == N
+    })
+    .await;
+    assert_eq!(fake.count("configmaps.apply"), N as u64);
+    b.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn istiod_tls_secret_is_issued_verifiable_and_renewed() {
     require_tool("openssl", "apt-get install -y openssl");

@@ -10,6 +10,9 @@
 //! authorization header, `--client-chain`/`--client-key` present a TLS client certificate
 //! chain on every connection, `--junk-csr-bytes N` replaces each CSR by N junk bytes, and
 //! `--make-padded-chain DIR` writes a leaf padded with self-issued CAs and exits.
+//!
+//! `--impersonate` makes each call ztunnel's: the caller's token is a node agent's and the
+//! identity asked for goes in `ImpersonatedIdentity` (scripts/bench_scale.py).
 
 #[path = "loadgen/chain.rs"]
 mod chain;
@@ -103,6 +106,10 @@ struct Args {
     /// `ns-<i % 100>/sa-<i>`; one CSR serves all calls.
     #[arg(long)]
     identity: Option<String>,
+    /// Ask for each call's identity as `ImpersonatedIdentity`, with ztunnel's CSR shape:
+    /// the token (`--tokens-file`) is then a node agent's acting for a pod on its node.
+    #[arg(long)]
+    impersonate: bool,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -166,13 +173,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None => None,
     };
     let identities = file_tokens.as_ref().map_or(args.identities, Vec::len);
+    let shape = if args.impersonate {
+        CsrShape::Ztunnel
+    } else {
+        CsrShape::IstioAgent
+    };
     let fixed = match &args.identity {
         Some(id) => {
             let (ns, sa) = id
                 .split_once('/')
                 .context("--identity is <namespace>/<service account>")?;
             let uri = format!("spiffe://{}/ns/{ns}/sa/{sa}", args.trust_domain);
-            let csr = pki::workload_csr(&pki::generate_key(key_type)?, &uri, CsrShape::IstioAgent)?;
+            let csr = pki::workload_csr(&pki::generate_key(key_type)?, &uri, shape)?;
             Some((ns.to_string(), sa.to_string(), uri, csr))
         }
         None => None,
@@ -187,11 +199,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     let uri = format!("spiffe://{}/ns/{ns}/sa/{sa}", args.trust_domain);
                     let csr = match &junk {
                         Some(j) => j.clone(),
-                        None => pki::workload_csr(
-                            &pki::generate_key(key_type)?,
-                            &uri,
-                            CsrShape::IstioAgent,
-                        )?,
+                        None => pki::workload_csr(&pki::generate_key(key_type)?, &uri, shape)?,
                     };
                     (ns, sa, uri, csr)
                 }
@@ -370,6 +378,7 @@ async fn drive(
         let next = next.clone();
         let stop = stop.clone();
         let ttl = args.ttl;
+        let impersonate = args.impersonate;
         let target = args.target;
         let addr = addr.to_string();
         let vault = (
@@ -391,7 +400,7 @@ async fn drive(
                 let item = &work[(n as usize) % work.len()];
                 let t0 = Instant::now();
                 let outcome = match (&clients[client_idx], target) {
-                    (Client::Grpc(c), _) => call_bridge(c.clone(), item, ttl).await,
+                    (Client::Grpc(c), _) => call_bridge(c.clone(), item, ttl, impersonate).await,
                     (Client::Http(c), _) => call_vault(c, &addr, &vault, item, ttl).await,
                 };
                 match outcome {
@@ -415,11 +424,21 @@ async fn call_bridge(
     mut c: IstioCertificateServiceClient<tonic::transport::Channel>,
     w: &Work,
     ttl: i64,
+    impersonate: bool,
 ) -> Result<(), String> {
+    let metadata = impersonate.then(|| prost_types::Struct {
+        fields: [(
+            istio_ca_bridge::server::IMPERSONATED_IDENTITY.to_string(),
+            prost_types::Value {
+                kind: Some(prost_types::value::Kind::StringValue(w.uri.clone())),
+            },
+        )]
+        .into(),
+    });
     let mut req = tonic::Request::new(IstioCertificateRequest {
         csr: w.csr.clone(),
         validity_duration: ttl,
-        metadata: None,
+        metadata,
     });
     if let Some(token) = &w.token {
         req.metadata_mut().insert(

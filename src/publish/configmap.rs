@@ -9,6 +9,10 @@
 //! bundle changes, and everywhere again every `resyncInterval` (repairs edits and
 //! deletions). A namespace whose last apply carried the current bundle is skipped, and a
 //! failed apply is retried on the next retry tick.
+//!
+//! Every apply first takes a slot from the cluster's write budget ([`RateLimiter`], the
+//! cluster's `qps` and `burst`), so a bundle change in a cluster of thousands of namespaces
+//! reaches the API server at a steady rate rather than as one burst.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -22,6 +26,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RootConfigMapConfig;
+use crate::k8s::RateLimiter;
 use crate::trust::SharedBundle;
 
 /// Field manager of our server-side applies.
@@ -36,6 +41,7 @@ pub async fn publish(
     cluster: String,
     cfg: Arc<RootConfigMapConfig>,
     mut bundle: watch::Receiver<SharedBundle>,
+    writes: Arc<RateLimiter>,
     stop: CancellationToken,
 ) {
     let mut config = watcher::Config::default().any_semantic();
@@ -118,8 +124,9 @@ pub async fn publish(
             if excluded.contains(ns.as_str()) || (!force && applied.get(&ns) == Some(&pem)) {
                 continue;
             }
-            if stop.is_cancelled() {
-                return;
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = writes.wait_slot() => {}
             }
             match apply(&client, &ns, &cfg.name, &pem).await {
                 Ok(()) => {

@@ -271,6 +271,35 @@ impl FakeKube {
             .unwrap_or(0)
     }
 
+    /// Every endpoint's request count so far (the names of [`Self::count`]).
+    pub fn counts(&self) -> std::collections::BTreeMap<&'static str, u64> {
+        self.inner
+            .counts
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .collect()
+    }
+
+    /// How many ConfigMaps named `name` (in any namespace) have a data value containing
+    /// `text` (e.g. a root's PEM: have the root ConfigMaps converged?).
+    pub fn configmaps_holding(&self, name: &str, text: &str) -> usize {
+        let mut store = self.inner.store.lock().unwrap();
+        store
+            .coll("configmaps")
+            .current
+            .iter()
+            .filter(|((_, n), cm)| {
+                n == name
+                    && cm["data"].as_object().is_some_and(|d| {
+                        d.values()
+                            .any(|v| v.as_str().is_some_and(|v| v.contains(text)))
+                    })
+            })
+            .count()
+    }
+
     /// Query strings of the pod lists and watches so far, in order (what the bridge's
     /// reflector asked for).
     pub fn pod_queries(&self) -> Vec<String> {
