@@ -4,7 +4,8 @@
 //!
 //! Fed by `kube::runtime::watcher` (LIST, then WATCH from the list's resourceVersion, with
 //! bookmarks, re-listing on expiry and backing off on errors), so an impersonation check
-//! is a map lookup and never an API call. Only the few fields the check needs are kept.
+//! is a map lookup and never an API call. Only the few fields the check needs are read
+//! ([`SlimPod`]: the rest of each pod is skipped by the parser) and kept.
 //! During an outage the last known state is kept and the watch retries, but only for so
 //! long: [`PodCache::stale_for`] says how long the watch has been failing, and the
 //! impersonation check refuses (UNAVAILABLE) once that exceeds
@@ -17,11 +18,13 @@ use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+
+mod slim;
+pub use slim::SlimPod;
 
 /// While the watch fails, it is restarted (LIST + WATCH) this often.
 pub const RELIST_WHILE_FAILING: Duration = Duration::from_secs(30);
@@ -43,7 +46,7 @@ impl PodInfo {
         !matches!(self.phase.as_deref(), Some("Failed") | Some("Succeeded"))
     }
 
-    fn from_pod(p: &Pod) -> Option<(String, PodInfo)> {
+    fn from_pod(p: &SlimPod) -> Option<(String, PodInfo)> {
         let uid = p.metadata.uid.clone()?;
         let spec = p.spec.as_ref();
         Some((
@@ -192,7 +195,7 @@ impl PodCache {
 
     /// Applies one watcher event. `pending` buffers a re-list until it is complete, so a
     /// check never sees a half-listed cluster.
-    fn apply(&self, ev: watcher::Event<Pod>, pending: &mut Option<Index>) {
+    fn apply(&self, ev: watcher::Event<SlimPod>, pending: &mut Option<Index>) {
         match ev {
             watcher::Event::Init => *pending = Some(Index::default()),
             watcher::Event::InitApply(p) => {
@@ -228,7 +231,7 @@ pub fn spawn_watch(
     stop: CancellationToken,
 ) {
     tokio::spawn(async move {
-        let api: Api<Pod> = Api::all(client);
+        let api: Api<SlimPod> = Api::all(client);
         // List with resourceVersion=0 (served from the API server's watch cache, like
         // client-go informers) rather than a quorum read of every pod in the cluster.
         // (kube only sends resourceVersion=0 for an unpaginated list.)
@@ -294,7 +297,7 @@ async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
 mod tests {
     use super::*;
 
-    fn pod(uid: &str, ns: &str, name: &str, sa: &str, node: &str, phase: &str) -> Pod {
+    fn pod(uid: &str, ns: &str, name: &str, sa: &str, node: &str, phase: &str) -> SlimPod {
         serde_json::from_value(serde_json::json!({
             "metadata": {"uid": uid, "namespace": ns, "name": name, "resourceVersion": "1"},
             "spec": {"serviceAccountName": sa, "nodeName": node, "containers": []},

@@ -287,7 +287,7 @@ pub fn leaf_facts(leaf: &X509Certificate<'_>) -> LeafFacts {
         issuer_key.extend_from_slice(aki.value);
     }
     LeafFacts {
-        serial_hex: leaf.raw_serial_as_string(),
+        serial_hex: crate::pki::serial_hex(leaf.raw_serial()),
         not_before: leaf.validity().not_before.timestamp(),
         not_after: leaf.validity().not_after.timestamp(),
         issuer_name,
