@@ -7,8 +7,8 @@
 //! conventions. Labels are low-cardinality only: never identities.
 
 use prometheus::{
-    Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry,
+    Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
 };
 
 pub struct Metrics {
@@ -24,6 +24,10 @@ pub struct Metrics {
     // Our own.
     pub requests: IntCounterVec,
     pub request_duration: HistogramVec,
+    /// `requests{result="success",code="OK"}` and `request_duration{result="success"}`,
+    /// looked up once: every issued certificate touches them.
+    pub requests_ok: IntCounter,
+    pub request_duration_ok: Histogram,
     pub in_flight: IntGauge,
     pub authn_failure_reasons: IntCounterVec,
     pub backend_sign_duration: HistogramVec,
@@ -90,7 +94,30 @@ impl Metrics {
             }};
         }
         let c = istio_compat;
+        let requests = new!(
+            IntCounterVec,
+            Opts::new(
+                "istio_ca_bridge_requests_total",
+                "CreateCertificate calls by result and gRPC code."
+            ),
+            &["result", "code"],
+            true
+        );
+        let request_duration = new!(
+            HistogramVec,
+            HistogramOpts::new(
+                "istio_ca_bridge_request_duration_seconds",
+                "CreateCertificate latency, from request to response."
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["result"],
+            true
+        );
         let me = Self {
+            requests_ok: requests.with_label_values(&["success", "OK"]),
+            request_duration_ok: request_duration.with_label_values(&["success"]),
+            requests,
+            request_duration,
             csr_count: new!(
                 IntCounter,
                 Opts::new(
@@ -147,25 +174,6 @@ impl Metrics {
                     "The unix timestamp, in seconds, when the CA cert chain will expire."
                 ),
                 c
-            ),
-            requests: new!(
-                IntCounterVec,
-                Opts::new(
-                    "istio_ca_bridge_requests_total",
-                    "CreateCertificate calls by result and gRPC code."
-                ),
-                &["result", "code"],
-                true
-            ),
-            request_duration: new!(
-                HistogramVec,
-                HistogramOpts::new(
-                    "istio_ca_bridge_request_duration_seconds",
-                    "CreateCertificate latency, from request to response."
-                )
-                .buckets(LATENCY_BUCKETS.to_vec()),
-                &["result"],
-                true
             ),
             in_flight: new!(
                 IntGauge,
