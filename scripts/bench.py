@@ -235,6 +235,8 @@ def main():
         print(f"| {r['name']} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['p99_ms']:.2f} | "
               f"{r['max_ms']:.2f} | {r['failed']} | {r['peak_rss_mib']:.1f} | {r['cpu_s_per_1000']:.3f} | {r['ready_ms']:.0f} | {calls} |")
     if only:
+        with open(os.path.join(ROOT, "bench-results-only.json"), "w") as f:
+            json.dump({"machine": machine(), "crypto_floor": floor, "results": results}, f, indent=2)
         return
     attacks = bench_attacks.run_all(sys.modules[__name__]) + bench_tokens.scenarios()
     with open(os.path.join(ROOT, "bench-results.json"), "w") as f:
