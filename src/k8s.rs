@@ -59,33 +59,41 @@ impl RateLimiter {
     /// Takes a slot, waiting as long as it takes (for background writers, which have no
     /// caller waiting; cancel by dropping the future).
     pub async fn wait_slot(&self) {
-        while !self
-            .acquire(Instant::now() + Duration::from_secs(3600))
-            .await
-        {}
+        while let Err(wait) = self.try_take() {
+            tokio::time::sleep(wait).await;
+        }
     }
 
     /// Takes a slot, waiting until `deadline` at most. Returns false if none came in time.
     async fn acquire(&self, deadline: Instant) -> bool {
         loop {
-            let wait = {
-                let mut st = self.state.lock().expect("rate limiter lock");
-                let now = Instant::now();
-                let (tokens, last) = *st;
-                let tokens =
-                    (tokens + now.duration_since(last).as_secs_f64() * self.qps).min(self.burst);
-                if tokens >= 1.0 {
-                    *st = (tokens - 1.0, now);
-                    return true;
-                }
-                *st = (tokens, now);
-                Duration::from_secs_f64((1.0 - tokens) / self.qps)
+            let wait = match self.try_take() {
+                Ok(()) => return true,
+                Err(wait) => wait,
             };
-            if Instant::now() + wait > deadline {
+            if Instant::now()
+                .checked_add(wait)
+                .is_none_or(|t| t > deadline)
+            {
                 return false;
             }
             tokio::time::sleep(wait).await;
         }
+    }
+
+    /// Takes a slot if one is there; otherwise how long until the next one is due.
+    fn try_take(&self) -> Result<(), Duration> {
+        let mut st = self.state.lock().expect("rate limiter lock");
+        let now = Instant::now();
+        let (tokens, last) = *st;
+        let tokens = (tokens + now.duration_since(last).as_secs_f64() * self.qps).min(self.burst);
+        if tokens >= 1.0 {
+            *st = (tokens - 1.0, now);
+            return Ok(());
+        }
+        *st = (tokens, now);
+        // A tiny qps makes this huge, never a panic.
+        Err(Duration::try_from_secs_f64((1.0 - tokens) / self.qps).unwrap_or(Duration::MAX))
     }
 }
 
@@ -304,5 +312,17 @@ mod tests {
         let t = Instant::now();
         assert!(l.acquire(Instant::now() + Duration::from_millis(500)).await);
         assert!(t.elapsed() < Duration::from_millis(400));
+    }
+
+    #[tokio::test]
+    async fn a_tiny_rate_waits_instead_of_spinning_or_panicking() {
+        let l = RateLimiter::new(1e-300, 1);
+        assert!(l.acquire(Instant::now()).await, "the burst");
+        // The next slot is further away than any Instant: refused at once, no panic.
+        assert!(!l.acquire(Instant::now() + Duration::from_secs(3600)).await);
+        // A background writer waits (it would spin or panic if the wait were not bounded
+        // and representable).
+        let w = tokio::time::timeout(Duration::from_millis(50), l.wait_slot()).await;
+        assert!(w.is_err(), "no slot, so still waiting");
     }
 }
