@@ -63,12 +63,17 @@ def proc_cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
-def proc_peak_rss_mib(pid):
+def proc_status_mib(pid, field):
+    """A kB line of /proc/<pid>/status (VmHWM, VmRSS, ...) in MiB."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     return 0.0
+
+
+def proc_peak_rss_mib(pid):
+    return proc_status_mib(pid, "VmHWM")
 
 
 def local_backend(key_type):

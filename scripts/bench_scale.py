@@ -44,11 +44,7 @@ import bench_tokens  # noqa: E402  (FAKE, build)
 
 
 def rss_mib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+    return bench.proc_status_mib(pid, "VmRSS")
 
 
 def get(url, timeout=10):

@@ -215,11 +215,11 @@ impl Audited {
     }
 
     fn record_for(&self, req: &SignRequest, issued: &IssuedChain) -> Option<Record> {
-        // The central check read the leaf already; parsed here only for a signer composed
-        // without it (embedders' tests).
+        // The central check read the leaf already; parsed here only if an answer reached the
+        // audit unchecked (a bug the server refuses to answer with, but it was signed).
         let parsed;
-        let facts = match &issued.leaf_facts {
-            Some(f) => f,
+        let facts = match &issued.verified {
+            Some(v) => &v.leaf,
             None => {
                 let (_, leaf) = x509_parser::parse_x509_certificate(&issued.leaf).ok()?;
                 parsed = crate::trust::verify::leaf_facts(&leaf);

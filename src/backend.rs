@@ -66,14 +66,21 @@ pub struct CallerRef {
 pub struct IssuedChain {
     pub leaf: CertificateDer<'static>,
     pub intermediates: Vec<CertificateDer<'static>>,
-    /// The bundle [`checked::Checked`] verified this chain against (so the answer ends in
-    /// exactly the roots it was checked with); `None` until it has been checked.
-    pub verified_with: Option<SharedBundle>,
-    /// What [`checked::Checked`] read off the leaf (set with `verified_with`).
-    pub leaf_facts: Option<crate::trust::LeafFacts>,
+    /// Set by [`checked::Checked`] once the chain passed its check; `None` until then.
+    pub verified: Option<Verified>,
     /// Set only by [`local::SigningCa::sign`]: the leaf was signed in this process by a CA
     /// whose key was matched with its certificate when it was loaded.
     own: Option<local::OwnIssuer>,
+}
+
+/// What [`checked::Checked`] established about an [`IssuedChain`] it accepted.
+#[derive(Debug, Clone)]
+pub struct Verified {
+    /// The bundle the chain was verified against (so the answer ends in exactly the roots it
+    /// was checked with).
+    pub bundle: SharedBundle,
+    /// What the check read off the leaf, so nobody after it parses the leaf again.
+    pub leaf: crate::trust::LeafFacts,
 }
 
 impl IssuedChain {
@@ -81,8 +88,7 @@ impl IssuedChain {
         Self {
             leaf,
             intermediates,
-            verified_with: None,
-            leaf_facts: None,
+            verified: None,
             own: None,
         }
     }

@@ -259,10 +259,11 @@ impl Inner {
             }),
         };
         let issued = self.signer.sign(&sign_req).await?;
-        let bundle = issued
-            .verified_with
+        let bundle = &issued
+            .verified
             .as_ref()
-            .ok_or(RequestError::BugUnchecked)?;
+            .ok_or(RequestError::BugUnchecked)?
+            .bundle;
         let chain = chain::layout(&issued, bundle);
         Ok(Issued {
             chain,

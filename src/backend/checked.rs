@@ -202,8 +202,10 @@ impl Signer for Checked {
             }
             Err(e) => return Err(self.refuse(e)),
         };
-        issued.verified_with = Some(bundle);
-        issued.leaf_facts = Some(facts);
+        issued.verified = Some(super::Verified {
+            bundle,
+            leaf: facts,
+        });
         Ok(issued)
     }
 }
@@ -351,7 +353,7 @@ mod tests {
                 SystemTime::now(),
             )
             .unwrap();
-            let facts = issued.leaf_facts.as_ref().expect("facts");
+            let facts = &issued.verified.as_ref().expect("verified").leaf;
             assert!(facts.not_after > facts.not_before);
         }
         assert_eq!(checked.full_checks(), 1, "one full check for 50 leaves");

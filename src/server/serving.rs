@@ -82,18 +82,11 @@ pub async fn issue_server_cert(
     };
     let issued = signer.sign(&req).await?;
     // `signer` is the composed one: its answer was verified for server auth and these names.
-    let bundle = issued
-        .verified_with
+    let verified = issued
+        .verified
         .clone()
         .ok_or_else(|| ServingError::Verify("bug: the signer's answer was not verified".into()))?;
-    let not_after = match &issued.leaf_facts {
-        Some(f) => f.not_after,
-        None => {
-            pki::cert_info(&issued.leaf)
-                .map_err(|e| ServingError::Verify(e.to_string()))?
-                .not_after
-        }
-    };
+    let (bundle, not_after) = (verified.bundle, verified.leaf.not_after);
     Ok(IssuedServerCert {
         key,
         leaf: issued.leaf,
